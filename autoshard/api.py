@@ -1,0 +1,267 @@
+"""``autoshard.compile``: trace -> lift -> pins -> plan -> lower -> jit.
+
+This module only wires the passes together and keeps a ``jax.jit``-like object around them.
+A ``ShardedFunction`` holds one planned executable per call signature (argument shapes, dtypes
+and static values), as ``jax.jit`` holds one per trace: a call with a new signature plans again
+(logged), a call with a known one runs the executable ``.lower(*args).compile()`` returns.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import jax
+from jax.sharding import Mesh, NamedSharding
+
+from autoshard.ir.errors import ArgumentError
+from autoshard.ir.graph import Graph, verify
+from autoshard.ir.mesh import MeshSpec
+from autoshard.ir.plan import Plan
+from autoshard.passes.data_parallel import data_parallel_plan
+from autoshard.passes.lift import lift
+from autoshard.passes.lower import LoweredPlan, lower
+from autoshard.passes.pins import collect_pins
+from autoshard.passes.trace import (TracedFunction, abstract_arguments, abstractify_leaf,
+                                    function_name, normalize_static_argnums, trace)
+
+log = logging.getLogger("autoshard")
+
+
+@dataclass(frozen=True)
+class _Options:
+    mesh: Mesh
+    donate_argnums: tuple[int, ...]
+    static_argnums: tuple[int, ...]
+    in_specs: Any
+    out_specs: Any
+    batch_argnums: tuple[int, ...] | None
+
+
+@dataclass(frozen=True)
+class _Planned:
+    """Everything made for one call signature."""
+
+    traced: TracedFunction
+    graph: Graph
+    plan: Plan
+    lowered_plan: LoweredPlan
+    jitted: Any
+    planning_seconds: float
+
+
+def compile(fn: Callable, *example_args: Any, mesh: Mesh, memory_budget: int | None = None,
+            hardware: Any = None, pipeline: Any = None, donate_argnums: int | Sequence[int] = (),
+            static_argnums: int | Sequence[int] = (), in_specs: Any = None,
+            out_specs: Any = None, batch_argnums: int | Sequence[int] | None = None
+            ) -> ShardedFunction:
+    """Plan ``fn`` for ``mesh`` on ``example_args`` (arrays or ``jax.ShapeDtypeStruct``s) and
+    return a ``ShardedFunction`` that runs it sharded.
+
+    ``in_specs`` / ``out_specs`` pin argument / result layouts (pytree prefixes of
+    ``PartitionSpec``s, as ``jax.jit``'s shardings; ``None`` leaves a leaf to the planner).
+    ``batch_argnums`` names the arguments whose leading dim is the batch. ``memory_budget``,
+    ``hardware`` and ``pipeline`` belong to the cost-model planner, which this release does not
+    have yet: passing them raises rather than being silently ignored.
+    """
+    if not isinstance(mesh, Mesh):
+        raise ArgumentError(f"autoshard.compile({function_name(fn)}): mesh must be a "
+                            f"jax.sharding.Mesh (jax.make_mesh(...)), got {type(mesh).__name__}")
+    for name, value in (("memory_budget", memory_budget), ("hardware", hardware),
+                        ("pipeline", pipeline)):
+        if value is not None:
+            raise NotImplementedError(
+                f"autoshard.compile({function_name(fn)}, {name}={value!r}): {name} needs the "
+                "cost-model planner, which is not in this release yet; leave it None.")
+    nargs = len(example_args)
+    statics = normalize_static_argnums(static_argnums, nargs)
+    donate = normalize_static_argnums(donate_argnums, nargs)
+    if set(donate) & set(statics):
+        raise ArgumentError(f"arguments {sorted(set(donate) & set(statics))} are both donated "
+                            "and static")
+    batch = None if batch_argnums is None else normalize_static_argnums(batch_argnums, nargs)
+    options = _Options(mesh, donate, statics, in_specs, out_specs, batch)
+    return ShardedFunction(fn, options, example_args)
+
+
+class ShardedFunction:
+    """A planned, sharded version of a function; behaves like the result of ``jax.jit``."""
+
+    def __init__(self, fn: Callable, options: _Options, example_args: Sequence[Any]):
+        self._fn = fn
+        self._options = options
+        self._cache: dict[Any, _Planned] = {}
+        self.__name__ = function_name(fn)
+        self.__doc__ = getattr(fn, "__doc__", None)
+        self._nargs = len(example_args)
+        self._example_key = self._signature(example_args)
+        self._planned(example_args)
+
+    # -- public ---------------------------------------------------------------------------------
+
+    @property
+    def plan(self) -> Plan:
+        """The plan for the example arguments."""
+        return self._cache[self._example_key].plan
+
+    @property
+    def graph(self) -> Graph:
+        return self._cache[self._example_key].graph
+
+    @property
+    def mesh(self) -> Mesh:
+        return self._options.mesh
+
+    @property
+    def planning_seconds(self) -> float:
+        return self._cache[self._example_key].planning_seconds
+
+    def __call__(self, *args: Any) -> Any:
+        planned = self._planned(args)
+        return planned.jitted(*self._place(planned, args))
+
+    def lower(self, *args: Any) -> jax.stages.Lowered:
+        """jax's ``Lowered`` for these arguments (arrays or ShapeDtypeStructs); its
+        ``.compile()`` is the executable a call with such arguments runs."""
+        planned = self._planned(args)
+        return planned.jitted.lower(*self._abstract(planned, args))
+
+    def __repr__(self) -> str:
+        return (f"<autoshard.ShardedFunction {self.__name__} on mesh "
+                f"{MeshSpec.from_jax(self.mesh)}, {len(self._cache)} signature(s)>")
+
+    # -- signatures and planning ----------------------------------------------------------------
+
+    def _signature(self, args: Sequence[Any]) -> Any:
+        opts = self._options
+        if len(args) != self._nargs:
+            raise ArgumentError(f"{self.__name__} was compiled for {self._nargs} positional "
+                                f"arguments, got {len(args)}")
+        _, avals, tree = abstract_arguments(self._fn, args, opts.static_argnums)
+        avals = tuple((a.shape, str(a.dtype), a.weak_type) for a in avals)
+        statics = tuple(_hashable(args[i], i, self.__name__) for i in opts.static_argnums)
+        return tree, avals, statics
+
+    def _planned(self, args: Sequence[Any]) -> _Planned:
+        key = self._signature(args)
+        planned = self._cache.get(key)
+        if planned is None:
+            if self._cache:
+                log.info("autoshard: planning %s again for a new argument signature",
+                         self.__name__)
+            planned = self._plan(args)
+            self._cache[key] = planned
+        return planned
+
+    def _plan(self, args: Sequence[Any]) -> _Planned:
+        opts = self._options
+        start = time.perf_counter()
+        traced = trace(self._fn, args, static_argnums=opts.static_argnums)
+        graph = lift(traced)
+        verify(graph)
+        mesh_spec = MeshSpec.from_jax(opts.mesh)
+        pins = collect_pins(graph, mesh_spec, in_specs=opts.in_specs, out_specs=opts.out_specs,
+                            in_tree=traced.in_tree, out_tree=traced.out_tree)
+        plan = data_parallel_plan(graph, mesh_spec, pins, in_tree=traced.in_tree,
+                                  out_tree=traced.out_tree,
+                                  batch_inputs=self._batch_inputs(traced, args))
+        lowered = lower(plan, opts.mesh)
+        jitted = self._jit(traced, lowered, len(args))
+        seconds = time.perf_counter() - start
+        log.info("autoshard: planned %s in %.2fs (%d nodes)", self.__name__, seconds,
+                 graph.num_nodes())
+        return _Planned(traced, graph, plan, lowered, jitted, seconds)
+
+    def _batch_inputs(self, traced: TracedFunction, args: Sequence[Any]) -> tuple[int, ...]:
+        """Flat input positions of the batch arguments (see passes/data_parallel.py)."""
+        opts = self._options
+        dynamic = [i for i in range(len(args)) if i not in opts.static_argnums]
+        spans, start = {}, 0
+        for argnum, subtree in zip(dynamic, traced.in_tree.children()):
+            spans[argnum] = range(start, start + subtree.num_leaves)
+            start += subtree.num_leaves
+        if opts.batch_argnums is not None:
+            return tuple(i for a in opts.batch_argnums if a in spans for i in spans[a])
+        for argnum in reversed(dynamic):
+            leading = {traced.in_avals[i].shape[:1] for i in spans[argnum]}
+            if len(spans[argnum]) and len(leading) == 1 and leading != {()}:
+                return tuple(spans[argnum])
+            break
+        return ()
+
+    def _jit(self, traced: TracedFunction, lowered: LoweredPlan, nargs: int):
+        opts = self._options
+        dynamic = [i for i in range(nargs) if i not in opts.static_argnums]
+        in_tree, out_tree = traced.in_tree, traced.out_tree
+
+        def sharded_step(*args):
+            flat = jax.tree_util.tree_leaves(tuple(args[i] for i in dynamic))
+            return jax.tree_util.tree_unflatten(out_tree, lowered.fn(*flat))
+
+        sharded_step.__name__ = self.__name__.split(".")[-1].replace("<", "").replace(">", "")
+        return jax.jit(sharded_step, static_argnums=opts.static_argnums,
+                       donate_argnums=opts.donate_argnums,
+                       in_shardings=jax.tree_util.tree_unflatten(in_tree, lowered.in_shardings),
+                       out_shardings=jax.tree_util.tree_unflatten(out_tree, lowered.out_shardings))
+
+    # -- argument placement ---------------------------------------------------------------------
+
+    def _place(self, planned: _Planned, args: Sequence[Any]) -> list:
+        """Put each argument leaf where the plan wants it, without copying what is already there.
+
+        An array laid out equivalently on the user's (Explicit) mesh is re-wrapped, zero-copy,
+        on the Auto view: jit would otherwise trace it with its Explicit type. Anything else is
+        moved with ``device_put``.
+        """
+        shardings = iter(planned.lowered_plan.in_shardings)
+        out = list(args)
+        for i, arg in enumerate(args):
+            if i in self._options.static_argnums:
+                continue
+            leaves, tree = jax.tree_util.tree_flatten(arg)
+            out[i] = jax.tree_util.tree_unflatten(tree, [_placed(leaf, next(shardings),
+                                                                 self.__name__)
+                                                         for leaf in leaves])
+        return out
+
+    def _abstract(self, planned: _Planned, args: Sequence[Any]) -> list:
+        shardings = iter(planned.lowered_plan.in_shardings)
+        out = list(args)
+        for i, arg in enumerate(args):
+            if i in self._options.static_argnums:
+                continue
+            out[i] = jax.tree_util.tree_map(
+                lambda leaf: _with_sharding(abstractify_leaf(leaf, "", self.__name__),
+                                            next(shardings)), arg)
+        return out
+
+
+def _placed(leaf: Any, target: NamedSharding, fn_name: str) -> Any:
+    if isinstance(leaf, jax.ShapeDtypeStruct):
+        raise ArgumentError(f"{fn_name} was called with a ShapeDtypeStruct; use .lower(*args) "
+                            "to compile without data")
+    if not isinstance(leaf, jax.Array):
+        return jax.device_put(leaf, target)
+    if leaf.sharding == target:
+        return leaf
+    if leaf.is_fully_addressable and leaf.sharding.is_equivalent_to(target, leaf.ndim):
+        return jax.make_array_from_single_device_arrays(
+            leaf.shape, target, [shard.data for shard in leaf.addressable_shards])
+    return jax.device_put(leaf, target)
+
+
+def _with_sharding(aval: jax.ShapeDtypeStruct, sharding) -> jax.ShapeDtypeStruct:
+    return jax.ShapeDtypeStruct(aval.shape, aval.dtype, weak_type=aval.weak_type,
+                                sharding=sharding)
+
+
+def _hashable(value: Any, argnum: int, fn_name: str) -> Any:
+    try:
+        hash(value)
+    except TypeError:
+        raise ArgumentError(f"{fn_name}: static argument {argnum} ({type(value).__name__}) is "
+                            "not hashable; static arguments must be hashable, as for jax.jit"
+                            ) from None
+    return value

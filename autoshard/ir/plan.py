@@ -1,0 +1,156 @@
+"""A plan: how every argument, every output and each pinned intermediate is laid out.
+
+A plan is a separate mapping from value to spec, never attributes written onto nodes, so one
+graph can carry several plans (hand plans against the solver's, in tests and benchmarks).
+Arguments and outputs are kept as flat tuples by position, not by value id, because one value
+can be both an argument and an output (a pass-through) with different layouts at each boundary.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any, Mapping
+
+import jax
+from autoshard.ir.errors import PlanError
+from autoshard.ir.graph import Graph, Value, dtype_name
+from autoshard.ir.mesh import MeshSpec
+from autoshard.ir.sharding import ShardingSpec
+
+
+@dataclass(frozen=True, eq=False)
+class Plan:
+    """Specs for the graph's inputs and outputs (flat, in pytree-leaf order) and for the
+    intermediate values the plan pins (by value id, nested region bodies included).
+
+    ``reasons`` says, per input position ``"in:i"``, output position ``"out:i"`` or value id,
+    why the spec was chosen (a hint and its source line, the user's in_specs, a rule).
+    """
+
+    graph: Graph
+    mesh: MeshSpec
+    input_specs: tuple[ShardingSpec, ...]
+    output_specs: tuple[ShardingSpec, ...]
+    value_specs: Mapping[int, ShardingSpec]
+    in_tree: Any
+    out_tree: Any
+    method: str
+    reasons: Mapping[str | int, str] = field(default_factory=dict)
+    unplanned: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        if len(self.input_specs) != len(self.graph.inputs):
+            raise PlanError(f"plan has {len(self.input_specs)} input specs for "
+                            f"{len(self.graph.inputs)} graph inputs")
+        if len(self.output_specs) != len(self.graph.outputs):
+            raise PlanError(f"plan has {len(self.output_specs)} output specs for "
+                            f"{len(self.graph.outputs)} graph outputs")
+        known = {v.id for v in self.graph.all_values()}
+        unknown = sorted(set(self.value_specs) - known)
+        if unknown:
+            raise PlanError(f"plan pins value ids {unknown[:5]} that are not in the graph")
+        object.__setattr__(self, "value_specs", MappingProxyType(dict(self.value_specs)))
+        object.__setattr__(self, "reasons", MappingProxyType(dict(self.reasons)))
+
+    # -- pytree views, shaped like the function's arguments and results --------------------------
+
+    @property
+    def in_specs(self) -> Any:
+        """PartitionSpecs shaped like the (non-static) arguments."""
+        return jax.tree_util.tree_unflatten(self.in_tree, [
+            s.to_partition_spec(self.mesh, v.ndim) for s, v in zip(self.input_specs,
+                                                                   self.graph.inputs)])
+
+    @property
+    def out_specs(self) -> Any:
+        """PartitionSpecs shaped like the function's result."""
+        return jax.tree_util.tree_unflatten(self.out_tree, [
+            s.to_partition_spec(self.mesh, len(a.shape)) for s, a in zip(self.output_specs,
+                                                                        self.graph.outputs)])
+
+    def node_specs(self) -> dict[int, tuple[ShardingSpec | None, ...]]:
+        """Per node id, the specs of its outputs (None where the plan leaves a value free)."""
+        table = {}
+        for node, _ in self.graph.walk():
+            specs = tuple(self.value_specs.get(v.id) for v in node.outputs)
+            if any(s is not None for s in specs):
+                table[node.id] = specs
+        return table
+
+    def spec_of(self, value: Value) -> ShardingSpec | None:
+        if value.id in self.value_specs:
+            return self.value_specs[value.id]
+        for v, s in zip(self.graph.inputs, self.input_specs):
+            if v.id == value.id:
+                return s
+        return None
+
+    def bytes_per_device(self, value: Value, spec: ShardingSpec) -> int:
+        return int(value.nbytes * spec.shard_fraction(self.mesh))
+
+    # -- text -----------------------------------------------------------------------------------
+
+    def summary(self, *, max_rows: int = 40) -> str:
+        g = self.graph
+        ops = g.op_counts()
+        top = ", ".join(f"{n} {op}" for op, n in sorted(ops.items(), key=lambda kv: -kv[1])[:6])
+        lines = [
+            f"autoshard plan ({self.method}) on mesh {self.mesh}, {self.mesh.num_devices} devices",
+            f"graph: {g.num_nodes()} nodes ({top})",
+        ]
+        total_in = sum(self.bytes_per_device(v, s) for v, s in zip(g.inputs, self.input_specs))
+        lines.append(f"arguments: {len(g.inputs)} arrays, {_mib(total_in)} per device")
+        lines += self._table(
+            [(v.name or f"%{v.id}", v, s, self.reasons.get(f"in:{i}", ""))
+             for i, (v, s) in enumerate(zip(g.inputs, self.input_specs))], max_rows)
+        lines.append(f"results: {len(g.outputs)} arrays")
+        lines += self._table(
+            [(g.output_names[i] if g.output_names else f"out[{i}]", a, s,
+              self.reasons.get(f"out:{i}", ""))
+             for i, (a, s) in enumerate(zip(g.outputs, self.output_specs))], max_rows)
+        if self.value_specs:
+            values = g.value_index()
+            lines.append(f"pinned intermediates: {len(self.value_specs)}")
+            rows = []
+            for vid, spec in sorted(self.value_specs.items()):
+                node = g.node_of(vid)
+                label = f"%{vid} {node.op} {node.source}" if node else f"%{vid}"
+                rows.append((label, values[vid], spec, self.reasons.get(vid, "")))
+            lines += self._table(rows, max_rows)
+        if self.unplanned:
+            lines.append(f"unplanned (replicated, no rule): {', '.join(self.unplanned)}")
+        return "\n".join(lines)
+
+    def _table(self, rows, max_rows: int) -> list[str]:
+        """One line per row; past ``max_rows``, sharded rows are kept and the replicated rest
+        folded into a count, so the interesting layouts are never the ones cut off."""
+        if len(rows) > max_rows:
+            sharded = [r for r in rows if not r[2].is_replicated][:max_rows]
+            folded = [r for r in rows if r not in sharded]
+        else:
+            sharded, folded = rows, []
+        out = []
+        width = min(max((len(r[0]) for r in sharded), default=0), 48)
+        for label, value, spec, reason in sharded:
+            pspec = ("partial " if spec.has_partial else "") + str(
+                spec.to_partition_spec(self.mesh, len(value.shape), partial="replicate"))
+            nbytes = self.bytes_per_device(value, spec) if isinstance(value, Value) else 0
+            shape = f"{dtype_name(value.dtype)}{list(value.shape)}"
+            out.append(f"  {label:<{width}}  {shape:<18} {str(spec):<14} {pspec:<24} "
+                       f"{_mib(nbytes):>10}/dev  {reason}".rstrip())
+        if folded:
+            nbytes = sum(self.bytes_per_device(v, s) for _, v, s, _ in folded
+                         if isinstance(v, Value))
+            kind = "replicated" if all(r[2].is_replicated for r in folded) else "more"
+            out.append(f"  ... {len(folded)} {kind} ({_mib(nbytes)}/dev): "
+                       f"{', '.join(r[0] for r in folded[:3])}{', ...' if len(folded) > 3 else ''}")
+        return out
+
+
+def _mib(nbytes: int) -> str:
+    if nbytes >= 2**30:
+        return f"{nbytes / 2**30:.2f} GiB"
+    if nbytes >= 2**20:
+        return f"{nbytes / 2**20:.2f} MiB"
+    return f"{nbytes / 2**10:.1f} KiB"

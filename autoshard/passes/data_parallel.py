@@ -1,0 +1,74 @@
+"""The built-in rule that chooses a plan until the cost-model solver lands: data parallelism.
+
+It splits the leading (batch) dim of the batch arguments over the largest group of mesh axes
+that divides it, replicates every other argument, and lets XLA's partitioner propagate the rest.
+That is always correct and often what a user would write first; it is not a search, and the plan
+says so in its ``method``. Pins (``in_specs``, ``out_specs``, hints) always win over the rule.
+
+Batch arguments are the ones named by ``batch_argnums``; without it, the last positional array
+argument is taken as the batch when all its leaves share a leading dim (the ``step(params,
+opt_state, batch)`` convention), and no argument is split otherwise.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+from autoshard.ir.graph import Graph
+from autoshard.ir.mesh import MeshSpec
+from autoshard.ir.plan import Plan
+from autoshard.ir.sharding import B, ShardingSpec, Split
+from autoshard.passes.pins import Pins
+
+METHOD = "data-parallel rule"
+
+
+def batch_axes(size: int, mesh: MeshSpec) -> tuple[int, ...]:
+    """The mesh axes whose product is the largest divisor of ``size`` (earlier axes on ties)."""
+    best: tuple[int, ...] = ()
+    for r in range(mesh.ndim, 0, -1):
+        for axes in itertools.combinations(range(mesh.ndim), r):
+            ways = mesh.size(*axes)
+            if size % ways == 0 and ways > mesh.size(*best):
+                best = axes
+    return best
+
+
+def batch_spec(size: int, mesh: MeshSpec) -> ShardingSpec:
+    axes = batch_axes(size, mesh)
+    return ShardingSpec(tuple(Split(0) if i in axes else B for i in range(mesh.ndim)))
+
+
+def data_parallel_plan(graph: Graph, mesh: MeshSpec, pins: Pins, *, in_tree, out_tree,
+                       batch_inputs: tuple[int, ...]) -> Plan:
+    """Plan: batch inputs split on dim 0, the rest replicated; results that are per-example
+    (leading dim = batch size, and no replicated argument has that leading dim) split too."""
+    replicated = ShardingSpec.replicated(mesh.ndim)
+    batch_sizes = {graph.inputs[i].shape[0] for i in batch_inputs if graph.inputs[i].ndim}
+    batch_size = batch_sizes.pop() if len(batch_sizes) == 1 else None
+    reasons = dict(pins.reasons)
+    in_specs = []
+    for i, value in enumerate(graph.inputs):
+        if i in pins.inputs:
+            in_specs.append(pins.inputs[i])
+        elif i in batch_inputs and value.ndim and value.shape[0] == batch_size:
+            in_specs.append(batch_spec(value.shape[0], mesh))
+            reasons[f"in:{i}"] = "batch argument: split dim 0"
+        else:
+            in_specs.append(replicated)
+            reasons[f"in:{i}"] = "replicated"
+    other_leading = {v.shape[0] for i, v in enumerate(graph.inputs)
+                     if i not in batch_inputs and v.ndim}
+    out_specs = []
+    for i, atom in enumerate(graph.outputs):
+        if i in pins.outputs:
+            out_specs.append(pins.outputs[i])
+        elif (batch_size is not None and len(atom.shape) and atom.shape[0] == batch_size
+              and batch_size not in other_leading):
+            out_specs.append(batch_spec(batch_size, mesh))
+            reasons[f"out:{i}"] = "per-example result: split dim 0"
+        else:
+            out_specs.append(replicated)
+            reasons[f"out:{i}"] = "replicated"
+    return Plan(graph, mesh, tuple(in_specs), tuple(out_specs), dict(pins.values), in_tree,
+                out_tree, METHOD, reasons)

@@ -1,0 +1,156 @@
+"""Lowering runs any plan: hand plans give the collectives they should (checked in the compiled
+HLO), pins on intermediates become constraints, and plans no layout can run are rejected."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import autoshard
+from autoshard import B, PARTIAL, S, ShardingError, ShardingSpec
+from autoshard.cost_model.hlo import collective_stats
+from autoshard.ir.plan import Plan
+from autoshard.passes.lift import lift
+from autoshard.passes.lower import auto_mesh, lower
+from autoshard.passes.trace import trace
+from tests.conftest import make_mesh
+from tests.models import example_args, gpt, mlp, plans, scan_gpt
+
+
+def compiled_collectives(step, *args):
+    return collective_stats(step.lower(*args).compile().as_text())
+
+
+@pytest.mark.parametrize("shape", [(8,), (2, 4)], ids=["8", "2x4"])
+def test_megatron_mlp_forward_has_one_all_reduce(shape):
+    mesh = make_mesh(shape)
+    tp = plans.tp_axis(mesh)
+    params, x = mlp.init(jax.random.key(0)), mlp.batch(jax.random.key(1))["x"]
+    dp = plans.batch_axes(mesh, exclude=(tp,)) or None
+    step = autoshard.compile(mlp.forward, params, x, mesh=mesh,
+                             in_specs=(mlp.megatron_specs(params, tp), P(dp)), out_specs=P(dp))
+    stats = compiled_collectives(step, params, x)
+    assert stats.count == {"all-reduce": 1}
+    # the one all-reduce sums the row-parallel matmul's (batch/dp, D_OUT) partial output
+    dp_size = mesh.shape["data"] if dp else 1
+    assert stats.bytes["all-reduce"] == mlp.BATCH // dp_size * mlp.D_OUT * 4
+    assert stats.by_group_size == {("all-reduce", mesh.shape[tp]): 1}
+    np.testing.assert_allclose(step(params, x), jax.jit(mlp.forward)(params, x),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_megatron_gpt_forward_has_one_all_reduce_per_row_parallel_matmul():
+    mesh = make_mesh((2, 4))
+    params, tokens = gpt.init(jax.random.key(0)), gpt.batch(jax.random.key(1))["tokens"]
+    step = autoshard.compile(gpt.forward, params, tokens, mesh=mesh,
+                             in_specs=(gpt.megatron_specs(params, "model"), P("data")),
+                             out_specs=P("data", None, "model"))
+    stats = compiled_collectives(step, params, tokens)
+    # attention out-projection and MLP down-projection, in each layer; nothing else
+    assert stats.count == {"all-reduce": 2 * gpt.LAYERS}
+    np.testing.assert_allclose(step(params, tokens), jax.jit(gpt.forward)(params, tokens),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_megatron_scanned_gpt_counts_loop_iterations():
+    mesh = make_mesh((2, 4))
+    params, batch, _, key = (example_args(scan_gpt)[i] for i in (0, 2, 1, 3))
+    specs = scan_gpt.megatron_specs(params, "model")
+    step = autoshard.compile(scan_gpt.forward, params, batch["tokens"], key, mesh=mesh,
+                             in_specs=(specs, P("data"), P()), out_specs=P("data", None, "model"))
+    stats = compiled_collectives(step, params, batch["tokens"], key)
+    assert stats.count == {"all-reduce": 2 * scan_gpt.LAYERS}
+
+
+def _mlp_graph_and_args():
+    args = example_args(mlp)
+    traced = trace(mlp.train_step, args)
+    return traced, lift(traced), jax.tree.leaves(args)
+
+
+def test_lowering_pins_intermediates_and_runs_a_hand_built_plan():
+    """An FSDP plan written directly as a Plan: parameters split on dim 0 over every device,
+    the gathered weights pinned replicated right before each forward matmul."""
+    mesh = make_mesh((2, 4))
+    traced, graph, flat = _mlp_graph_and_args()
+    spec_of = lambda pspec, v: ShardingSpec.from_partition_spec(pspec, mesh_spec, v.ndim)  # noqa
+    mesh_spec = autoshard.MeshSpec.from_jax(mesh)
+    all_axes = P(("data", "model"))
+    in_specs = tuple(spec_of(all_axes if v.ndim and v.shape[0] % 8 == 0 else P(), v)
+                     for v in graph.inputs)
+    forward_weights = [a for n in graph.nodes if n.op == "dot_general"
+                       for a in n.inputs if a in graph.inputs and a.name.startswith("params")]
+    assert forward_weights
+    pins = {}
+    for node in graph.nodes:
+        if node.op == "dot_general":
+            out = node.outputs[0]
+            pins[out.id] = ShardingSpec((S(0), S(0))) if out.shape[0] == mlp.BATCH else \
+                ShardingSpec.replicated(2)
+    plan = Plan(graph, mesh_spec, in_specs, tuple(ShardingSpec.replicated(2) for _ in
+                                                   graph.outputs),
+                pins, traced.in_tree, traced.out_tree, "hand FSDP")
+    lowered = lower(plan, mesh)
+    fn = jax.jit(lowered.fn, in_shardings=lowered.in_shardings,
+                 out_shardings=lowered.out_shardings)
+    text = fn.lower(*flat).as_text()
+    assert text.count("sharding_constraint") >= len(pins)
+    got = fn(*flat)
+    want = jax.tree.leaves(jax.jit(mlp.train_step)(*example_args(mlp)))
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4)
+
+
+def test_partial_pins_are_left_to_the_partitioner_but_boundaries_reject_them():
+    mesh = make_mesh((2, 4))
+    traced, graph, flat = _mlp_graph_and_args()
+    mesh_spec = autoshard.MeshSpec.from_jax(mesh)
+    rep = ShardingSpec.replicated(2)
+    dot = next(n for n in graph.nodes if n.op == "dot_general")
+    partial = ShardingSpec((B, PARTIAL))
+    plan = Plan(graph, mesh_spec, (rep,) * len(graph.inputs), (rep,) * len(graph.outputs),
+                {dot.outputs[0].id: partial}, traced.in_tree, traced.out_tree, "test")
+    lowered = lower(plan, mesh)
+    assert "sharding_constraint" not in jax.jit(lowered.fn).lower(*flat).as_text()
+    bad = Plan(graph, mesh_spec, (partial,) + (rep,) * (len(graph.inputs) - 1),
+               (rep,) * len(graph.outputs), {}, traced.in_tree, traced.out_tree, "test")
+    with pytest.raises(ShardingError, match=r"argument params\['b1'\].*partial-sum"):
+        lower(bad, mesh)
+
+
+def test_splitting_a_scanned_axis_is_rejected():
+    def stacked_mlp(weights, x):
+        return jax.lax.scan(lambda h, w: (jnp.tanh(h @ w), None), x, weights)[0]
+
+    mesh = make_mesh((2, 4))
+    weights, x = jnp.ones((4, 8, 8)), jnp.ones((8, 8))
+    autoshard.compile(stacked_mlp, weights, x, mesh=mesh, in_specs=(P(None, "model"), None))
+    with pytest.raises(ShardingError, match=r"weights \(shape \(4, 8, 8\)\) is scanned over by "
+                                            r"scan at tests/passes/test_lower.py:\d+"):
+        autoshard.compile(stacked_mlp, weights, x, mesh=mesh, in_specs=(P("model"), None))
+
+
+def test_plan_for_another_mesh_is_rejected():
+    traced, graph, _ = _mlp_graph_and_args()
+    mesh_spec = autoshard.MeshSpec(("data",), (8,))
+    rep = ShardingSpec.replicated(1)
+    plan = Plan(graph, mesh_spec, (rep,) * len(graph.inputs), (rep,) * len(graph.outputs), {},
+                traced.in_tree, traced.out_tree, "test")
+    with pytest.raises(ShardingError, match="made for mesh"):
+        lower(plan, make_mesh((2, 4)))
+
+
+def test_explicit_mesh_lowered_on_auto_view_results_on_user_mesh():
+    mesh = make_mesh((2, 4))
+    assert all(t == jax.sharding.AxisType.Explicit for t in mesh.axis_types)
+    amesh = auto_mesh(mesh)
+    assert amesh.axis_names == mesh.axis_names and (amesh.devices == mesh.devices).all()
+    assert all(t == jax.sharding.AxisType.Auto for t in amesh.axis_types)
+    x = jax.device_put(jnp.arange(32.0).reshape(8, 4), NamedSharding(mesh, P("data")))
+    step = autoshard.compile(lambda v: v * 2, x, mesh=mesh, in_specs=P("data"),
+                             out_specs=P(None, "model"))
+    y = step(x)
+    assert y.sharding == NamedSharding(mesh, P(None, "model"))
+    np.testing.assert_array_equal(y, np.arange(32.0).reshape(8, 4) * 2)

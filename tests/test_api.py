@@ -1,0 +1,197 @@
+"""autoshard.compile behaves like jax.jit: call, lower, plan pytrees, signatures, static and
+donated arguments, ShapeDtypeStruct planning; and each documented error names the user's
+object and says what to do."""
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import autoshard
+from tests.conftest import make_mesh
+from tests.models import example_args, mlp
+
+
+@pytest.fixture(scope="module")
+def mesh():
+    return make_mesh((2, 4))
+
+
+@pytest.fixture(scope="module")
+def mlp_step(mesh):
+    return autoshard.compile(mlp.train_step, *example_args(mlp), mesh=mesh)
+
+
+def test_call_matches_jit_and_plan_is_shaped_like_arguments(mlp_step):
+    args = example_args(mlp)
+    got = mlp_step(*args)
+    want = jax.jit(mlp.train_step)(*args)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5), got, want)
+    plan = mlp_step.plan
+    assert jax.tree.structure(plan.in_specs, is_leaf=lambda x: isinstance(x, P)) == \
+        jax.tree.structure(args)
+    assert jax.tree.structure(plan.out_specs, is_leaf=lambda x: isinstance(x, P)) == \
+        jax.tree.structure(want)
+    # the default rule: the batch (last argument) split over all 8 devices, the rest replicated
+    assert plan.in_specs[2]["x"] == P(("data", "model"))
+    assert plan.in_specs[0]["w1"] == P()
+    assert got[2].sharding.is_fully_replicated
+    summary = plan.summary()
+    for text in ["data-parallel rule", "(data=2, model=4)", "params['w1']", "batch['x']",
+                 "P(('data', 'model'),)", "out[2]"]:
+        assert text in summary, text
+
+
+def test_lower_compile_is_the_executable_a_call_runs(mlp_step):
+    args = example_args(mlp)
+    lowered = mlp_step.lower(*args)
+    assert isinstance(lowered, jax.stages.Lowered)
+    compiled = lowered.compile()
+    jitted = mlp_step._cache[mlp_step._example_key].jitted
+    placed = mlp_step._place(mlp_step._cache[mlp_step._example_key], args)
+    assert jitted.lower(*placed).compile().as_text() == compiled.as_text()
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b),
+                 compiled(*args), mlp_step(*args))
+
+
+def test_plans_from_shape_dtype_structs_then_runs_on_arrays(mesh):
+    args = example_args(mlp)
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), args)
+    step = autoshard.compile(mlp.train_step, *abstract, mesh=mesh)
+    assert step.lower(*abstract).compile().memory_analysis() is not None
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5),
+                 step(*args), jax.jit(mlp.train_step)(*args))
+
+
+def test_new_argument_shapes_plan_again(mesh):
+    step = autoshard.compile(lambda x: (x * 2).sum(0), jnp.ones((8, 4)), mesh=mesh)
+    assert step(jnp.ones((16, 4))).shape == (4,)
+    assert len(step._cache) == 2
+    assert step.plan.graph.inputs[0].shape == (8, 4)  # .plan is the example signature's
+
+
+def test_static_and_donated_arguments(mesh):
+    def scale(x, double, y):
+        return x * (2.0 if double else 3.0) + y
+
+    x, y = jnp.ones((8, 4)), jnp.ones((8, 4))
+    step = autoshard.compile(scale, x, True, y, mesh=mesh, static_argnums=1, donate_argnums=0,
+                             in_specs=(P("data"), P("data")), out_specs=P("data"))
+    placed = jax.device_put(x, NamedSharding(mesh, P("data")))
+    np.testing.assert_array_equal(step(placed, True, y), 3.0)
+    assert placed.is_deleted()
+    np.testing.assert_array_equal(step(jnp.ones((8, 4)), False, y), 4.0)
+    with pytest.raises(autoshard.ArgumentError, match="both donated and static"):
+        autoshard.compile(scale, x, True, y, mesh=mesh, static_argnums=1, donate_argnums=1)
+
+
+def test_committed_arrays_on_another_layout_are_moved(mesh):
+    x = jax.device_put(jnp.arange(64.0).reshape(8, 8), NamedSharding(mesh, P(None, "model")))
+    step = autoshard.compile(lambda v: v + 1, x, mesh=mesh, in_specs=P("data"))
+    np.testing.assert_array_equal(step(x), np.arange(64.0).reshape(8, 8) + 1)
+
+
+def test_prefix_in_specs_and_free_leaves(mesh):
+    args = example_args(mlp)
+    step = autoshard.compile(mlp.train_step, *args, mesh=mesh,
+                             in_specs=({"w1": P(None, "model"), "b1": None, "w2": P("model"),
+                                        "b2": P()}, None, P("data")))
+    specs = step.plan.in_specs
+    assert specs[0]["w1"] == P(None, "model") and specs[0]["w2"] == P("model")
+    assert specs[2] == {"x": P("data"), "y": P("data")}
+    assert step.plan.reasons["in:0"] == "replicated"  # b1 free: the rule chose
+    assert step.plan.reasons["in:2"] == "in_specs"
+
+
+def test_hint_pins_a_tensor_and_is_identity_outside_autoshard(mesh):
+    def fn(x, w):
+        h = autoshard.hint(x @ w, P("data", "model"))
+        return jnp.tanh(h).sum()
+
+    x, w = jnp.ones((8, 16)), jnp.ones((16, 8)) * 0.1
+    step = autoshard.compile(fn, x, w, mesh=mesh)
+    (pin,) = step.plan.value_specs.values()
+    assert pin.format(step.plan.mesh) == "data:S0 model:S1"
+    assert "sharding_constraint" in step.lower(x, w).as_text()
+    np.testing.assert_allclose(step(x, w), jax.jit(fn)(x, w), rtol=1e-6)
+    # outside autoshard: identity under jit, grad and vmap
+    np.testing.assert_allclose(jax.grad(fn)(x, w), jax.grad(lambda a, b: jnp.tanh(a @ b).sum())(
+        x, w), rtol=1e-6)
+    assert jax.vmap(lambda v: autoshard.hint(v, P("data")))(jnp.ones((3, 8))).shape == (3, 8)
+
+
+# -- errors --------------------------------------------------------------------------------------
+
+def test_error_non_array_argument(mesh):
+    batch = {"x": jnp.ones((8, 4)), "name": "train"}
+    with pytest.raises(autoshard.ArgumentError) as err:
+        autoshard.compile(lambda params, batch: batch["x"].sum(), jnp.ones(3), batch, mesh=mesh)
+    text = str(err.value)
+    assert "batch['name']" in text and "builtins.str" in text and "static_argnums" in text
+
+
+def test_error_hint_names_missing_axis_and_source_line(mesh):
+    def fn(x):
+        return autoshard.hint(x * 2, P("expert"))
+
+    with pytest.raises(autoshard.ShardingError) as err:
+        autoshard.compile(fn, jnp.ones((8, 4)), mesh=mesh)
+    text = str(err.value)
+    assert re.search(r"autoshard.hint at tests/test_api.py:\d+ \(.*fn\)", text), text
+    assert "mesh axis 'expert' does not exist; this mesh has axes 'data', 'model'" in text
+
+
+def test_error_axis_does_not_divide_pinned_dim(mesh):
+    def total(params):
+        return params["w"].sum()
+
+    with pytest.raises(autoshard.ShardingError) as err:
+        autoshard.compile(total, {"w": jnp.ones((6, 8))}, mesh=mesh, in_specs=({"w": P("model")},))
+    assert ("argument params['w'] has shape (6, 8): mesh axis 'model' (size 4) does not divide "
+            "dim 0 (size 6)") in str(err.value)
+
+    def fn(x):
+        return autoshard.hint(x, P(None, "model")) * 2
+
+    with pytest.raises(autoshard.ShardingError, match=r"hint at tests/test_api.py:\d+.*dim 1 "
+                                                      r"\(size 6\)"):
+        autoshard.compile(fn, jnp.ones((8, 6)), mesh=mesh)
+
+
+def test_error_unsupported_primitive_names_it_and_the_line(mesh):
+    auto = jax.make_mesh((2, 4), ("data", "model"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+
+    def fn(x):
+        inner = jax.shard_map(lambda v: v * 2, mesh=auto, in_specs=P("data"),
+                              out_specs=P("data"))
+        return inner(x)
+
+    with pytest.raises(autoshard.UnsupportedPrimitiveError) as err:
+        autoshard.compile(fn, jnp.ones((8, 4)), mesh=mesh)
+    text = str(err.value)
+    assert "'shard_map'" in text and re.search(r"tests/test_api.py:\d+", text), text
+    assert "autoshard.hint" in text
+
+
+def test_error_planner_options_not_yet_available(mesh):
+    with pytest.raises(NotImplementedError, match="memory_budget needs the cost-model planner"):
+        autoshard.compile(lambda x: x, jnp.ones(8), mesh=mesh, memory_budget=2**30)
+
+
+def test_error_wrong_argument_count_and_bad_mesh(mesh):
+    step = autoshard.compile(lambda x: x + 1, jnp.ones(8), mesh=mesh)
+    with pytest.raises(autoshard.ArgumentError, match="compiled for 1 positional arguments, "
+                                                      "got 2"):
+        step(jnp.ones(8), jnp.ones(8))
+    with pytest.raises(autoshard.ArgumentError, match="mesh must be a jax.sharding.Mesh"):
+        autoshard.compile(lambda x: x, jnp.ones(8), mesh=(2, 4))
+
+
+def test_error_bad_in_specs_structure(mesh):
+    with pytest.raises(autoshard.ArgumentError, match="in_specs must be a pytree prefix"):
+        autoshard.compile(lambda p: p["a"], {"a": jnp.ones(8)}, mesh=mesh,
+                          in_specs=({"b": P()},))
