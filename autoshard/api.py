@@ -22,7 +22,7 @@ from autoshard.ir.mesh import MeshSpec
 from autoshard.ir.plan import Plan
 from autoshard.passes.data_parallel import data_parallel_plan
 from autoshard.passes.lift import lift
-from autoshard.passes.lower import LoweredPlan, lower
+from autoshard.passes.lower import LoweredPlan, lower, on_mesh
 from autoshard.passes.pins import collect_pins
 from autoshard.passes.trace import (TracedFunction, abstract_arguments, abstractify_leaf,
                                     function_name, normalize_static_argnums, trace)
@@ -120,7 +120,10 @@ class ShardedFunction:
 
     def __call__(self, *args: Any) -> Any:
         planned = self._planned(args)
-        return planned.jitted(*self._place(planned, args))
+        results = planned.jitted(*self._place(planned, args))
+        if self.mesh is planned.lowered_plan.mesh:
+            return results
+        return jax.tree.map(lambda r: on_mesh(r, self.mesh), results)
 
     def lower(self, *args: Any) -> jax.stages.Lowered:
         """jax's ``Lowered`` for these arguments (arrays or ShapeDtypeStructs); its
@@ -188,7 +191,6 @@ class ShardedFunction:
             leading = {traced.in_avals[i].shape[:1] for i in spans[argnum]}
             if len(spans[argnum]) and len(leading) == 1 and leading != {()}:
                 return tuple(spans[argnum])
-            break
         return ()
 
     def _jit(self, traced: TracedFunction, lowered: LoweredPlan, nargs: int):
@@ -212,8 +214,8 @@ class ShardedFunction:
         """Put each argument leaf where the plan wants it, without copying what is already there.
 
         An array laid out equivalently on the user's (Explicit) mesh is re-wrapped, zero-copy,
-        on the Auto view: jit would otherwise trace it with its Explicit type. Anything else is
-        moved with ``device_put``.
+        on the Auto view: jit would otherwise trace it with its Explicit type (results are
+        re-wrapped back onto the user's mesh). Anything else is moved with ``device_put``.
         """
         shardings = iter(planned.lowered_plan.in_shardings)
         out = list(args)
@@ -242,14 +244,14 @@ def _placed(leaf: Any, target: NamedSharding, fn_name: str) -> Any:
     if isinstance(leaf, jax.ShapeDtypeStruct):
         raise ArgumentError(f"{fn_name} was called with a ShapeDtypeStruct; use .lower(*args) "
                             "to compile without data")
+    if isinstance(leaf, jax.core.Tracer):
+        return leaf  # called under an outer transformation: jit's in_shardings constrain it
     if not isinstance(leaf, jax.Array):
         return jax.device_put(leaf, target)
     if leaf.sharding == target:
         return leaf
-    if leaf.is_fully_addressable and leaf.sharding.is_equivalent_to(target, leaf.ndim):
-        return jax.make_array_from_single_device_arrays(
-            leaf.shape, target, [shard.data for shard in leaf.addressable_shards])
-    return jax.device_put(leaf, target)
+    moved = on_mesh(leaf, target.mesh)
+    return moved if moved.sharding == target else jax.device_put(leaf, target)
 
 
 def _with_sharding(aval: jax.ShapeDtypeStruct, sharding) -> jax.ShapeDtypeStruct:

@@ -116,12 +116,65 @@ def test_hint_pins_a_tensor_and_is_identity_outside_autoshard(mesh):
     step = autoshard.compile(fn, x, w, mesh=mesh)
     (pin,) = step.plan.value_specs.values()
     assert pin.format(step.plan.mesh) == "data:S0 model:S1"
+    ((node_id, (spec,)),) = step.plan.node_specs().items()
+    assert spec == pin and step.graph.nodes[[n.id for n in step.graph.nodes].index(node_id)].op \
+        == "autoshard_hint"
     assert "sharding_constraint" in step.lower(x, w).as_text()
     np.testing.assert_allclose(step(x, w), jax.jit(fn)(x, w), rtol=1e-6)
     # outside autoshard: identity under jit, grad and vmap
     np.testing.assert_allclose(jax.grad(fn)(x, w), jax.grad(lambda a, b: jnp.tanh(a @ b).sum())(
         x, w), rtol=1e-6)
     assert jax.vmap(lambda v: autoshard.hint(v, P("data")))(jnp.ones((3, 8))).shape == (3, 8)
+
+
+def test_runs_under_set_mesh_with_callbacks_and_closed_over_sharded_arrays(mesh):
+    """Everything inside the program is Auto, whatever the caller's context or the closed-over
+    arrays' meshes (jax.make_mesh gives Explicit axes)."""
+    table = jax.device_put(jnp.arange(16.0), NamedSharding(mesh, P("model")))
+
+    def fn(w, x):
+        h = jnp.tanh(x @ w) + table
+        return jax.pure_callback(np.negative, jax.ShapeDtypeStruct(h.shape, h.dtype), h)
+
+    w, x = jnp.ones((16, 16)) * 0.1, jnp.ones((8, 16))
+    want = jax.jit(fn)(w, x)
+    step = autoshard.compile(fn, w, x, mesh=mesh)
+    np.testing.assert_allclose(step(w, x), want, rtol=1e-6)
+    with jax.set_mesh(mesh):
+        np.testing.assert_allclose(step(w, x), want, rtol=1e-6)
+    assert step(w, x).sharding.mesh == mesh  # results come back on the user's own mesh
+
+
+def test_composes_with_grad_and_jit(mesh):
+    fn = lambda w, x: jnp.tanh(x @ w).sum()  # noqa: E731
+    w, x = jnp.full((16, 16), 0.01), jnp.ones((8, 16))
+    step = autoshard.compile(fn, w, x, mesh=mesh, batch_argnums=1)
+    np.testing.assert_allclose(jax.grad(step)(w, x), jax.grad(fn)(w, x), rtol=1e-5)
+    np.testing.assert_allclose(jax.jit(lambda a, b: step(a, b) * 2)(w, x), 2 * fn(w, x),
+                               rtol=1e-5)
+
+
+def test_rule_skips_a_trailing_key_and_results_follow_pinned_arguments(mesh):
+    def step(params, batch, key):
+        noise = jax.random.normal(key, batch.shape) * 0.0
+        grads = jax.grad(lambda p: jnp.mean((batch + noise) @ p["w"]))(params)
+        return {"w": params["w"] - grads["w"]}, jnp.mean(batch)
+
+    params, batch = {"w": jnp.ones((16, 8))}, jnp.ones((8, 16))
+    plan = autoshard.compile(step, params, batch, jax.random.key(0), mesh=mesh,
+                             in_specs=({"w": P(None, "model")}, None, None)).plan
+    assert plan.in_specs[1] == P(("data", "model"))         # the batch, not the key
+    assert plan.in_specs[2] == P()
+    assert plan.out_specs[0]["w"] == P(None, "model")       # new params stay tensor parallel
+    assert plan.reasons["out:0"] == "as argument params['w']"
+
+
+def test_rule_reports_an_indivisible_batch(mesh, caplog):
+    with caplog.at_level("WARNING", logger="autoshard"):
+        plan = autoshard.compile(lambda x: x.sum(), jnp.ones((3, 4)), mesh=mesh).plan
+    assert plan.in_specs[0] == P()
+    assert plan.reasons["in:0"] == "batch argument: no mesh axis divides 3"
+    assert "batch size 3 is not divisible by any mesh axis" in caplog.text
 
 
 # -- errors --------------------------------------------------------------------------------------
@@ -175,6 +228,30 @@ def test_error_unsupported_primitive_names_it_and_the_line(mesh):
     text = str(err.value)
     assert "'shard_map'" in text and re.search(r"tests/test_api.py:\d+", text), text
     assert "autoshard.hint" in text
+
+    def on_users_mesh(x):  # explicit mesh: shard_map checks shardings while tracing
+        return jax.shard_map(jnp.tanh, mesh=mesh, in_specs=P("data"), out_specs=P("data"))(x)
+
+    with pytest.raises(autoshard.UnsupportedPrimitiveError,
+                       match=r"jax.shard_map at tests/test_api.py:\d+ \(on_users_mesh\)"):
+        autoshard.compile(on_users_mesh, jnp.ones((8, 4)), mesh=mesh)
+
+    def with_pmap(x):
+        return jax.pmap(lambda v: v * 2)(x)
+
+    with pytest.raises(autoshard.UnsupportedPrimitiveError,
+                       match=r"'shard_map' at tests/test_api.py:\d+ \(.*with_pmap\).*jax.pmap"):
+        autoshard.compile(with_pmap, jnp.ones((8, 4)), mesh=mesh)
+
+
+def test_tracing_errors_say_autoshard_traced_without_shardings(mesh):
+    def reads_sharding(x):
+        return jax.sharding.reshard(x, P("data")) * 2
+
+    with pytest.raises(Exception) as err:
+        autoshard.compile(reads_sharding, jnp.ones((8, 4)), mesh=mesh)
+    notes = "".join(getattr(err.value, "__notes__", []))
+    assert "autoshard: raised while tracing" in notes and "reads_sharding" in notes
 
 
 def test_error_planner_options_not_yet_available(mesh):

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from typing import Any, Callable, Sequence
 
-import jax
 from jax import lax
 
 from autoshard.ir.graph import Graph, Literal, Node, Value
@@ -87,7 +86,3 @@ region_rules: dict[str, RegionRule] = {
     "cond": _cond_rule,
 }
 
-
-def evaluate_shapes(graph: Graph, args: Sequence[Any]) -> list:
-    """Abstract evaluation: output ShapeDtypeStructs without computing anything."""
-    return jax.eval_shape(lambda *a: evaluate(graph, a), *args)

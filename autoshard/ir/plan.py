@@ -78,14 +78,6 @@ class Plan:
                 table[node.id] = specs
         return table
 
-    def spec_of(self, value: Value) -> ShardingSpec | None:
-        if value.id in self.value_specs:
-            return self.value_specs[value.id]
-        for v, s in zip(self.graph.inputs, self.input_specs):
-            if v.id == value.id:
-                return s
-        return None
-
     def bytes_per_device(self, value: Value, spec: ShardingSpec) -> int:
         return int(value.nbytes * spec.shard_fraction(self.mesh))
 

@@ -5,14 +5,21 @@ that divides it, replicates every other argument, and lets XLA's partitioner pro
 That is always correct and often what a user would write first; it is not a search, and the plan
 says so in its ``method``. Pins (``in_specs``, ``out_specs``, hints) always win over the rule.
 
-Batch arguments are the ones named by ``batch_argnums``; without it, the last positional array
-argument is taken as the batch when all its leaves share a leading dim (the ``step(params,
-opt_state, batch)`` convention), and no argument is split otherwise.
+Batch arguments are the ones named by ``batch_argnums``; without it, the last positional
+argument whose leaves all share a leading dim is the batch (the ``step(params, opt_state, batch)``
+convention; a trailing RNG key or scalar is skipped), and no argument is split otherwise. A batch
+dim no mesh axis divides is replicated, and the plan and the log say so.
+
+A result that is the new value of an argument (same path below the argument / result index,
+same shape and dtype: ``out[0]['w']`` for ``params['w']``) keeps that argument's layout, so
+state pinned by ``in_specs`` stays where it was pinned, step after step.
 """
 
 from __future__ import annotations
 
 import itertools
+import logging
+import re
 
 from autoshard.ir.graph import Graph
 from autoshard.ir.mesh import MeshSpec
@@ -21,6 +28,7 @@ from autoshard.ir.sharding import B, ShardingSpec, Split
 from autoshard.passes.pins import Pins
 
 METHOD = "data-parallel rule"
+log = logging.getLogger("autoshard")
 
 
 def batch_axes(size: int, mesh: MeshSpec) -> tuple[int, ...]:
@@ -41,28 +49,39 @@ def batch_spec(size: int, mesh: MeshSpec) -> ShardingSpec:
 
 def data_parallel_plan(graph: Graph, mesh: MeshSpec, pins: Pins, *, in_tree, out_tree,
                        batch_inputs: tuple[int, ...]) -> Plan:
-    """Plan: batch inputs split on dim 0, the rest replicated; results that are per-example
-    (leading dim = batch size, and no replicated argument has that leading dim) split too."""
+    """Plan: batch inputs split on dim 0, the rest replicated; results follow the argument they
+    update, or are split like the batch when per-example (leading dim = batch size, and no
+    replicated argument has that leading dim)."""
     replicated = ShardingSpec.replicated(mesh.ndim)
     batch_sizes = {graph.inputs[i].shape[0] for i in batch_inputs if graph.inputs[i].ndim}
     batch_size = batch_sizes.pop() if len(batch_sizes) == 1 else None
+    if batch_size is not None and not batch_axes(batch_size, mesh):
+        log.warning("autoshard: batch size %d is not divisible by any mesh axis of %s; the batch "
+                    "is replicated (no data parallelism)", batch_size, mesh)
     reasons = dict(pins.reasons)
     in_specs = []
     for i, value in enumerate(graph.inputs):
         if i in pins.inputs:
             in_specs.append(pins.inputs[i])
         elif i in batch_inputs and value.ndim and value.shape[0] == batch_size:
-            in_specs.append(batch_spec(value.shape[0], mesh))
-            reasons[f"in:{i}"] = "batch argument: split dim 0"
+            spec = batch_spec(value.shape[0], mesh)
+            in_specs.append(spec)
+            reasons[f"in:{i}"] = ("batch argument: split dim 0" if not spec.is_replicated else
+                                  f"batch argument: no mesh axis divides {batch_size}")
         else:
             in_specs.append(replicated)
             reasons[f"in:{i}"] = "replicated"
+    updated = _updated_arguments(graph)
     other_leading = {v.shape[0] for i, v in enumerate(graph.inputs)
                      if i not in batch_inputs and v.ndim}
     out_specs = []
     for i, atom in enumerate(graph.outputs):
+        source = updated.get(i)
         if i in pins.outputs:
             out_specs.append(pins.outputs[i])
+        elif source is not None and not in_specs[source].is_replicated:
+            out_specs.append(in_specs[source])
+            reasons[f"out:{i}"] = f"as argument {graph.inputs[source].name}"
         elif (batch_size is not None and len(atom.shape) and atom.shape[0] == batch_size
               and batch_size not in other_leading):
             out_specs.append(batch_spec(batch_size, mesh))
@@ -72,3 +91,25 @@ def data_parallel_plan(graph: Graph, mesh: MeshSpec, pins: Pins, *, in_tree, out
             reasons[f"out:{i}"] = "replicated"
     return Plan(graph, mesh, tuple(in_specs), tuple(out_specs), dict(pins.values), in_tree,
                 out_tree, METHOD, reasons)
+
+
+_ARG_NAME = re.compile(r"^(?:args\[\d+\]|[A-Za-z_]\w*)")
+_TUPLE_INDEX = re.compile(r"^\[\d+\]")
+
+
+def _updated_arguments(graph: Graph) -> dict[int, int]:
+    """Result position -> argument position, for results that are an argument's new value:
+    the same path below the argument name / result index, the same shape and dtype."""
+    by_path: dict[tuple, list[int]] = {}
+    for i, v in enumerate(graph.inputs):
+        rest = _ARG_NAME.sub("", v.name, count=1)
+        by_path.setdefault((rest, v.shape, str(v.dtype)), []).append(i)
+    matches = {}
+    for i, (atom, name) in enumerate(zip(graph.outputs, graph.output_names)):
+        rest = name[len("out"):]
+        for candidate in (_TUPLE_INDEX.sub("", rest, count=1), rest):
+            found = by_path.get((candidate, atom.shape, str(atom.dtype)), [])
+            if len(found) == 1 and rest:
+                matches[i] = found[0]
+                break
+    return matches

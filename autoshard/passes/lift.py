@@ -32,7 +32,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from autoshard.ir.errors import UnsupportedPrimitiveError
 from autoshard.ir.graph import Graph, Literal, Node, Value
 from autoshard.ir.hint import hint_p
-from autoshard.passes.trace import TracedFunction
+from autoshard.passes.trace import TracedFunction, short_path
 
 # primitive name -> the param holding the body that is inlined
 _INLINE_BODY = {
@@ -54,9 +54,9 @@ _REGION_BODIES = {
 }
 # primitives that cannot be re-bound inside a planned program, with what the user can do
 _UNSUPPORTED = {
-    "shard_map": "it fixes its own per-device layout on a mesh of its own. Call the shard_map "
-                 "outside the compiled function, or write its body as ordinary jax.numpy code "
-                 "and pin layouts with autoshard.hint(x, spec).",
+    "shard_map": "it fixes its own per-device layout on a mesh of its own (jax.pmap is built on "
+                 "it too). Call the shard_map outside the compiled function, or write its body "
+                 "as ordinary jax.numpy code and pin layouts with autoshard.hint(x, spec).",
     "xla_pmap": "pmap is per-device programming; use jax.numpy code and let autoshard shard it.",
 }
 
@@ -89,6 +89,23 @@ class _Lifter:
     def __init__(self):
         self._next_value = 0
         self._next_node = 0
+        self._enclosing_sources: list[str] = []
+
+    def source(self, eqn) -> str:
+        """The user's line for ``eqn``; for library code traced once and cached (jax.random's
+        inner jits, pmap's body), whose frames are all inside libraries, the line of the
+        enclosing call that the user wrote."""
+        own = _user_source(eqn)
+        if own or not self._enclosing_sources:
+            return own
+        return self._enclosing_sources[-1]
+
+    def within(self, eqn, lift_body):
+        self._enclosing_sources.append(self.source(eqn))
+        try:
+            return lift_body()
+        finally:
+            self._enclosing_sources.pop()
 
     def new_value(self, aval: Any, name: str = "") -> Value:
         self._next_value += 1
@@ -100,7 +117,7 @@ class _Lifter:
         outs = [self.new_value(a) for a in out_avals]
         self._next_node += 1
         builder.nodes.append(Node(self._next_node, primitive, dict(params), tuple(inputs),
-                                  tuple(outs), stack, _user_source(eqn), tuple(regions)))
+                                  tuple(outs), stack, self.source(eqn), tuple(regions)))
         return outs
 
     def lift_closed(self, closed: Any, *, prefix: str, input_names=(), output_names=()) -> Graph:
@@ -136,7 +153,7 @@ class _Lifter:
             elif name == "device_put":
                 outs = self.pin(builder, eqn, inputs, list(eqn.params["devices"]), stack)
             else:
-                _reject_unsupported(eqn, stack)
+                _reject_unsupported(eqn, stack, self.source(eqn))
                 outs = self.emit(builder, eqn.primitive, eqn.params, inputs,
                                  [v.aval for v in eqn.outvars], eqn, stack)
             for var, value in zip(eqn.outvars, outs, strict=True):
@@ -152,7 +169,7 @@ class _Lifter:
             inputs = self.remat_barrier(builder, eqn, inputs, inner_prefix)
         env: dict[Any, Value | Literal] = dict(zip(jaxpr.invars, inputs, strict=True))
         self.bind_constants(builder, env, jaxpr.constvars, consts)
-        self.lift_eqns(builder, env, jaxpr.eqns, inner_prefix)
+        self.within(eqn, lambda: self.lift_eqns(builder, env, jaxpr.eqns, inner_prefix))
         return [_read(env, a) for a in jaxpr.outvars]
 
     def remat_barrier(self, builder: _Builder, eqn, inputs: list, stack: str) -> list:
@@ -179,7 +196,8 @@ class _Lifter:
         for param in _REGION_BODIES[name]:
             body = eqn.params[param]
             for closed in (body if isinstance(body, (tuple, list)) else (body,)):
-                bodies.append(self.lift_closed(closed, prefix=_join(stack, name)))
+                bodies.append(self.within(eqn, lambda c=closed: self.lift_closed(
+                    c, prefix=_join(stack, name))))
         params = {k: v for k, v in eqn.params.items() if k not in _REGION_BODIES[name]}
         return self.emit(builder, eqn.primitive, params, inputs, [v.aval for v in eqn.outvars],
                          eqn, stack, bodies)
@@ -201,11 +219,11 @@ class _Lifter:
         return outs
 
 
-def _reject_unsupported(eqn, stack: str) -> None:
+def _reject_unsupported(eqn, stack: str, source: str) -> None:
     reason = _UNSUPPORTED.get(eqn.primitive.name)
     if reason is None:
         return
-    where = _user_source(eqn) or "an unknown source line"
+    where = source or "an unknown source line"
     scope = f" (in {stack})" if stack else ""
     raise UnsupportedPrimitiveError(
         f"primitive {eqn.primitive.name!r} at {where}{scope} is not supported inside a function "
@@ -242,16 +260,7 @@ def _user_source(eqn) -> str:
     own = [f for f in frames if "site-packages" not in f.file_name
            and "dist-packages" not in f.file_name]
     frame = (own or frames)[0]
-    return f"{_short_path(frame.file_name)}:{frame.start_line} ({frame.function_name})"
-
-
-@functools.lru_cache(maxsize=None)
-def _short_path(path: str) -> str:
-    try:
-        rel = os.path.relpath(path)
-    except ValueError:
-        return path
-    return path if rel.startswith("..") else rel
+    return f"{short_path(frame.file_name)}:{frame.start_line} ({frame.function_name})"
 
 
 @functools.lru_cache(maxsize=None)

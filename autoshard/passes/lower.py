@@ -8,7 +8,9 @@ the hand-annotated jit). Two facts shape the code:
 * ``jax.make_mesh`` builds meshes with ``AxisType.Explicit`` axes, on which
   ``with_sharding_constraint`` only asserts. The program is lowered on an ``Auto`` view of the
   user's mesh (same devices, same names); arrays laid out on the user's mesh are equivalent
-  shardings and pass straight in, and results are returned on the user's own mesh.
+  shardings (``on_mesh`` re-wraps them, zero-copy), and so are results on the way back.
+  Everything inside the program is Auto: arguments, results, closed-over constants and the
+  context mesh, which a caller's ``jax.set_mesh`` would otherwise make Explicit.
 * ``P`` (partial sum) has no ``PartitionSpec``. A value the plan keeps partial is left
   unconstrained, so the partitioner may keep it unreduced until a consumer's constraint forces
   the reduction, which is where the plan put it. Arguments and results cannot be partial.
@@ -23,7 +25,7 @@ import jax
 from jax.sharding import AxisType, Mesh, NamedSharding
 
 from autoshard.ir.errors import ShardingError
-from autoshard.ir.graph import Value
+from autoshard.ir.graph import Graph, Value
 from autoshard.ir.interpret import evaluate
 from autoshard.ir.mesh import MeshSpec
 from autoshard.ir.plan import Plan
@@ -32,8 +34,8 @@ from autoshard.ir.sharding import ShardingSpec, Split
 
 @dataclass(frozen=True)
 class LoweredPlan:
-    """A plan made executable: ``fn(*flat_args) -> flat results (a tuple)`` plus flat shardings
-    (arguments on the Auto view of the mesh, results on the user's mesh)."""
+    """A plan made executable: ``fn(*flat_args) -> flat results (a tuple)`` plus flat shardings,
+    all on the Auto view of the user's mesh."""
 
     fn: Callable[..., tuple]
     in_shardings: tuple[NamedSharding, ...]
@@ -48,6 +50,27 @@ def auto_mesh(mesh: Mesh) -> Mesh:
     return Mesh(mesh.devices, mesh.axis_names, axis_types=(AxisType.Auto,) * len(mesh.axis_names))
 
 
+def on_mesh(array: Any, mesh: Mesh) -> Any:
+    """``array`` laid out the same way on ``mesh`` (another view of its devices), zero-copy;
+    anything that is not a concrete array on a NamedSharding is returned as it is."""
+    sharding = getattr(array, "sharding", None) if isinstance(array, jax.Array) and not \
+        isinstance(array, jax.core.Tracer) else None
+    if not isinstance(sharding, NamedSharding) or sharding.mesh == mesh:
+        return array
+    target = NamedSharding(mesh, sharding.spec)
+    if not array.is_fully_addressable or not sharding.is_equivalent_to(target, array.ndim):
+        return array
+    return jax.make_array_from_single_device_arrays(
+        array.shape, target, [shard.data for shard in array.addressable_shards])
+
+
+def _graphs(graph: Graph):
+    yield graph
+    for node in graph.nodes:
+        for region in node.regions:
+            yield from _graphs(region)
+
+
 def named_sharding(spec: ShardingSpec, ndim: int, plan_mesh: MeshSpec, mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, spec.to_partition_spec(plan_mesh, ndim, partial="replicate"))
 
@@ -55,18 +78,17 @@ def named_sharding(spec: ShardingSpec, ndim: int, plan_mesh: MeshSpec, mesh: Mes
 def check_plan(plan: Plan) -> None:
     """Reject what no layout can run: indivisible splits, partial boundaries, split scan axes."""
     graph, mesh = plan.graph, plan.mesh
-    for i, (value, spec) in enumerate(zip(graph.inputs, plan.input_specs)):
-        what = f"argument {value.name or i}"
-        spec.validate(value.shape, mesh, what=what)
-        if spec.has_partial:
-            raise ShardingError(f"{what}: a plan cannot give an argument a partial-sum (P) spec "
-                                f"{spec.format(mesh)}; arguments arrive as whole values")
-    for i, (atom, spec) in enumerate(zip(graph.outputs, plan.output_specs)):
-        what = f"result {graph.output_names[i] if graph.output_names else i}"
+    out_names = graph.output_names or tuple(str(i) for i in range(len(graph.outputs)))
+    boundaries = [(f"argument {v.name or i}", v, s)
+                  for i, (v, s) in enumerate(zip(graph.inputs, plan.input_specs))]
+    boundaries += [(f"result {name}", a, s)
+                   for name, a, s in zip(out_names, graph.outputs, plan.output_specs)]
+    for what, atom, spec in boundaries:
         spec.validate(atom.shape, mesh, what=what)
         if spec.has_partial:
-            raise ShardingError(f"{what}: a plan cannot return a partial-sum (P) spec "
-                                f"{spec.format(mesh)}; reduce it before the boundary")
+            raise ShardingError(f"{what}: a plan cannot give an argument or result a partial-sum"
+                                f" (P) spec {spec.format(mesh)}; values cross the function "
+                                "boundary whole, so reduce it inside")
     values = graph.value_index()
     for vid, spec in plan.value_specs.items():
         value = values[vid]
@@ -112,16 +134,21 @@ def lower(plan: Plan, mesh: Mesh) -> LoweredPlan:
     constraints = {vid: named_sharding(spec, values[vid].ndim, plan.mesh, amesh)
                    for vid, spec in plan.value_specs.items() if not spec.has_partial}
 
+    constants = {v.id: on_mesh(data, amesh) for g in _graphs(graph)
+                 for v, data in ((v, g.constants[v.id]) for v in g.constant_values)}
+
     def constrain(value: Value, array: Any) -> Any:
+        array = constants.get(value.id, array)
         sharding = constraints.get(value.id)
         return array if sharding is None else jax.lax.with_sharding_constraint(array, sharding)
 
     def fn(*flat_args: Any) -> tuple:
-        return tuple(evaluate(graph, flat_args, on_value=constrain))
+        with jax.sharding.use_abstract_mesh(amesh.abstract_mesh):
+            return tuple(evaluate(graph, flat_args, on_value=constrain))
 
     in_shardings = tuple(named_sharding(s, v.ndim, plan.mesh, amesh)
                          for v, s in zip(graph.inputs, plan.input_specs))
-    out_shardings = tuple(named_sharding(s, len(a.shape), plan.mesh, mesh)
+    out_shardings = tuple(named_sharding(s, len(a.shape), plan.mesh, amesh)
                           for a, s in zip(graph.outputs, plan.output_specs))
     return LoweredPlan(fn, in_shardings, out_shardings, amesh)
 

@@ -9,14 +9,17 @@ and every row of a plan speaks the user's vocabulary.
 
 from __future__ import annotations
 
+import functools
 import inspect
+import os
+import traceback
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import jax
 import numpy as np
 
-from autoshard.ir.errors import ArgumentError
+from autoshard.ir.errors import ArgumentError, UnsupportedPrimitiveError
 
 _SCALARS = (bool, int, float, complex, np.generic)
 
@@ -110,12 +113,55 @@ def trace(fn: Callable, args: Sequence[Any], *,
     abstract_args = list(args)
     for slot, i in enumerate(dynamic):
         abstract_args[i] = abstract_dynamic[slot]
-    closed, out_shape = jax.make_jaxpr(fn, static_argnums=static_argnums, return_shape=True)(
-        *abstract_args)
+    try:
+        closed, out_shape = jax.make_jaxpr(fn, static_argnums=static_argnums,
+                                           return_shape=True)(*abstract_args)
+    except Exception as err:
+        unsupported = _unsupported_in_trace(err, function_name(fn))
+        if unsupported is not None:
+            raise unsupported from err
+        err.add_note(f"autoshard: raised while tracing {function_name(fn)} (at "
+                     f"{_innermost_user_line(err)}) on abstract example arguments that carry no "
+                     "sharding; code that reads its arguments' shardings (jax.sharding.reshard, "
+                     "explicit-sharding APIs) cannot run under autoshard.compile, where "
+                     "autoshard.hint pins layouts instead.")
+        raise
     out_paths, out_tree = jax.tree_util.tree_flatten_with_path(out_shape)
     out_names = tuple("out" + jax.tree_util.keystr(p) for p, _ in out_paths)
     return TracedFunction(function_name(fn), closed, in_tree, out_tree, arg_names, out_names,
                           avals, static_argnums)
+
+
+def _unsupported_in_trace(err: Exception, fn_name: str) -> Exception | None:
+    """shard_map checks its in_specs against the arguments' shardings while tracing, so it fails
+    before the lifter can name it; say what it is and what to do."""
+    if "shard_map" not in str(err):
+        return None
+    return UnsupportedPrimitiveError(
+        f"{fn_name}: jax.shard_map at {_innermost_user_line(err)} cannot be traced inside "
+        "autoshard.compile, which traces on unsharded abstract arguments and chooses layouts "
+        "itself. Call the shard_map outside the compiled function, or write its body as "
+        "ordinary jax.numpy code and pin layouts with autoshard.hint(x, spec).")
+
+
+def _innermost_user_line(err: Exception) -> str:
+    library = (f"{os.sep}jax{os.sep}", f"{os.sep}autoshard{os.sep}", "site-packages",
+               "dist-packages")
+    frames = [f for f in traceback.extract_tb(err.__traceback__)
+              if not any(part in f.filename for part in library)]
+    if not frames:
+        return "an unknown line"
+    return f"{short_path(frames[-1].filename)}:{frames[-1].lineno} ({frames[-1].name})"
+
+
+@functools.lru_cache(maxsize=None)
+def short_path(path: str) -> str:
+    """``path`` relative to the working directory when it lies below it."""
+    try:
+        rel = os.path.relpath(path)
+    except ValueError:
+        return path
+    return path if rel.startswith("..") else rel
 
 
 def _short_repr(obj: Any) -> str:

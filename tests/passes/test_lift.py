@@ -103,6 +103,9 @@ def test_kitchen_sink_forward_lifts_every_primitive_and_reproduces():
     assert len(loop.regions) == 2
     branch = next(n for n, _ in graph.walk() if n.op == "cond")
     assert len(branch.regions) == 2
+    text = graph.pretty()
+    assert "= scan(" in text and "= while(" in text and text.count("graph(") == 1 + sum(
+        len(n.regions) for n, _ in graph.walk())
 
 
 def test_kitchen_sink_train_step_reproduces():
