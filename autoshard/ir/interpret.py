@@ -21,11 +21,12 @@ RegionRule = Callable[[Node, list, Callable[[Graph, Sequence], list]], list]
 
 
 def evaluate(graph: Graph, args: Sequence[Any], *, on_value: ValueHook | None = None) -> list:
-    """Outputs of ``graph`` on ``args``; ``on_value(value, array)`` may replace each array a
-    node or constant produces (graph inputs are passed through as given)."""
+    """Outputs of ``graph`` on ``args``; ``on_value(value, array)`` may replace every array the
+    graph binds: its inputs (a loop body's too), constants and node results."""
     if len(args) != len(graph.inputs):
         raise TypeError(f"graph takes {len(graph.inputs)} inputs, got {len(args)}")
-    env: dict[int, Any] = {v.id: a for v, a in zip(graph.inputs, args)}
+    env: dict[int, Any] = {v.id: (on_value(v, a) if on_value else a)
+                           for v, a in zip(graph.inputs, args)}
     for value in graph.constant_values:
         data = graph.constants[value.id]
         env[value.id] = on_value(value, data) if on_value else data
