@@ -17,13 +17,17 @@ import jax
 from jax.sharding import Mesh, NamedSharding
 
 from autoshard.ir.errors import ArgumentError
-from autoshard.ir.graph import Graph, verify
+from autoshard.ir.graph import Graph
+from autoshard.ir.graph import verify as verify_graph
 from autoshard.ir.mesh import MeshSpec
 from autoshard.ir.plan import Plan
+from autoshard.cost_model.hardware import Hardware, get_hardware
 from autoshard.passes.data_parallel import data_parallel_plan
 from autoshard.passes.lift import lift
 from autoshard.passes.lower import LoweredPlan, lower, on_mesh
 from autoshard.passes.pins import collect_pins
+from autoshard.passes.plan_search import search_plan
+from autoshard.passes.state import updated_arguments
 from autoshard.passes.trace import (TracedFunction, abstract_arguments, abstractify_leaf,
                                     function_name, normalize_static_argnums, trace)
 
@@ -38,6 +42,10 @@ class _Options:
     in_specs: Any
     out_specs: Any
     batch_argnums: tuple[int, ...] | None
+    planner: str
+    hardware: Hardware
+    memory_budget: int | None
+    solver_time_limit: float
 
 
 @dataclass(frozen=True)
@@ -52,29 +60,46 @@ class _Planned:
     planning_seconds: float
 
 
+PLANNERS = ("search", "data-parallel")
+
+
 def compile(fn: Callable, *example_args: Any, mesh: Mesh, memory_budget: int | None = None,
-            hardware: Any = None, pipeline: Any = None, donate_argnums: int | Sequence[int] = (),
-            static_argnums: int | Sequence[int] = (), in_specs: Any = None,
-            out_specs: Any = None, batch_argnums: int | Sequence[int] | None = None
-            ) -> ShardedFunction:
+            hardware: str | Hardware | None = None, pipeline: Any = None,
+            donate_argnums: int | Sequence[int] = (), static_argnums: int | Sequence[int] = (),
+            in_specs: Any = None, out_specs: Any = None,
+            batch_argnums: int | Sequence[int] | None = None, planner: str = "search",
+            solver_time_limit: float = 30.0) -> ShardedFunction:
     """Plan ``fn`` for ``mesh`` on ``example_args`` (arrays or ``jax.ShapeDtypeStruct``s) and
     return a ``ShardedFunction`` that runs it sharded.
 
+    ``planner="search"`` (default) solves for the plan with the cost model of ``hardware``
+    (a profile name — ``"h100"``, ``"h100-2node"``, ``"a100"``, ``"tpu-v5e"``, ``"cpu"`` — or an
+    ``autoshard.Hardware``; default ``"h100"``) under ``memory_budget`` (bytes per device);
+    ``solver_time_limit`` bounds the solve (deterministic work units of about a second each,
+    so that every process finds the same plan). ``planner="data-parallel"`` is the simple rule:
+    split the batch (``batch_argnums``), replicate the rest.
+
     ``in_specs`` / ``out_specs`` pin argument / result layouts (pytree prefixes of
-    ``PartitionSpec``s, as ``jax.jit``'s shardings; ``None`` leaves a leaf to the planner).
-    ``batch_argnums`` names the arguments whose leading dim is the batch. ``memory_budget``,
-    ``hardware`` and ``pipeline`` belong to the cost-model planner, which this release does not
-    have yet: passing them raises rather than being silently ignored.
+    ``PartitionSpec``s, as ``jax.jit``'s shardings; ``None`` leaves a leaf to the planner);
+    ``autoshard.hint`` pins values inside the function. ``pipeline`` is not available yet.
     """
     if not isinstance(mesh, Mesh):
         raise ArgumentError(f"autoshard.compile({function_name(fn)}): mesh must be a "
                             f"jax.sharding.Mesh (jax.make_mesh(...)), got {type(mesh).__name__}")
-    for name, value in (("memory_budget", memory_budget), ("hardware", hardware),
-                        ("pipeline", pipeline)):
-        if value is not None:
-            raise NotImplementedError(
-                f"autoshard.compile({function_name(fn)}, {name}={value!r}): {name} needs the "
-                "cost-model planner, which is not in this release yet; leave it None.")
+    if pipeline is not None:
+        raise NotImplementedError(
+            f"autoshard.compile({function_name(fn)}, pipeline={pipeline!r}): pipeline stages "
+            "are not in this release yet; leave pipeline=None.")
+    if planner not in PLANNERS:
+        raise ArgumentError(f"autoshard.compile({function_name(fn)}): planner must be one of "
+                            f"{PLANNERS}, got {planner!r}")
+    if memory_budget is not None and (not isinstance(memory_budget, (int, float))
+                                      or memory_budget <= 0):
+        raise ArgumentError(f"memory_budget must be a positive number of bytes per device, got "
+                            f"{memory_budget!r}")
+    if memory_budget is not None and planner != "search":
+        raise ArgumentError(f"memory_budget needs planner='search' (the {planner!r} rule does "
+                            "not model memory)")
     nargs = len(example_args)
     statics = normalize_static_argnums(static_argnums, nargs)
     donate = normalize_static_argnums(donate_argnums, nargs)
@@ -82,7 +107,9 @@ def compile(fn: Callable, *example_args: Any, mesh: Mesh, memory_budget: int | N
         raise ArgumentError(f"arguments {sorted(set(donate) & set(statics))} are both donated "
                             "and static")
     batch = None if batch_argnums is None else normalize_static_argnums(batch_argnums, nargs)
-    options = _Options(mesh, donate, statics, in_specs, out_specs, batch)
+    options = _Options(mesh, donate, statics, in_specs, out_specs, batch, planner,
+                       get_hardware(hardware), None if memory_budget is None
+                       else int(memory_budget), float(solver_time_limit))
     return ShardedFunction(fn, options, example_args)
 
 
@@ -105,6 +132,10 @@ class ShardedFunction:
     def plan(self) -> Plan:
         """The plan for the example arguments."""
         return self._cache[self._example_key].plan
+
+    def plan_for(self, *args: Any) -> Plan:
+        """The plan for arguments shaped like ``args`` (planned now if it is a new signature)."""
+        return self._planned(args).plan
 
     @property
     def graph(self) -> Graph:
@@ -163,13 +194,22 @@ class ShardedFunction:
         start = time.perf_counter()
         traced = trace(self._fn, args, static_argnums=opts.static_argnums)
         graph = lift(traced)
-        verify(graph)
+        verify_graph(graph)
         mesh_spec = MeshSpec.from_jax(opts.mesh)
         pins = collect_pins(graph, mesh_spec, in_specs=opts.in_specs, out_specs=opts.out_specs,
                             in_tree=traced.in_tree, out_tree=traced.out_tree)
-        plan = data_parallel_plan(graph, mesh_spec, pins, in_tree=traced.in_tree,
-                                  out_tree=traced.out_tree,
-                                  batch_inputs=self._batch_inputs(traced, args))
+        spans = self._argument_spans(traced, len(args))
+        if opts.planner == "data-parallel":
+            plan = data_parallel_plan(graph, mesh_spec, pins, in_tree=traced.in_tree,
+                                      out_tree=traced.out_tree,
+                                      batch_inputs=self._batch_inputs(traced, spans))
+        else:
+            donated = {i for a in opts.donate_argnums if a in spans for i in spans[a]}
+            plan = search_plan(graph, mesh_spec, opts.hardware, pins, in_tree=traced.in_tree,
+                               out_tree=traced.out_tree, donated=donated,
+                               updated=updated_arguments(graph),
+                               memory_budget=opts.memory_budget,
+                               time_limit=opts.solver_time_limit, progress=self._progress)
         lowered = lower(plan, opts.mesh)
         jitted = self._jit(traced, lowered, len(args))
         seconds = time.perf_counter() - start
@@ -177,17 +217,23 @@ class ShardedFunction:
                  graph.num_nodes())
         return _Planned(traced, graph, plan, lowered, jitted, seconds)
 
-    def _batch_inputs(self, traced: TracedFunction, args: Sequence[Any]) -> tuple[int, ...]:
-        """Flat input positions of the batch arguments (see passes/data_parallel.py)."""
-        opts = self._options
-        dynamic = [i for i in range(len(args)) if i not in opts.static_argnums]
+    def _progress(self, message: str) -> None:
+        log.info("autoshard: planning %s: %s", self.__name__, message)
+
+    def _argument_spans(self, traced: TracedFunction, nargs: int) -> dict[int, range]:
+        """Positional argument -> its range of flat input positions."""
+        dynamic = [i for i in range(nargs) if i not in self._options.static_argnums]
         spans, start = {}, 0
         for argnum, subtree in zip(dynamic, traced.in_tree.children()):
             spans[argnum] = range(start, start + subtree.num_leaves)
             start += subtree.num_leaves
-        if opts.batch_argnums is not None:
-            return tuple(i for a in opts.batch_argnums if a in spans for i in spans[a])
-        for argnum in reversed(dynamic):
+        return spans
+
+    def _batch_inputs(self, traced: TracedFunction, spans: dict[int, range]) -> tuple[int, ...]:
+        """Flat input positions of the batch arguments (see passes/data_parallel.py)."""
+        if self._options.batch_argnums is not None:
+            return tuple(i for a in self._options.batch_argnums if a in spans for i in spans[a])
+        for argnum in sorted(spans, reverse=True):
             leading = {traced.in_avals[i].shape[:1] for i in spans[argnum]}
             if len(spans[argnum]) and len(leading) == 1 and leading != {()}:
                 return tuple(spans[argnum])

@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT / "examples"))
 import gpt as example  # noqa: E402
 
 import autoshard  # noqa: E402
-from autoshard.cost_model.hlo import collective_stats  # noqa: E402
+from autoshard.cost_model.hlo import hlo_stats  # noqa: E402
 
 
 def abstract(tree):
@@ -71,7 +71,7 @@ def main():
         start = time.perf_counter()
         compiled = step.lower(params, opt_state, batch).compile()
         rows.append(("XLA lower + compile (s)", f"{time.perf_counter() - start:.1f}"))
-        stats = collective_stats(compiled.as_text())
+        stats = hlo_stats(compiled.as_text())
         for kind in sorted(stats.count):
             rows.append((f"compiled {kind}", f"{stats.count[kind]} ops, "
                                              f"{stats.bytes[kind] / 2**20:.1f} MiB/device"))

@@ -23,7 +23,8 @@ def mesh():
 
 @pytest.fixture(scope="module")
 def mlp_step(mesh):
-    return autoshard.compile(mlp.train_step, *example_args(mlp), mesh=mesh)
+    return autoshard.compile(mlp.train_step, *example_args(mlp), mesh=mesh,
+                             planner="data-parallel")
 
 
 def test_call_matches_jit_and_plan_is_shaped_like_arguments(mlp_step):
@@ -97,7 +98,7 @@ def test_committed_arrays_on_another_layout_are_moved(mesh):
 
 def test_prefix_in_specs_and_free_leaves(mesh):
     args = example_args(mlp)
-    step = autoshard.compile(mlp.train_step, *args, mesh=mesh,
+    step = autoshard.compile(mlp.train_step, *args, mesh=mesh, planner="data-parallel",
                              in_specs=({"w1": P(None, "model"), "b1": None, "w2": P("model"),
                                         "b2": P()}, None, P("data")))
     specs = step.plan.in_specs
@@ -113,7 +114,7 @@ def test_hint_pins_a_tensor_and_is_identity_outside_autoshard(mesh):
         return jnp.tanh(h).sum()
 
     x, w = jnp.ones((8, 16)), jnp.ones((16, 8)) * 0.1
-    step = autoshard.compile(fn, x, w, mesh=mesh)
+    step = autoshard.compile(fn, x, w, mesh=mesh, planner="data-parallel")
     (pin,) = step.plan.value_specs.values()
     assert pin.format(step.plan.mesh) == "data:S0 model:S1"
     ((node_id, (spec,)),) = step.plan.node_specs().items()
@@ -162,6 +163,7 @@ def test_rule_skips_a_trailing_key_and_results_follow_pinned_arguments(mesh):
 
     params, batch = {"w": jnp.ones((16, 8))}, jnp.ones((8, 16))
     plan = autoshard.compile(step, params, batch, jax.random.key(0), mesh=mesh,
+                             planner="data-parallel",
                              in_specs=({"w": P(None, "model")}, None, None)).plan
     assert plan.in_specs[1] == P(("data", "model"))         # the batch, not the key
     assert plan.in_specs[2] == P()
@@ -171,7 +173,8 @@ def test_rule_skips_a_trailing_key_and_results_follow_pinned_arguments(mesh):
 
 def test_rule_reports_an_indivisible_batch(mesh, caplog):
     with caplog.at_level("WARNING", logger="autoshard"):
-        plan = autoshard.compile(lambda x: x.sum(), jnp.ones((3, 4)), mesh=mesh).plan
+        plan = autoshard.compile(lambda x: x.sum(), jnp.ones((3, 4)), mesh=mesh,
+                                 planner="data-parallel").plan
     assert plan.in_specs[0] == P()
     assert plan.reasons["in:0"] == "batch argument: no mesh axis divides 3"
     assert "batch size 3 is not divisible by any mesh axis" in caplog.text
@@ -254,9 +257,16 @@ def test_tracing_errors_say_autoshard_traced_without_shardings(mesh):
     assert "autoshard: raised while tracing" in notes and "reads_sharding" in notes
 
 
-def test_error_planner_options_not_yet_available(mesh):
-    with pytest.raises(NotImplementedError, match="memory_budget needs the cost-model planner"):
-        autoshard.compile(lambda x: x, jnp.ones(8), mesh=mesh, memory_budget=2**30)
+def test_error_planner_options(mesh):
+    with pytest.raises(NotImplementedError, match="pipeline stages are not in this release"):
+        autoshard.compile(lambda x: x, jnp.ones(8), mesh=mesh, pipeline="auto")
+    with pytest.raises(autoshard.ArgumentError, match="memory_budget needs planner='search'"):
+        autoshard.compile(lambda x: x, jnp.ones(8), mesh=mesh, memory_budget=2**30,
+                          planner="data-parallel")
+    with pytest.raises(autoshard.ArgumentError, match="planner must be one of"):
+        autoshard.compile(lambda x: x, jnp.ones(8), mesh=mesh, planner="alpa")
+    with pytest.raises(autoshard.ArgumentError, match="unknown hardware 'v100'"):
+        autoshard.compile(lambda x: x, jnp.ones(8), mesh=mesh, hardware="v100")
 
 
 def test_error_wrong_argument_count_and_bad_mesh(mesh):

@@ -52,7 +52,8 @@ def hand_plan(name, mesh, model, args):
 def test_builtin_plan_matches_unsharded(model, shape):
     mesh = make_mesh(shape)
     args = example_args(model)
-    step = autoshard.compile(model.train_step, *args, mesh=mesh, batch_argnums=2)
+    step = autoshard.compile(model.train_step, *args, mesh=mesh, batch_argnums=2,
+                             planner="data-parallel")
     assert step.plan.method == "data-parallel rule"
     assert_tree_close(step(*args), reference(model))
 
@@ -66,6 +67,7 @@ def test_hand_plans_match_unsharded(model, shape, plan):
     in_specs = hand_plan(plan, mesh, model, args)
     out_specs = (in_specs[0], in_specs[1], P())
     step = autoshard.compile(model.train_step, *args, mesh=mesh, in_specs=in_specs,
+                             planner="data-parallel",
                              out_specs=out_specs)
     result = step(*args)
     assert_tree_close(result, reference(model))

@@ -42,6 +42,15 @@ def collective_time(hw: Hardware, mesh: MeshSpec, kind: str, nbytes: float,
     if n <= 1 or nbytes <= 0:
         return 0.0
     n_in, n_out = _group_nodes(mesh.axis_sizes, axes, hw.devices_per_node)
+    return group_collective_time(hw, kind, nbytes, n_in, n_out)
+
+
+def group_collective_time(hw: Hardware, kind: str, nbytes: float, n_in: int, n_out: int
+                          ) -> float:
+    """Seconds for a collective over groups of ``n_in`` devices in each of ``n_out`` nodes."""
+    n = n_in * n_out
+    if n <= 1 or nbytes <= 0:
+        return 0.0
     eff = hw.link_efficiency
     if kind in ("all-gather", "reduce-scatter", "all-reduce"):
         one_way = (_phase(hw.inter_node, eff, n_out, nbytes / n_in)

@@ -1,16 +1,16 @@
-"""What XLA actually did: collectives in a compiled executable's optimized HLO text.
+"""What XLA actually did: collectives and matmul FLOPs in a compiled executable's HLO text.
 
 The cost model is only as good as its agreement with the compiled program, so plans are
-measured from ``compiled.as_text()`` (the per-device SPMD program). A collective inside a
-``while`` body runs once per iteration: counts and bytes are multiplied by the loop's
-``known_trip_count`` (nested loops multiply), and computations reached through ``call`` /
-``conditional`` are followed (a conditional's branches are counted as if each ran once, an
-upper bound). Async pairs are counted at their ``-start`` op.
+measured from ``compiled.as_text()`` (the per-device SPMD program). Work inside a ``while`` body
+runs once per iteration: counts, bytes and FLOPs are multiplied by the loop's
+``known_trip_count`` (nested loops multiply); computations reached through ``call``, fusions
+and ``conditional`` are followed (a conditional's branches count as if each ran once, an upper
+bound). Async pairs are counted at their ``-start`` op.
 
-Bytes are those of the collective's result on one device (for an all-gather the gathered
-buffer, for a reduce-scatter the scattered piece); group size is parsed from all three replica
-group forms XLA prints: explicit ``{{0,1},{2,3}}``, iota ``[2,4]<=[8]`` and mesh
-``mesh['a'=2,'b'=4] {'b'}``.
+Bytes follow ``collectives.py``'s convention, per device: the result for all-gather, all-reduce,
+all-to-all and permute, the *input* (result x group size) for reduce-scatter. Device groups
+are parsed from all three forms XLA prints: explicit ``{{0,1},{2,3}}``, iota
+``[2,4]<=[8]`` / ``[4,2]<=[2,4]T(1,0)`` and mesh ``mesh['a'=2,'b'=4] {'b'}``.
 """
 
 from __future__ import annotations
@@ -21,41 +21,66 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from autoshard.cost_model.collectives import group_collective_time
+
 KINDS = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute",
          "collective-broadcast")
 
 _COMPUTATION = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$")
-_INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?[\w.\-]+\s*=\s*(.+?)\s+([a-z][\w\-]*)\((.*)$")
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.+?)\s+([a-z][\w\-]*)\((.*)$")
 _ARRAY = re.compile(r"\b(pred|[su](?:4|8|16|32|64)|f(?:8\w*|16|32|64)|bf16|c64|c128)\[([\d,]*)\]")
 _TRIP = re.compile(r'"known_trip_count":\{"n":"(\d+)"\}')
-_CALLEE = re.compile(r"\b(?:body|to_apply|calls|branch_computations)=\{?([%\w.\-, ]+)\}?")
-
+_CALLEE = re.compile(
+    r"\b(?:body|to_apply|calls|branch_computations|true_computation|false_computation)="
+    r"\{?([%\w.\-, ]+)\}?")
 _ITEMSIZE = {"pred": 1, "bf16": 2, "c64": 8, "c128": 16}
 
 
-@dataclass
-class CollectiveStats:
-    """Per-device collective counts and bytes by kind, loop trip counts applied."""
+@dataclass(frozen=True)
+class Collective:
+    """One collective op: kind, result bytes per device, the device groups it runs over."""
 
-    count: dict[str, int] = field(default_factory=dict)
-    bytes: dict[str, int] = field(default_factory=dict)
-    by_group_size: dict[tuple[str, int], int] = field(default_factory=dict)
-
-    def add(self, other: "CollectiveStats", times: int = 1) -> None:
-        for kind, n in other.count.items():
-            self.count[kind] = self.count.get(kind, 0) + n * times
-        for kind, b in other.bytes.items():
-            self.bytes[kind] = self.bytes.get(kind, 0) + b * times
-        for key, n in other.by_group_size.items():
-            self.by_group_size[key] = self.by_group_size.get(key, 0) + n * times
+    kind: str
+    nbytes: int
+    groups: tuple[tuple[int, ...], ...]
 
     @property
-    def total_count(self) -> int:
+    def group_size(self) -> int:
+        return len(self.groups[0]) if self.groups else 1
+
+
+@dataclass
+class HloStats:
+    """Per-device totals for one run of the program, loop trip counts applied.
+
+    ``kernels``: (dtype, matmul FLOPs, bytes read and written, runs) of every kernel the
+    program launches — each instruction of the entry computation and of loop bodies (a fusion
+    is one kernel, with the FLOPs of the dots fused into it); layout-only ops are skipped."""
+
+    count: dict[str, float] = field(default_factory=dict)
+    bytes: dict[str, float] = field(default_factory=dict)
+    by_group_size: dict[tuple[str, int], float] = field(default_factory=dict)
+    collectives: list[tuple[Collective, float]] = field(default_factory=list)
+    matmul_flops: dict[str, float] = field(default_factory=dict)
+    kernels: list[tuple[str, float, float, float]] = field(default_factory=list)
+
+    def add(self, other: "HloStats", times: float = 1) -> None:
+        for mine, theirs in ((self.count, other.count), (self.bytes, other.bytes),
+                             (self.by_group_size, other.by_group_size),
+                             (self.matmul_flops, other.matmul_flops)):
+            for key, value in theirs.items():
+                mine[key] = mine.get(key, 0) + value * times
+        self.collectives.extend((c, n * times) for c, n in other.collectives)
+        self.kernels.extend((d, f, b, n * times) for d, f, b, n in other.kernels)
+
+    @property
+    def total_count(self) -> float:
         return sum(self.count.values())
 
     @property
-    def total_bytes(self) -> int:
+    def total_bytes(self) -> float:
         return sum(self.bytes.values())
+
 
 
 def _itemsize(dtype: str) -> int:
@@ -64,42 +89,105 @@ def _itemsize(dtype: str) -> int:
     return max(1, int(re.sub(r"\D", "", dtype.split("e")[0]) or 8) // 8)
 
 
+def _arrays(type_text: str) -> list[tuple[str, tuple[int, ...]]]:
+    return [(dtype, tuple(int(d) for d in dims.split(",") if d))
+            for dtype, dims in _ARRAY.findall(type_text)]
+
+
 def shape_bytes(type_text: str) -> int:
     """Bytes of an HLO result type (arrays and tuples of arrays)."""
-    total = 0
-    for dtype, dims in _ARRAY.findall(type_text):
-        size = math.prod(int(d) for d in dims.split(",") if d) if dims else 1
-        total += size * _itemsize(dtype)
-    return total
+    return sum(math.prod(shape) * _itemsize(dtype) for dtype, shape in _arrays(type_text))
+
+
+def _iota_groups(spec: str, transpose: str | None, device_ids: str | None = None
+                 ) -> tuple[tuple[int, ...], ...]:
+    """``[G,S]<=[dims]T(perm)``: iota over ``dims``, transposed, reshaped to G groups of S."""
+    out_shape = [int(x) for x in spec.split(",")]
+    dims, _, perm = (transpose or "").partition("T")
+    reshape = [int(x) for x in dims.strip("[]").split(",")] if dims else [math.prod(out_shape)]
+    ids = np.arange(math.prod(reshape)).reshape(reshape)
+    if perm:
+        ids = ids.transpose([int(x) for x in perm.strip("()").split(",")])
+    flat = ids.reshape(-1)
+    if device_ids is not None:
+        flat = np.asarray(device_ids)[flat]
+    groups = flat.reshape(out_shape[0], -1) if len(out_shape) > 1 else flat.reshape(1, -1)
+    return tuple(tuple(int(d) for d in g) for g in groups)
+
+
+def device_groups(attrs: str) -> tuple[tuple[int, ...], ...]:
+    """The device groups of a collective, from any of XLA's printed forms."""
+    if m := re.search(r"replica_groups=\{((?:\{[\d,]*\},?)*)\}", attrs):
+        return tuple(tuple(int(x) for x in g.split(",") if x)
+                     for g in re.findall(r"\{([\d,]*)\}", m.group(1)))
+    if m := re.search(r"replica_groups=\[([\d,]+)\]<=(\[[\d,]+\](?:T\([\d,]+\))?)", attrs):
+        return _iota_groups(m.group(1), m.group(2))
+    if m := re.search(r"replica_groups=mesh\[([^\]]*)\]([^{]*)\{([^}]*)\}", attrs):
+        names = [k.strip("' ") for k, _ in (p.split("=") for p in m.group(1).split(","))]
+        sizes = [int(v) for _, v in (p.split("=") for p in m.group(1).split(","))]
+        ids = np.arange(math.prod(sizes))
+        if d := re.search(r"device_ids=\(\[([\d,]+)\](T\([\d,]+\))?\)", m.group(2)):
+            ids = np.asarray(_iota_groups(d.group(1), f"[{d.group(1)}]{d.group(2) or ''}")
+                             ).reshape(-1)
+        grid = ids.reshape(sizes)
+        axes = [names.index(a.strip("' ")) for a in m.group(3).split(",") if a.strip()]
+        moved = np.moveaxis(grid, axes, list(range(-len(axes), 0)))
+        size = math.prod(sizes[a] for a in axes)
+        return tuple(tuple(int(x) for x in g) for g in moved.reshape(-1, size))
+    if m := re.search(r"source_target_pairs=\{(.*?)\}\}", attrs):
+        pairs = re.findall(r"\{(\d+),(\d+)", m.group(0))
+        return tuple((int(a), int(b)) for a, b in pairs)
+    return ()
 
 
 def group_size(attrs: str) -> int:
-    """Devices per replica group of a collective, from any of XLA's printed forms."""
-    if m := re.search(r"replica_groups=\{(\{[\d,]*\})", attrs):
-        return len([x for x in m.group(1).strip("{}").split(",") if x])
-    if m := re.search(r"replica_groups=\[([\d,]+)\]<=", attrs):
-        return int(m.group(1).split(",")[-1])
-    if m := re.search(r"replica_groups=mesh\[([^\]]*)\][^{]*\{([^}]*)\}", attrs):
-        sizes = dict((k.strip("' "), int(v)) for k, v in
-                     (p.split("=") for p in m.group(1).split(",")))
-        return int(np.prod([sizes[a.strip("' ")] for a in m.group(2).split(",") if a.strip()]))
-    if m := re.search(r"source_target_pairs=\{(.*?)\}\}", attrs):
-        return len(m.group(1).split("},"))
-    return 1
+    groups = device_groups(attrs)
+    return len(groups[0]) if groups else 1
 
 
-def collective_stats(hlo_text: str) -> CollectiveStats:
-    """Collectives one device executes when the program runs once."""
-    own: dict[str, CollectiveStats] = {}
+def _dot_flops(result: str, rest: str, shapes: dict[str, str]) -> tuple[str, float]:
+    operands = re.findall(r"%([\w.\-]+)", rest.split(")", 1)[0])
+    out = _arrays(result)
+    lhs = _arrays(shapes.get(operands[0], "")) if operands else []
+    if not out or not lhs:
+        return "", 0.0
+    contracting = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", rest)
+    k = math.prod(lhs[0][1][int(d)] for d in contracting.group(1).split(",") if d) \
+        if contracting else 1
+    return lhs[0][0], 2.0 * math.prod(out[0][1]) * k
+
+
+def _conv_flops(result: str, rest: str, shapes: dict[str, str]) -> tuple[str, float]:
+    operands = re.findall(r"%([\w.\-]+)", rest.split(")", 1)[0])
+    out = _arrays(result)
+    rhs = _arrays(shapes.get(operands[1], "")) if len(operands) > 1 else []
+    labels = re.search(r"dim_labels=\w+_(\w+)->", rest)
+    if not out or not rhs or not labels:
+        return "", 0.0
+    out_features = rhs[0][1][labels.group(1).index("o")]
+    return rhs[0][0], 2.0 * math.prod(out[0][1]) * math.prod(rhs[0][1]) / out_features
+
+
+_NOT_KERNELS = {"parameter", "constant", "bitcast", "get-tuple-element", "tuple", "while",
+                "call", "conditional", "partition-id", "replica-id", "after-all", "copy-start",
+                "copy-done", "async-start", "async-done", "async-update", "opt-barrier",
+                "optimization-barrier", "custom-call"}
+
+
+def hlo_stats(hlo_text: str) -> HloStats:
+    """Collectives, matmul FLOPs and kernels one device executes when the program runs once."""
+    own: dict[str, HloStats] = {}
     calls: dict[str, list[tuple[str, int]]] = {}
-    entry = None
-    current = None
+    kernels: dict[str, list[tuple[str, float, float, str | None]]] = {}
+    fused: set[str] = set()
+    shapes: dict[str, str] = {}
+    entry = current = None
     for line in hlo_text.splitlines():
         if not line.startswith((" ", "\t")) and line.rstrip().endswith("{"):
             m = _COMPUTATION.match(line)
             if m:
                 current = m.group(1)
-                own[current], calls[current] = CollectiveStats(), []
+                own[current], calls[current], kernels[current] = HloStats(), [], []
                 if line.startswith("ENTRY"):
                     entry = current
             continue
@@ -108,34 +196,63 @@ def collective_stats(hlo_text: str) -> CollectiveStats:
         m = _INSTRUCTION.match(line)
         if not m:
             continue
-        result_type, opcode, rest = m.groups()
-        kind = opcode[:-6] if opcode.endswith("-start") else opcode
+        name, result_type, opcode, rest = m.groups()
+        shapes[name] = result_type
+        stats = own[current]
+        kind = opcode[:-6] if opcode.endswith(("-start", "-done")) else opcode
+        dtype, flops = "", 0.0
         if kind in KINDS:
-            stats = own[current]
+            if opcode.endswith("-done"):
+                continue
+            nbytes = _result_bytes(opcode, result_type)
+            groups = device_groups(rest)
+            if kind == "reduce-scatter" and groups:
+                nbytes *= len(groups[0])
             stats.count[kind] = stats.count.get(kind, 0) + 1
-            stats.bytes[kind] = stats.bytes.get(kind, 0) + _result_bytes(kind, opcode,
-                                                                         result_type)
-            key = (kind, group_size(rest))
+            stats.bytes[kind] = stats.bytes.get(kind, 0) + nbytes
+            key = (kind, len(groups[0]) if groups else 1)
             stats.by_group_size[key] = stats.by_group_size.get(key, 0) + 1
-        if opcode in ("while", "call", "conditional", "async-start"):
-            times = 1
-            if opcode == "while":
-                trip = _TRIP.search(rest)
-                times = int(trip.group(1)) if trip else 1
-            for callee_list in _CALLEE.findall(rest):
-                for callee in callee_list.split(","):
-                    calls[current].append((callee.strip().lstrip("%"), times))
+            stats.collectives.append((Collective(kind, nbytes, groups), 1))
+            continue
+        if opcode in ("dot", "convolution"):
+            dtype, flops = (_dot_flops if opcode == "dot" else _conv_flops)(
+                result_type, rest, shapes)
+            if flops:
+                stats.matmul_flops[dtype] = stats.matmul_flops.get(dtype, 0) + flops
+        callees = [c.strip().lstrip("%") for group in _CALLEE.findall(rest)
+                   for c in group.split(",")] if opcode in (
+            "while", "call", "conditional", "async-start", "fusion") else []
+        if opcode == "fusion":
+            fused.update(callees)
+        elif callees:
+            trip = _TRIP.search(rest) if opcode == "while" else None
+            times = int(trip.group(1)) if trip else 1
+            calls[current].extend((c, times) for c in callees)
+        if opcode not in _NOT_KERNELS:
+            operands = re.findall(r"%([\w.\-]+)", rest.split("),", 1)[0])
+            nbytes = shape_bytes(result_type) + sum(shape_bytes(shapes.get(o, ""))
+                                                    for o in operands)
+            kernels[current].append((dtype, flops, float(nbytes),
+                                     callees[0] if opcode == "fusion" and callees else None))
     if entry is None:
         raise ValueError("no ENTRY computation in the HLO text")
 
-    memo: dict[str, CollectiveStats] = {}
+    memo: dict[str, HloStats] = {}
 
-    def total(name: str) -> CollectiveStats:
+    def total(name: str) -> HloStats:
         if name not in memo:
-            stats = CollectiveStats()
-            stats.add(own.get(name, CollectiveStats()))
+            stats = HloStats()
+            stats.add(own.get(name, HloStats()))
+            for dtype, flops, nbytes, callee in kernels.get(name, []):
+                if callee is not None:
+                    by_dtype = _flops_by_dtype(callee, own, kernels)
+                    for d, f in by_dtype.items():
+                        stats.matmul_flops[d] = stats.matmul_flops.get(d, 0.0) + f
+                    dtype = max(by_dtype, key=by_dtype.get) if by_dtype else ""
+                    flops = sum(by_dtype.values())
+                stats.kernels.append((dtype, flops, nbytes, 1))
             for callee, times in calls.get(name, []):
-                if callee in own:
+                if callee in own and callee != name and callee not in fused:
                     stats.add(total(callee), times)
             memo[name] = stats
         return memo[name]
@@ -143,7 +260,17 @@ def collective_stats(hlo_text: str) -> CollectiveStats:
     return total(entry)
 
 
-def _result_bytes(kind: str, opcode: str, result_type: str) -> int:
+def _flops_by_dtype(name: str, own: dict, kernels: dict) -> dict[str, float]:
+    """Matmul FLOPs inside a fused computation by dtype (fusions may nest)."""
+    flops = dict(own[name].matmul_flops) if name in own else {}
+    for k in kernels.get(name, []):
+        if k[3] is not None:
+            for d, f in _flops_by_dtype(k[3], own, kernels).items():
+                flops[d] = flops.get(d, 0.0) + f
+    return flops
+
+
+def _result_bytes(opcode: str, result_type: str) -> int:
     if opcode.endswith("-start") and result_type.startswith("("):
         # async start results are (operands, outputs[, context]); count the outputs
         parts = _split_tuple(result_type)
@@ -164,3 +291,54 @@ def _split_tuple(text: str) -> list[str]:
             start = i + 1
     parts.append(inner[start:])
     return [p.strip() for p in parts]
+
+
+@dataclass(frozen=True)
+class MeasuredStep:
+    """A compiled program's roofline step time on a hardware profile: matmul FLOPs at the
+    achievable matmul rate plus every collective over the links its device groups use."""
+
+    compute_seconds: float
+    collective_seconds: dict[str, float]
+    kernel_seconds: float = 0.0
+
+    @property
+    def step_seconds(self) -> float:
+        """Matmul FLOPs + collectives: the measure the plan-quality benchmark ranks by."""
+        return self.compute_seconds + sum(self.collective_seconds.values())
+
+    @property
+    def full_step_seconds(self) -> float:
+        """Every kernel's roofline (FLOPs or HBM bytes, whichever binds) + collectives."""
+        return self.kernel_seconds + sum(self.collective_seconds.values())
+
+
+def measured_step(stats: HloStats, hw, device_positions: dict[int, int] | None = None
+                  ) -> MeasuredStep:
+    """Price ``stats`` (``hlo_stats`` of a compiled program) on ``hw``. ``device_positions``
+    maps a device id to its position in the mesh (row-major), which decides its node; by
+    default ids are positions."""
+    per_node = hw.devices_per_node
+    compute = sum(flops / hw.matmul_rate(_DTYPE_NAMES.get(dtype, "float32"))
+                  for dtype, flops in stats.matmul_flops.items())
+    seconds: dict[str, float] = {}
+    for c, times in stats.collectives:
+        group = c.groups[0] if c.groups else (0,)
+        if c.kind == "collective-permute":
+            nodes = {(device_positions or {}).get(d, d) // per_node for pair in c.groups
+                     for d in pair}
+            n_in, n_out = (1, 2) if len(nodes) > 1 else (2, 1)
+        else:
+            worst = max(c.groups or (group,), key=lambda g: len(
+                {(device_positions or {}).get(d, d) // per_node for d in g}))
+            n_out = len({(device_positions or {}).get(d, d) // per_node for d in worst})
+            n_in = max(len(worst) // n_out, 1)
+        t = group_collective_time(hw, c.kind, c.nbytes, n_in, n_out) * times
+        seconds[c.kind] = seconds.get(c.kind, 0.0) + t
+    kernel = sum(runs * max(flops / hw.matmul_rate(_DTYPE_NAMES.get(dtype, "float32")),
+                            nbytes / hw.memory_rate)
+                 for dtype, flops, nbytes, runs in stats.kernels)
+    return MeasuredStep(compute, seconds, kernel)
+
+
+_DTYPE_NAMES = {"bf16": "bfloat16", "f16": "float16", "f32": "float32", "f64": "float64"}

@@ -11,6 +11,8 @@ All IR objects are frozen; identity is the id, so values hash cheaply as dict ke
 
 from __future__ import annotations
 
+import functools
+import math
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Iterator, Mapping
@@ -36,7 +38,7 @@ class Value:
 
     @property
     def size(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64))
+        return math.prod(self.shape)
 
     @property
     def nbytes(self) -> int:
@@ -246,6 +248,7 @@ def _check_region_arity(node: Node) -> None:
         raise PlanError(f"region node {node.describe()} does not match its bodies' signatures")
 
 
+@functools.lru_cache(maxsize=None)
 def dtype_itemsize(dtype: Any) -> int:
     try:
         return np.dtype(dtype).itemsize

@@ -19,6 +19,41 @@ from autoshard.ir.mesh import MeshSpec
 from autoshard.ir.sharding import ShardingSpec
 
 
+@dataclass(frozen=True)
+class Prediction:
+    """What the cost model predicts for one step on one device.
+
+    ``collective_seconds`` and ``collectives`` are by kind (all-reduce, all-gather, ...), both
+    the collectives ops perform themselves and those resharding between ops inserts;
+    ``collectives[kind] = (count, bytes)`` per step, loop trip counts applied.
+    """
+
+    step_seconds: float
+    compute_seconds: float
+    collective_seconds: Mapping[str, float]
+    reshard_seconds: float
+    collectives: Mapping[str, tuple[float, float]]
+    peak_memory_bytes: int
+    memory_budget: int | None = None
+
+
+@dataclass(frozen=True)
+class SolverStats:
+    """How the plan was found: problem size before and after reduction, time, objective,
+    lower bound and relative gap (0 when proven optimal)."""
+
+    engine: str
+    nodes: int
+    edges: int
+    strategies: int
+    seconds: float
+    objective: float
+    bound: float | None = None
+    gap: float | None = None
+    status: str = ""
+    details: Mapping[str, Any] = field(default_factory=dict)
+
+
 @dataclass(frozen=True, eq=False)
 class Plan:
     """Specs for the graph's inputs and outputs (flat, in pytree-leaf order) and for the
@@ -38,6 +73,8 @@ class Plan:
     method: str
     reasons: Mapping[str | int, str] = field(default_factory=dict)
     unplanned: tuple[str, ...] = ()
+    prediction: Prediction | None = None
+    solver: SolverStats | None = None
 
     def __post_init__(self):
         if len(self.input_specs) != len(self.graph.inputs):
@@ -91,6 +128,7 @@ class Plan:
             f"autoshard plan ({self.method}) on mesh {self.mesh}, {self.mesh.num_devices} devices",
             f"graph: {g.num_nodes()} nodes ({top})",
         ]
+        lines += self._prediction_lines()
         total_in = sum(self.bytes_per_device(v, s) for v, s in zip(g.inputs, self.input_specs))
         lines.append(f"arguments: {len(g.inputs)} arrays, {_mib(total_in)} per device")
         lines += self._table(
@@ -101,7 +139,7 @@ class Plan:
             [(g.output_names[i] if g.output_names else f"out[{i}]", a, s,
               self.reasons.get(f"out:{i}", ""))
              for i, (a, s) in enumerate(zip(g.outputs, self.output_specs))], max_rows)
-        if self.value_specs:
+        if self.value_specs and self.solver is None:
             values = g.value_index()
             lines.append(f"pinned intermediates: {len(self.value_specs)}")
             rows = []
@@ -113,6 +151,25 @@ class Plan:
         if self.unplanned:
             lines.append(f"unplanned (replicated, no rule): {', '.join(self.unplanned)}")
         return "\n".join(lines)
+
+    def _prediction_lines(self) -> list[str]:
+        lines = []
+        p = self.prediction
+        if p is not None:
+            comm = ", ".join(f"{k} {v * 1e3:.3f} ms" for k, v in sorted(p.collective_seconds.items())
+                             if v > 0) or "none"
+            budget = f" (budget {_mib(p.memory_budget)})" if p.memory_budget else ""
+            lines.append(f"predicted step: {p.step_seconds * 1e3:.3f} ms = compute "
+                         f"{p.compute_seconds * 1e3:.3f} ms + collectives: {comm}")
+            lines.append(f"predicted peak memory: {_mib(p.peak_memory_bytes)} per device{budget}")
+        s = self.solver
+        if s is not None:
+            gap = "proven optimal" if s.gap == 0 else (
+                f"{s.status}, gap {s.gap:.2%}" if s.gap is not None else f"{s.status}, gap "
+                "unknown")
+            lines.append(f"solver: {s.engine}, {s.nodes} nodes / {s.edges} edges / {s.strategies}"
+                         f" strategies, {s.seconds:.2f} s, {gap}")
+        return lines
 
     def _table(self, rows, max_rows: int) -> list[str]:
         """One line per row; past ``max_rows``, sharded rows are kept and the replicated rest

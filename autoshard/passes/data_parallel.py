@@ -10,22 +10,21 @@ argument whose leaves all share a leading dim is the batch (the ``step(params, o
 convention; a trailing RNG key or scalar is skipped), and no argument is split otherwise. A batch
 dim no mesh axis divides is replicated, and the plan and the log say so.
 
-A result that is the new value of an argument (same path below the argument / result index,
-same shape and dtype: ``out[0]['w']`` for ``params['w']``) keeps that argument's layout, so
-state pinned by ``in_specs`` stays where it was pinned, step after step.
+A result that is the new value of an argument (``passes/state.py``) keeps that argument's
+layout, so state pinned by ``in_specs`` stays where it was pinned, step after step.
 """
 
 from __future__ import annotations
 
 import itertools
 import logging
-import re
 
 from autoshard.ir.graph import Graph
 from autoshard.ir.mesh import MeshSpec
 from autoshard.ir.plan import Plan
 from autoshard.ir.sharding import B, ShardingSpec, Split
 from autoshard.passes.pins import Pins
+from autoshard.passes.state import updated_arguments
 
 METHOD = "data-parallel rule"
 log = logging.getLogger("autoshard")
@@ -71,7 +70,7 @@ def data_parallel_plan(graph: Graph, mesh: MeshSpec, pins: Pins, *, in_tree, out
         else:
             in_specs.append(replicated)
             reasons[f"in:{i}"] = "replicated"
-    updated = _updated_arguments(graph)
+    updated = updated_arguments(graph)
     other_leading = {v.shape[0] for i, v in enumerate(graph.inputs)
                      if i not in batch_inputs and v.ndim}
     out_specs = []
@@ -91,25 +90,3 @@ def data_parallel_plan(graph: Graph, mesh: MeshSpec, pins: Pins, *, in_tree, out
             reasons[f"out:{i}"] = "replicated"
     return Plan(graph, mesh, tuple(in_specs), tuple(out_specs), dict(pins.values), in_tree,
                 out_tree, METHOD, reasons)
-
-
-_ARG_NAME = re.compile(r"^(?:args\[\d+\]|[A-Za-z_]\w*)")
-_TUPLE_INDEX = re.compile(r"^\[\d+\]")
-
-
-def _updated_arguments(graph: Graph) -> dict[int, int]:
-    """Result position -> argument position, for results that are an argument's new value:
-    the same path below the argument name / result index, the same shape and dtype."""
-    by_path: dict[tuple, list[int]] = {}
-    for i, v in enumerate(graph.inputs):
-        rest = _ARG_NAME.sub("", v.name, count=1)
-        by_path.setdefault((rest, v.shape, str(v.dtype)), []).append(i)
-    matches = {}
-    for i, (atom, name) in enumerate(zip(graph.outputs, graph.output_names)):
-        rest = name[len("out"):]
-        for candidate in (_TUPLE_INDEX.sub("", rest, count=1), rest):
-            found = by_path.get((candidate, atom.shape, str(atom.dtype)), [])
-            if len(found) == 1 and rest:
-                matches[i] = found[0]
-                break
-    return matches

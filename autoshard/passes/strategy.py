@@ -13,6 +13,7 @@ gets the replicated strategy and is reported as *unplanned*, never silently.
 
 from __future__ import annotations
 
+import functools
 import itertools
 from dataclasses import dataclass
 from typing import Callable, Iterable, Sequence
@@ -113,6 +114,12 @@ def tensor_specs(shape: Sequence[int], mesh: MeshSpec, dims: Iterable[int] | Non
                  *, partial: bool = False) -> list[ShardingSpec]:
     """Every spec of a tensor splitting only ``dims`` (default: all), in canonical mesh order;
     with ``partial`` also P entries."""
+    return list(_tensor_specs(tuple(shape), mesh, None if dims is None else tuple(dims), partial))
+
+
+@functools.lru_cache(maxsize=4096)
+def _tensor_specs(shape: tuple[int, ...], mesh: MeshSpec, dims: tuple[int, ...] | None,
+                  partial: bool) -> tuple[ShardingSpec, ...]:
     options: list[int | None | str] = [None, *(range(len(shape)) if dims is None else dims)]
     if partial:
         options.append("P")
@@ -121,7 +128,7 @@ def tensor_specs(shape: Sequence[int], mesh: MeshSpec, dims: Iterable[int] | Non
         spec = spec_from_dims(dims_per_axis, shape, mesh)
         if spec is not None and all(shape[d] > 1 for d in dims_per_axis if isinstance(d, int)):
             out.append(spec)
-    return out
+    return tuple(out)
 
 
 def split_ways(spec: ShardingSpec, mesh: MeshSpec) -> int:

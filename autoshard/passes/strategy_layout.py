@@ -35,13 +35,22 @@ _LINEAR_ONE = {"mul": (0, 1), "div": (0,)}
 
 
 def _operand_spec(atom, spec: ShardingSpec, shape) -> ShardingSpec | None:
-    """What an elementwise operand must be when the output is ``spec``: the same spec for a
-    full-shape array, replicated for a rank-0 value, nothing for a literal."""
+    """What an elementwise operand must be when the output is ``spec``: the same spec for an
+    operand of the output's shape; for one that broadcasts along size-1 dims (jax allows that
+    within a rank), the spec with those dims whole; replicated for a rank-0 value; nothing for
+    a literal."""
     if isinstance(atom, Literal):
         return None
     if tuple(atom.shape) == tuple(shape):
         return spec
+    if atom.ndim == len(shape) and atom.ndim:
+        return ShardingSpec(tuple(B if isinstance(e, Split) and atom.shape[e.dim] == 1
+                                  and shape[e.dim] != 1 else e for e in spec.sbp))
     return ShardingSpec.replicated(spec.mesh_ndim)
+
+
+def _same_rank(atom, shape) -> bool:
+    return isinstance(atom, Value) and atom.ndim == len(shape) and atom.ndim > 0
 
 
 def _is_float(dtype) -> bool:
@@ -54,9 +63,8 @@ def _is_float(dtype) -> bool:
 @register(*ELEMENTWISE)
 def _elementwise_rule(node: Node, mesh: MeshSpec) -> list[Strategy]:
     shape = node.outputs[0].shape
-    if any(isinstance(a, Value) and a.ndim and tuple(a.shape) != tuple(shape)
-           for a in node.inputs):
-        return []  # a shape-changing bitcast: replicated
+    if any(isinstance(a, Value) and a.ndim and a.ndim != len(shape) for a in node.inputs):
+        return []  # a rank-changing bitcast: replicated
     linear_all = node.op in _LINEAR_ALL or (
         node.op == "convert_element_type" and _is_float(node.outputs[0].dtype)
         and all(_is_float(a.dtype) for a in node.inputs))
@@ -66,15 +74,13 @@ def _elementwise_rule(node: Node, mesh: MeshSpec) -> list[Strategy]:
         ins = [_operand_spec(a, spec, shape) for a in node.inputs]
         if spec.has_partial:
             if linear_all:
-                if any(not isinstance(a, Value) or tuple(a.shape) != tuple(shape)
-                       for a in node.inputs):
+                if not all(_same_rank(a, shape) for a in node.inputs):
                     continue
             else:
                 variants = []
                 for k in _LINEAR_ONE[node.op]:
-                    if isinstance(node.inputs[k], Value) and tuple(node.inputs[k].shape) == \
-                            tuple(shape):
-                        variants.append([spec if i == k else _operand_spec(a, whole, shape)
+                    if _same_rank(node.inputs[k], shape):
+                        variants.append([_operand_spec(a, spec if i == k else whole, shape)
                                          for i, a in enumerate(node.inputs)])
                 for v in variants:
                     out.append(Strategy(tuple(v), (spec,) * len(node.outputs),

@@ -10,7 +10,7 @@ from jax.sharding import PartitionSpec as P
 
 import autoshard
 from autoshard import B, PARTIAL, S, ShardingError, ShardingSpec
-from autoshard.cost_model.hlo import collective_stats
+from autoshard.cost_model.hlo import hlo_stats
 from autoshard.ir.plan import Plan
 from autoshard.passes.lift import lift
 from autoshard.passes.lower import auto_mesh, lower
@@ -20,7 +20,7 @@ from tests.models import example_args, gpt, mlp, plans, scan_gpt
 
 
 def compiled_collectives(step, *args):
-    return collective_stats(step.lower(*args).compile().as_text())
+    return hlo_stats(step.lower(*args).compile().as_text())
 
 
 @pytest.mark.parametrize("shape", [(8,), (2, 4)], ids=["8", "2x4"])
@@ -29,7 +29,7 @@ def test_megatron_mlp_forward_has_one_all_reduce(shape):
     tp = plans.tp_axis(mesh)
     params, x = mlp.init(jax.random.key(0)), mlp.batch(jax.random.key(1))["x"]
     dp = plans.batch_axes(mesh, exclude=(tp,)) or None
-    step = autoshard.compile(mlp.forward, params, x, mesh=mesh,
+    step = autoshard.compile(mlp.forward, params, x, mesh=mesh, planner="data-parallel",
                              in_specs=(mlp.megatron_specs(params, tp), P(dp)), out_specs=P(dp))
     stats = compiled_collectives(step, params, x)
     assert stats.count == {"all-reduce": 1}
@@ -44,7 +44,7 @@ def test_megatron_mlp_forward_has_one_all_reduce(shape):
 def test_megatron_gpt_forward_has_one_all_reduce_per_row_parallel_matmul():
     mesh = make_mesh((2, 4))
     params, tokens = gpt.init(jax.random.key(0)), gpt.batch(jax.random.key(1))["tokens"]
-    step = autoshard.compile(gpt.forward, params, tokens, mesh=mesh,
+    step = autoshard.compile(gpt.forward, params, tokens, mesh=mesh, planner="data-parallel",
                              in_specs=(gpt.megatron_specs(params, "model"), P("data")),
                              out_specs=P("data", None, "model"))
     stats = compiled_collectives(step, params, tokens)
@@ -59,6 +59,7 @@ def test_megatron_scanned_gpt_counts_loop_iterations():
     params, batch, _, key = (example_args(scan_gpt)[i] for i in (0, 2, 1, 3))
     specs = scan_gpt.megatron_specs(params, "model")
     step = autoshard.compile(scan_gpt.forward, params, batch["tokens"], key, mesh=mesh,
+                             planner="data-parallel",
                              in_specs=(specs, P("data"), P()), out_specs=P("data", None, "model"))
     stats = compiled_collectives(step, params, batch["tokens"], key)
     assert stats.count == {"all-reduce": 2 * scan_gpt.LAYERS}

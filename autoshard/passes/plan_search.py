@@ -1,0 +1,142 @@
+"""Choose a plan by search: build the strategy problem, solve it, read the plan off the choice.
+
+This is Alpa's intra-operator pass (Zheng et al., OSDI 2022): every op picks a strategy, edges
+charge resharding, memory is bounded at every point of the schedule. The plan pins *every*
+value to the layout its producer's strategy gives it (partial sums stay unconstrained and are
+reduced where the consumer's layout forces it), so XLA's partitioner has nothing left to guess.
+
+``predict`` re-walks the chosen strategies to split the objective into compute, each collective
+kind and resharding, and to count the collectives a step performs (for ``autoshard.verify``).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+
+from autoshard.cost_model.collectives import collective_time
+from autoshard.cost_model.compute import compute_time, node_flops, strategy_bytes
+from autoshard.cost_model.hardware import Hardware
+from autoshard.cost_model.reshard import reshard_steps
+from autoshard.ir.graph import Graph, Value
+from autoshard.ir.mesh import MeshSpec
+from autoshard.ir.plan import Plan, Prediction, SolverStats
+from autoshard.ir.sharding import ShardingSpec
+from autoshard.passes.pins import Pins
+from autoshard.passes.problem import NS, PlanningProblem, build_problem
+from autoshard.passes.solve import solve
+from autoshard.passes.solve_lp import solve_local_polytope
+from autoshard.passes.solve_problem import evaluate, usage_profile
+
+METHOD = "cost-model search"
+
+
+def predict(pp: PlanningProblem, choice, mesh: MeshSpec, hw: Hardware,
+            memory_budget: int | None) -> Prediction:
+    """Compute, collectives and memory of one step under ``choice``."""
+    compute = 0.0
+    seconds: dict[str, float] = {}
+    counts: dict[str, list[float]] = {}
+
+    def collective(kind: str, axes, nbytes: float, times: float) -> None:
+        t = collective_time(hw, mesh, kind, nbytes, axes) * times
+        seconds[kind] = seconds.get(kind, 0.0) + t
+        entry = counts.setdefault(kind, [0.0, 0.0])
+        entry[0] += times
+        entry[1] += nbytes * times
+
+    for slot, c in zip(pp.slots, choice):
+        if slot.kind != "op":
+            continue
+        s = slot.strategies[c]
+        node = slot.node
+        frac_in = [None if x is None else x.shard_fraction(mesh) for x in s.inputs]
+        frac_out = [x.shard_fraction(mesh) for x in s.outputs]
+        compute += compute_time(hw, node, node_flops(node) / max(s.divisor, 1),
+                                strategy_bytes(node, frac_in, frac_out)) * slot.times
+        for kind, axes, nbytes in s.comm:
+            collective(kind, axes, nbytes, slot.times)
+    reshard = 0.0
+    for t in pp.transfers:
+        src = pp.slots[t.producer].strategies[choice[t.producer]].outputs[t.output]
+        if t.transform is not None:
+            src = t.transform(src)
+        dst = t.required[choice[t.consumer]]
+        if dst is None:
+            continue
+        for step in reshard_steps(src, dst, mesh):
+            before = seconds.get(step.kind, 0.0)
+            collective(step.kind, step.axes, step.factor * t.value.nbytes, t.times)
+            reshard += seconds[step.kind] - before
+    profile = usage_profile(pp.problem, choice)
+    peak = int(profile.max()) if len(profile) else 0
+    total = compute + sum(seconds.values())
+    return Prediction(total, compute, seconds, reshard,
+                      {k: (v[0], v[1]) for k, v in counts.items()}, peak, memory_budget)
+
+
+def plan_from_choice(pp: PlanningProblem, choice, graph: Graph, mesh: MeshSpec, *, in_tree,
+                     out_tree, pins: Pins, prediction: Prediction | None,
+                     solver: SolverStats | None) -> Plan:
+    def spec_of(value: Value) -> ShardingSpec:
+        slot, k = pp.value_slot[value.id]
+        return pp.slots[slot].strategies[choice[slot]].outputs[k]
+
+    input_specs = tuple(spec_of(v) for v in graph.inputs)
+    replicated = ShardingSpec.replicated(mesh.ndim)
+    output_specs = tuple(
+        replicated if sink is None else pp.slots[sink].strategies[choice[sink]].outputs[0]
+        for sink in pp.sink_slots)
+    inputs = {v.id for v in graph.inputs}
+    value_specs = {vid: spec_of_id for vid, spec_of_id in (
+        (vid, pp.slots[s].strategies[choice[s]].outputs[k]) for vid, (s, k) in
+        pp.value_slot.items()) if vid not in inputs}
+    reasons = dict(pins.reasons)
+    for i in range(len(graph.inputs)):
+        reasons.setdefault(f"in:{i}", "chosen by the solver")
+    for o in range(len(graph.outputs)):
+        reasons.setdefault(f"out:{o}", "chosen by the solver")
+    return Plan(graph, mesh, input_specs, output_specs, value_specs, in_tree, out_tree, METHOD,
+                reasons, tuple(pp.unplanned), prediction, solver)
+
+
+def search_plan(graph: Graph, mesh: MeshSpec, hw: Hardware, pins: Pins, *, in_tree, out_tree,
+                donated: set[int], updated: dict[int, int], memory_budget: int | None,
+                time_limit: float, progress: Callable[[str], None] | None = None) -> Plan:
+    """Plan ``graph``: the local-polytope LP first (solve_lp.py); when its optimum is integral it
+    is a proven optimal plan, otherwise the combinatorial search (solve.py) finds one, with the
+    LP optimum as its lower bound."""
+    pp = build_problem(graph, mesh, hw, pins, donated=donated, updated=updated,
+                       usage_limit=memory_budget)
+    problem = pp.problem
+    if progress:
+        progress(f"{problem.num_nodes} choices, {int(problem.num_strategies.sum())} strategies, "
+                 f"{problem.num_edges} edges; solving the LP relaxation")
+    lp = solve_local_polytope(problem, time_limit=time_limit)
+    if lp.integral:
+        choice = lp.choice
+        cost = evaluate(problem, choice).cost
+        stats = SolverStats("lp (highs)", problem.num_nodes, problem.num_edges,
+                            int(problem.num_strategies.sum()), lp.seconds, cost / NS,
+                            lp.objective / NS, 0.0, "optimal",
+                            {"lp_variables": lp.variables, "groups": len(problem.groups)})
+    else:
+        if progress:
+            progress(f"LP relaxation fractional ({lp.status}, bound {lp.objective / NS * 1e3:.3f}"
+                     " ms); searching")
+        solution = solve(problem, time_limit=time_limit, deterministic=True, progress=progress)
+        choice = np.asarray(solution.choice, np.int64)
+        bound = solution.lower_bound
+        if lp.status == "optimal":
+            bound = max(bound or 0.0, lp.objective)
+        gap = None if bound is None or solution.cost == 0 else max(
+            0.0, (solution.cost - bound) / solution.cost)
+        stats = SolverStats(str(solution.stats.get("engine", "search")), problem.num_nodes,
+                            problem.num_edges, int(problem.num_strategies.sum()),
+                            lp.seconds + solution.seconds, solution.cost / NS,
+                            None if bound is None else bound / NS, gap, solution.status,
+                            dict(solution.stats, lp_seconds=lp.seconds, lp_status=lp.status))
+    prediction = predict(pp, choice, mesh, hw, memory_budget)
+    return plan_from_choice(pp, choice, graph, mesh, in_tree=in_tree, out_tree=out_tree,
+                            pins=pins, prediction=prediction, solver=stats)

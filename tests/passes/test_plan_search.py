@@ -1,0 +1,157 @@
+"""The cost-model planner on cases whose optimum is known: Megatron under a memory budget,
+data parallelism for a large batch, a sharded embedding; the objective equals the hand-derived
+cost of the plan; plans are deterministic; an impossible budget says what is possible; the
+prediction agrees with the compiled program."""
+
+import json
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+import autoshard
+from autoshard.cost_model.collectives import collective_time
+from autoshard.cost_model.hardware import H100
+from autoshard.cost_model.hlo import hlo_stats
+from tests.conftest import make_mesh
+
+MIB = 2**20
+
+
+def mlp_forward(params, x):
+    return jax.nn.relu(x @ params["w1"]) @ params["w2"]
+
+
+def mlp_args(batch=64, d=1024, hidden=4096):
+    return ({"w1": jax.ShapeDtypeStruct((d, hidden), jnp.float32),
+             "w2": jax.ShapeDtypeStruct((hidden, d), jnp.float32)},
+            jax.ShapeDtypeStruct((batch, d), jnp.float32))
+
+
+def test_budget_below_replication_picks_megatron_column_then_row():
+    mesh = make_mesh((8,))
+    args = mlp_args()
+    budget = 2 * 1024 * 4096 * 4 // 2       # half the weights: data parallelism cannot fit
+    step = autoshard.compile(mlp_forward, *args, mesh=mesh, hardware="h100",
+                             memory_budget=budget, out_specs=P())
+    specs = step.plan.in_specs[0]
+    assert specs["w1"] == P(None, "data") and specs["w2"] == P("data")   # column, then row
+    assert step.plan.prediction.peak_memory_bytes <= budget
+    stats = hlo_stats(step.lower(*args).compile().as_text())
+    assert stats.count == {"all-reduce": 1}          # one all-reduce after the row-parallel layer
+    assert step.plan.prediction.collectives["all-reduce"][0] == 1
+
+
+def test_large_batch_small_weights_picks_data_parallel():
+    mesh = make_mesh((8,))
+
+    def step_fn(w, x):
+        grad = jax.grad(lambda w: jnp.mean(jnp.tanh(x @ w) ** 2))(w)
+        return w - 0.1 * grad
+
+    w = jax.ShapeDtypeStruct((1024, 1024), jnp.float32)
+    x = jax.ShapeDtypeStruct((16384, 1024), jnp.float32)
+    step = autoshard.compile(step_fn, w, x, mesh=mesh, hardware="h100", out_specs=P())
+    assert step.plan.in_specs[1] == P("data")                 # the batch over all 8 devices
+    forward, *backward = [n for n in step.graph.nodes if n.op == "dot_general"]
+    assert str(step.plan.value_specs[forward.outputs[0].id]) == "(S0)"
+    # the weight gradient is a sum over the batch: partial on every device, then reduced
+    assert [str(step.plan.value_specs[n.outputs[0].id]) for n in backward] == ["(P)"]
+
+
+def test_huge_embedding_is_sharded_under_a_budget():
+    mesh = make_mesh((8,))
+
+    def lookup(table, ids):
+        return jnp.take(table, ids, axis=0).sum(axis=1)
+
+    table = jax.ShapeDtypeStruct((65536, 256), jnp.float32)
+    ids = jax.ShapeDtypeStruct((32, 16), jnp.int32)
+    step = autoshard.compile(lookup, table, ids, mesh=mesh, hardware="h100",
+                             memory_budget=24 * MIB)
+    spec = step.plan.input_specs[0]
+    assert not spec.is_replicated and step.plan.prediction.peak_memory_bytes <= 24 * MIB
+    got = step(jnp.arange(65536 * 256, dtype=jnp.float32).reshape(65536, 256) / 1e6,
+               jnp.arange(32 * 16, dtype=jnp.int32).reshape(32, 16) * 97)
+    want = lookup(jnp.arange(65536 * 256, dtype=jnp.float32).reshape(65536, 256) / 1e6,
+                  jnp.arange(32 * 16, dtype=jnp.int32).reshape(32, 16) * 97)
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+
+
+def test_objective_equals_the_hand_derived_cost():
+    """x (rows over 8 devices) @ w (replicated), result replicated: the best plan multiplies
+    the local rows and all-gathers the result."""
+    mesh = make_mesh((8,))
+    n = 2048
+    x = jax.ShapeDtypeStruct((n, n), jnp.float32)
+    w = jax.ShapeDtypeStruct((n, n), jnp.float32)
+    step = autoshard.compile(lambda x, w: x @ w, x, w, mesh=mesh, hardware="h100",
+                             in_specs=(P("data"), P()), out_specs=P())
+    rate = H100.matmul_rate("float32")
+    flops = 2 * n ** 3 / 8
+    nbytes = (n * n / 8 + n * n + n * n / 8) * 4                  # x rows, w, out rows
+    compute = max(flops / rate, nbytes / H100.memory_rate)
+    gather = 5e-6 + 7 / 8 * n * n * 4 / (450e9 * 0.8)
+    assert gather == pytest.approx(collective_time(H100, step.plan.mesh, "all-gather",
+                                                   n * n * 4, (0,)))
+    holding = 0.01 * (n * n / 8 + n * n) * 4 / H100.memory_rate   # the arguments' tie-break
+    assert step.plan.solver.objective == pytest.approx(compute + gather + holding, rel=1e-6)
+    assert step.plan.prediction.step_seconds == pytest.approx(compute + gather, rel=1e-6)
+    assert step.plan.solver.gap == 0.0
+
+
+def _fingerprint(plan) -> str:
+    rows = [str(s) for s in plan.input_specs] + [str(s) for s in plan.output_specs]
+    rows += [f"{k}:{v}" for k, v in sorted(plan.value_specs.items())]
+    return json.dumps(rows)
+
+
+_SUBPROCESS = """
+import os, sys, json
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+sys.path.insert(0, {root!r})
+import jax
+import autoshard
+from tests.models import example_args, moe
+from tests.passes.test_plan_search import _fingerprint
+mesh = jax.make_mesh((2, 4), ("data", "model"))
+step = autoshard.compile(moe.train_step, *example_args(moe), mesh=mesh, hardware="h100-2node")
+print(_fingerprint(step.plan))
+"""
+
+
+def test_same_plan_twice_and_in_another_process():
+    from tests.models import example_args, moe
+
+    mesh = make_mesh((2, 4))
+    first = autoshard.compile(moe.train_step, *example_args(moe), mesh=mesh,
+                              hardware="h100-2node")
+    second = autoshard.compile(moe.train_step, *example_args(moe), mesh=mesh,
+                               hardware="h100-2node")
+    assert _fingerprint(first.plan) == _fingerprint(second.plan)
+    root = str(__import__("pathlib").Path(__file__).resolve().parents[2])
+    out = subprocess.run([sys.executable, "-c", _SUBPROCESS.format(root=root)],
+                         capture_output=True, text=True, timeout=600, check=True)
+    assert out.stdout.strip().splitlines()[-1] == _fingerprint(first.plan)
+
+
+def test_infeasible_budget_states_the_smallest_peak():
+    mesh = make_mesh((8,))
+    with pytest.raises(autoshard.PlanInfeasibleError) as err:
+        autoshard.compile(mlp_forward, *mlp_args(), mesh=mesh, memory_budget=64 * 1024)
+    assert "smallest peak any plan can reach" in str(err.value)
+
+
+def test_prediction_agrees_with_the_compiled_program():
+    mesh = make_mesh((8,))
+    args = mlp_args()
+    step = autoshard.compile(mlp_forward, *args, mesh=mesh, hardware="h100",
+                             memory_budget=16 * MIB)
+    report = autoshard.verify(step, *args)
+    assert report.total_collective_bytes.difference < 0.10
+    assert report.peak_memory.difference < 0.25
+    assert "all-reduce count" in report.summary()

@@ -1,0 +1,130 @@
+"""The strategy problem of small graphs: node and edge costs equal hand-derived numbers,
+memory follows liveness, loops tie their bodies to their operands, identical layers share."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from autoshard import PARTIAL, B, MeshSpec, S, ShardingSpec
+from autoshard.cost_model.compute import compute_time
+from autoshard.cost_model.hardware import H100
+from autoshard.cost_model.reshard import reshard_time
+from autoshard.passes.lift import lift
+from autoshard.passes.pins import collect_pins
+from autoshard.passes.problem import NS, build_problem
+from autoshard.passes.state import updated_arguments
+from autoshard.passes.trace import trace
+from tests.models import example_args, gpt
+
+MESH = MeshSpec(("data", "model"), (2, 4))
+
+
+def spec(*sbp):
+    return ShardingSpec(tuple(sbp))
+
+
+def problem_of(fn, *args, **kwargs):
+    traced = trace(fn, args)
+    graph = lift(traced)
+    pins = collect_pins(graph, MESH, in_tree=traced.in_tree, out_tree=traced.out_tree)
+    return graph, build_problem(graph, MESH, H100, pins, updated=updated_arguments(graph),
+                                **kwargs)
+
+
+def test_matmul_costs_are_roofline_and_reshard():
+    x, w = jnp.ones((256, 512)), jnp.ones((512, 1024))
+    graph, pp = problem_of(lambda x, w: x @ w, x, w)
+    (dot_slot,) = [i for i, s in enumerate(pp.slots) if s.kind == "op"]
+    slot = pp.slots[dot_slot]
+    node = slot.node
+    flops = 2 * 256 * 512 * 1024
+    for k, s in enumerate(slot.strategies):
+        nbytes = sum(4 * n * f.shard_fraction(MESH) for n, f in
+                     zip((256 * 512, 512 * 1024), s.inputs)) + 4 * 256 * 1024 * \
+            s.outputs[0].shard_fraction(MESH)
+        want = compute_time(H100, node, flops / s.divisor, nbytes) * NS
+        assert slot.costs[k] == pytest.approx(want)
+    cheapest = slot.strategies[int(np.argmin(slot.costs))]
+    assert cheapest.divisor == 8 and not cheapest.outputs[0].is_replicated
+    # the edge from argument w to the dot: moving w from each layout to each required one
+    w_slot = pp.value_slot[graph.inputs[1].id][0]
+    e = [i for i, (u, v) in enumerate(pp.problem.edges) if {u, v} == {w_slot, dot_slot}][0]
+    matrix = pp.problem.edge_matrix(e)
+    for a, src in enumerate(pp.slots[w_slot].strategies):
+        for b, dst in enumerate(slot.strategies):
+            want = reshard_time(H100, MESH, src.outputs[0], dst.inputs[1], 512 * 1024 * 4) * NS
+            assert matrix[a, b] == pytest.approx(want, rel=1e-6, abs=1e-6)
+
+
+def test_memory_usage_and_liveness():
+    def fn(x):
+        y = jnp.exp(x)          # dies at the next op
+        z = y * 2.0
+        return z.sum()
+
+    graph, pp = problem_of(fn, jnp.ones((64, 64)))
+    slots = {s.node.op: s for s in pp.slots if s.kind == "op"}
+    exp = slots["exp"]
+    replicated = [k for k, s in enumerate(exp.strategies) if s.outputs[0].is_replicated][0]
+    split = [k for k, s in enumerate(exp.strategies) if s.outputs[0] == spec(S(0), S(1))][0]
+    assert exp.usages[replicated] == 64 * 64 * 4 and exp.usages[split] == 64 * 64 * 4 // 8
+    assert exp.interval == (1, 3)            # produced at 1, last read at 2
+    arg_slot = pp.slots[pp.value_slot[graph.inputs[0].id][0]]
+    assert arg_slot.interval[0] == 0 and arg_slot.interval[1] > 3  # arguments live throughout
+
+
+def test_scan_body_ports_and_stacked_operands():
+    def stacked(ws, x):
+        return jax.lax.scan(lambda h, w: (jnp.tanh(h @ w), None), x, ws)[0]
+
+    graph, pp = problem_of(stacked, jnp.ones((4, 32, 32)), jnp.ones((8, 32)))
+    ports = [s for s in pp.slots if s.kind == "port"]
+    assert len(ports) == 3  # carry in, per-step weight slice, carry out
+    body_ops = [s for s in pp.slots if s.kind == "op"]
+    assert {s.node.op for s in body_ops} == {"dot_general", "tanh"}
+    assert all(s.times == 4.0 for s in body_ops)   # trip count applied
+    ws_slot = pp.value_slot[graph.inputs[0].id][0]
+    assert all(not s.outputs[0].dim_axes(0) or True for s in pp.slots[ws_slot].strategies)
+    slice_port = [i for i, s in enumerate(pp.slots) if s.kind == "port" and
+                  s.value.shape == (32, 32)][0]
+    e = [i for i, (u, v) in enumerate(pp.problem.edges) if {u, v} == {ws_slot, slice_port}][0]
+    matrix = pp.problem.edge_matrix(e)
+    src = [s.outputs[0] for s in pp.slots[ws_slot].strategies]
+    dst = [s.outputs[0] for s in pp.slots[slice_port].strategies]
+    # a stacked weight split on its layer axis must be gathered for every slice layout
+    a = src.index(spec(S(0), B))
+    b = dst.index(spec(B, B))
+    assert matrix[a, b] > 0
+    # the slice split on its rows is the stacked array split on dim 1: free
+    assert matrix[src.index(spec(S(1), B)), dst.index(spec(S(0), B))] == 0
+
+
+def test_updated_state_is_tied_to_its_argument():
+    def step(params, x):
+        return {"w": params["w"] - 0.1 * x.T @ (x @ params["w"])}
+
+    graph, pp = problem_of(step, {"w": jnp.ones((32, 16))}, jnp.ones((8, 32)))
+    (sink,) = [i for i, s in enumerate(pp.slots) if s.kind == "sink"]
+    arg = pp.value_slot[graph.inputs[0].id][0]
+    assert any({u, v} == {sink, arg} for u, v in pp.problem.edges)
+
+
+def test_identical_layers_share_and_distinct_projections_do_not():
+    params = gpt.init(jax.random.key(0), layers=6)
+    args = (params, gpt.tx.init(params), gpt.batch(jax.random.key(1)))
+    graph, pp = problem_of(gpt.train_step, *args)
+    groups = pp.problem.groups
+    assert groups
+    label = {i: s.label for i, s in enumerate(pp.slots)}
+    by_slot = {i: g for g in groups for i in g}
+    q = [i for i, s in enumerate(pp.slots) if s.kind == "input" and s.label.startswith(
+        "params['blocks']") and s.label.endswith("['wq']")]
+    k = [i for i, s in enumerate(pp.slots) if s.kind == "input" and s.label.startswith(
+        "params['blocks']") and s.label.endswith("['wk']")]
+    # the middle layers share; the first and last differ by what feeds and reads them
+    assert len(q) == 6 and by_slot[q[2]] == by_slot[q[3]] and q[2] in by_slot[q[2]]
+    assert by_slot[q[2]] != by_slot.get(k[2])
+    assert all(len({len(pp.slots[i].strategies) for i in g}) == 1 for g in groups)
+    ungrouped = problem_of(gpt.train_step, *args, share_layers=False)[1]
+    assert not ungrouped.problem.groups and label
