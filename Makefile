@@ -22,6 +22,8 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/run.py
+	$(BIN)/python benchmarks/plan_quality.py
+	$(BIN)/python benchmarks/iopddl.py
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache

@@ -16,7 +16,7 @@ from typing import Any, Callable, Sequence
 import jax
 from jax.sharding import Mesh, NamedSharding
 
-from autoshard.ir.errors import ArgumentError
+from autoshard.ir.errors import ArgumentError, PlanInfeasibleError
 from autoshard.ir.graph import Graph
 from autoshard.ir.graph import verify as verify_graph
 from autoshard.ir.mesh import MeshSpec
@@ -30,6 +30,7 @@ from autoshard.passes.plan_search import search_plan
 from autoshard.passes.state import updated_arguments
 from autoshard.passes.trace import (TracedFunction, abstract_arguments, abstractify_leaf,
                                     function_name, normalize_static_argnums, trace)
+from autoshard.verify import peak_memory
 
 log = logging.getLogger("autoshard")
 
@@ -203,19 +204,47 @@ class ShardedFunction:
             plan = data_parallel_plan(graph, mesh_spec, pins, in_tree=traced.in_tree,
                                       out_tree=traced.out_tree,
                                       batch_inputs=self._batch_inputs(traced, spans))
+            lowered = lower(plan, opts.mesh)
+            jitted = self._jit(traced, lowered, len(args))
         else:
             donated = {i for a in opts.donate_argnums if a in spans for i in spans[a]}
-            plan = search_plan(graph, mesh_spec, opts.hardware, pins, in_tree=traced.in_tree,
-                               out_tree=traced.out_tree, donated=donated,
-                               updated=updated_arguments(graph),
-                               memory_budget=opts.memory_budget,
-                               time_limit=opts.solver_time_limit, progress=self._progress)
-        lowered = lower(plan, opts.mesh)
-        jitted = self._jit(traced, lowered, len(args))
+            plan, lowered, jitted = self._search_within_budget(
+                args, traced, graph, mesh_spec, pins, donated)
         seconds = time.perf_counter() - start
         log.info("autoshard: planned %s in %.2fs (%d nodes)", self.__name__, seconds,
                  graph.num_nodes())
         return _Planned(traced, graph, plan, lowered, jitted, seconds)
+
+    def _search_within_budget(self, args, traced, graph, mesh_spec, pins, donated):
+        """Search, lower, and hold the compiled executable to the memory budget.
+
+        The cost model's peak memory is an estimate; the budget is a promise about the program
+        that runs. When XLA's buffer assignment (``memory_analysis``) exceeds the budget, the
+        search runs again with the budget scaled down by the overshoot, up to three times."""
+        opts = self._options
+        target = opts.memory_budget
+        for attempt in range(4):
+            plan = search_plan(graph, mesh_spec, opts.hardware, pins, in_tree=traced.in_tree,
+                               out_tree=traced.out_tree, donated=donated,
+                               updated=updated_arguments(graph), memory_budget=target,
+                               time_limit=opts.solver_time_limit, progress=self._progress)
+            lowered = lower(plan, opts.mesh)
+            jitted = self._jit(traced, lowered, len(args))
+            if opts.memory_budget is None:
+                return plan, lowered, jitted
+            planned = _Planned(traced, graph, plan, lowered, jitted, 0.0)
+            compiled = jitted.lower(*self._abstract(planned, args)).compile()
+            peak = peak_memory(compiled)
+            if peak <= opts.memory_budget:
+                return plan, lowered, jitted
+            self._progress(f"compiled peak {peak:,} bytes exceeds the budget "
+                           f"{opts.memory_budget:,} (predicted {plan.prediction.peak_memory_bytes:,}"
+                           f"); planning again for {target * opts.memory_budget / peak:,.0f}")
+            target = int(target * opts.memory_budget / peak * 0.97)
+        raise PlanInfeasibleError(
+            f"{self.__name__}: no plan found whose compiled program fits memory_budget="
+            f"{opts.memory_budget:,} bytes per device; the last one needs {peak:,} bytes "
+            f"(XLA's memory_analysis). Raise the budget or use a larger mesh.")
 
     def _progress(self, message: str) -> None:
         log.info("autoshard: planning %s: %s", self.__name__, message)

@@ -4,7 +4,7 @@ memory, for GPT-2-sized train steps planned from ShapeDtypeStructs (nothing is a
     python benchmarks/run.py [--layers 24] [--d-model 1024] [--seq 1024] [--batch 8]
                              [--mesh 2,4] [--no-compile]
 
-Writes benchmarks/results/foundation.md.
+Writes benchmarks/results/gpt2_medium_<planner>.md.
 """
 
 from __future__ import annotations
@@ -28,7 +28,9 @@ sys.path.insert(0, str(ROOT / "examples"))
 import gpt as example  # noqa: E402
 
 import autoshard  # noqa: E402
-from autoshard.cost_model.hlo import hlo_stats  # noqa: E402
+from autoshard.cost_model.hardware import get_hardware  # noqa: E402
+from autoshard.cost_model.hlo import hlo_stats, measured_step  # noqa: E402
+from autoshard.verify import peak_memory  # noqa: E402
 
 
 def abstract(tree):
@@ -45,6 +47,7 @@ def main():
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--mesh", default="2,4")
     parser.add_argument("--no-compile", action="store_true")
+    parser.add_argument("--planner", default="search", choices=["search", "data-parallel"])
     args = parser.parse_args()
 
     shape = tuple(int(s) for s in args.mesh.split(","))
@@ -58,7 +61,8 @@ def main():
              "targets": jax.ShapeDtypeStruct((args.batch, args.seq), "int32")}
     step_fn = example.make_train_step(optimizer, args.heads)
 
-    step = autoshard.compile(step_fn, abstract(params), abstract(opt_state), batch, mesh=mesh)
+    step = autoshard.compile(step_fn, abstract(params), abstract(opt_state), batch, mesh=mesh,
+                             planner=args.planner)
     plan_s = step.planning_seconds
     graph = step.graph
     rows = [("model", f"GPT d={args.d_model} layers={args.layers} seq={args.seq} "
@@ -67,14 +71,31 @@ def main():
             ("graph nodes (incl. regions)", f"{graph.num_nodes():,}"),
             ("trace + lift + plan + lower (s)", f"{plan_s:.2f}"),
             ("plan method", step.plan.method)]
+    if step.plan.prediction is not None:
+        p, sv = step.plan.prediction, step.plan.solver
+        rows += [("predicted step (ms, h100)", f"{p.step_seconds * 1e3:.2f}"),
+                 ("predicted peak memory (GiB/device)", f"{p.peak_memory_bytes / 2**30:.2f}"),
+                 ("solver", f"{sv.engine}, {sv.nodes} choices / {sv.strategies} strategies, "
+                            f"{sv.seconds:.1f} s, status {sv.status}, gap {sv.gap}")]
     if not args.no_compile:
         start = time.perf_counter()
         compiled = step.lower(params, opt_state, batch).compile()
         rows.append(("XLA lower + compile (s)", f"{time.perf_counter() - start:.1f}"))
         stats = hlo_stats(compiled.as_text())
+        measured = measured_step(stats, get_hardware("h100"))
+        rows.append(("compiled roofline step on h100 (ms): matmul+collectives / all kernels",
+                     f"{measured.step_seconds * 1e3:.2f} / {measured.full_step_seconds * 1e3:.2f}"))
         for kind in sorted(stats.count):
             rows.append((f"compiled {kind}", f"{stats.count[kind]} ops, "
                                              f"{stats.bytes[kind] / 2**20:.1f} MiB/device"))
+        if step.plan.prediction is not None:
+            predicted = sum(b for _, b in step.plan.prediction.collectives.values())
+            rows.append(("collective bytes per device: predicted / compiled (MiB)",
+                         f"{predicted / 2**20:.1f} / {stats.total_bytes / 2**20:.1f} "
+                         f"(ratio {predicted / max(stats.total_bytes, 1):.2f})"))
+            rows.append(("peak memory per device: predicted / compiled (GiB)",
+                         f"{step.plan.prediction.peak_memory_bytes / 2**30:.2f} / "
+                         f"{peak_memory(compiled) / 2**30:.2f}"))
         mem = compiled.memory_analysis()
         if mem is not None:
             peak = (mem.argument_size_in_bytes + mem.output_size_in_bytes
@@ -84,9 +105,9 @@ def main():
                          f"{mem.temp_size_in_bytes / 2**30:.2f} / {peak / 2**30:.2f}"))
     table = "| measure | value |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in rows)
     print(table)
-    out = ROOT / "benchmarks" / "results" / "foundation.md"
+    out = ROOT / "benchmarks" / "results" / f"gpt2_medium_{args.planner}.md"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("# Foundation benchmark\n\nCommand: `python benchmarks/run.py "
+    out.write_text(f"# GPT-2-medium train step, planner={args.planner}\n\nCommand: `python benchmarks/run.py "
                    + " ".join(sys.argv[1:]) + "` on " + jax.devices()[0].device_kind
                    + f" ({len(jax.devices())} simulated devices), jax {jax.__version__}.\n\n"
                    + table + "\n")

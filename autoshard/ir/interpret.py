@@ -17,12 +17,15 @@ from jax import lax
 from autoshard.ir.graph import Graph, Literal, Node, Value
 
 ValueHook = Callable[[Value, Any], Any]
+OperandHook = Callable[[Node, list], list]
 RegionRule = Callable[[Node, list, Callable[[Graph, Sequence], list]], list]
 
 
-def evaluate(graph: Graph, args: Sequence[Any], *, on_value: ValueHook | None = None) -> list:
+def evaluate(graph: Graph, args: Sequence[Any], *, on_value: ValueHook | None = None,
+             on_operands: OperandHook | None = None) -> list:
     """Outputs of ``graph`` on ``args``; ``on_value(value, array)`` may replace every array the
-    graph binds: its inputs (a loop body's too), constants and node results."""
+    graph binds: its inputs (a loop body's too), constants and node results;
+    ``on_operands(node, arrays)`` may replace a node's operands just before it runs."""
     if len(args) != len(graph.inputs):
         raise TypeError(f"graph takes {len(graph.inputs)} inputs, got {len(args)}")
     env: dict[int, Any] = {v.id: (on_value(v, a) if on_value else a)
@@ -35,10 +38,12 @@ def evaluate(graph: Graph, args: Sequence[Any], *, on_value: ValueHook | None = 
         return atom.value if isinstance(atom, Literal) else env[atom.id]
 
     def run(region: Graph, region_args: Sequence[Any]) -> list:
-        return evaluate(region, region_args, on_value=on_value)
+        return evaluate(region, region_args, on_value=on_value, on_operands=on_operands)
 
     for node in graph.nodes:
         ins = [read(a) for a in node.inputs]
+        if on_operands is not None:
+            ins = on_operands(node, ins)
         rule = region_rules.get(node.op)
         if rule is not None:
             outs = rule(node, ins, run)

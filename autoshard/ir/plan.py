@@ -61,6 +61,9 @@ class Plan:
 
     ``reasons`` says, per input position ``"in:i"``, output position ``"out:i"`` or value id,
     why the spec was chosen (a hint and its source line, the user's in_specs, a rule).
+    ``operand_specs`` gives, per node id, the layout each operand must have when the node runs
+    (None: as it comes): the solver's strategies fix them, and pinning them is what makes the
+    partitioner reshard where the plan does rather than where it would.
     """
 
     graph: Graph
@@ -75,6 +78,7 @@ class Plan:
     unplanned: tuple[str, ...] = ()
     prediction: Prediction | None = None
     solver: SolverStats | None = None
+    operand_specs: Mapping[int, tuple[ShardingSpec | None, ...]] = field(default_factory=dict)
 
     def __post_init__(self):
         if len(self.input_specs) != len(self.graph.inputs):
@@ -88,6 +92,7 @@ class Plan:
         if unknown:
             raise PlanError(f"plan pins value ids {unknown[:5]} that are not in the graph")
         object.__setattr__(self, "value_specs", MappingProxyType(dict(self.value_specs)))
+        object.__setattr__(self, "operand_specs", MappingProxyType(dict(self.operand_specs)))
         object.__setattr__(self, "reasons", MappingProxyType(dict(self.reasons)))
 
     # -- pytree views, shaped like the function's arguments and results --------------------------

@@ -25,7 +25,7 @@ import jax
 from jax.sharding import AxisType, Mesh, NamedSharding
 
 from autoshard.ir.errors import ShardingError
-from autoshard.ir.graph import Graph, Value
+from autoshard.ir.graph import Graph, Node, Value
 from autoshard.ir.interpret import evaluate
 from autoshard.ir.mesh import MeshSpec
 from autoshard.ir.plan import Plan
@@ -131,6 +131,7 @@ def lower(plan: Plan, mesh: Mesh) -> LoweredPlan:
     amesh = auto_mesh(mesh)
     graph = plan.graph
     values = graph.value_index()
+    nodes = {node.id: node for node, _ in graph.walk()}
     constraints = {vid: named_sharding(spec, values[vid].ndim, plan.mesh, amesh)
                    for vid, spec in plan.value_specs.items() if not spec.has_partial}
 
@@ -142,9 +143,25 @@ def lower(plan: Plan, mesh: Mesh) -> LoweredPlan:
         sharding = constraints.get(value.id)
         return array if sharding is None else jax.lax.with_sharding_constraint(array, sharding)
 
+    operand_constraints = {
+        node_id: [None if spec is None or spec.has_partial or not isinstance(atom, Value)
+                  else named_sharding(spec, atom.ndim, plan.mesh, amesh)
+                  for spec, atom in zip(specs, node.inputs)]
+        for node_id, specs in plan.operand_specs.items()
+        if (node := nodes.get(node_id)) is not None}
+
+    def constrain_operands(node: Node, arrays: list) -> list:
+        shardings = operand_constraints.get(node.id)
+        if shardings is None:
+            return arrays
+        return [a if s is None else jax.lax.with_sharding_constraint(a, s)
+                for a, s in zip(arrays, shardings)]
+
     def fn(*flat_args: Any) -> tuple:
         with jax.sharding.use_abstract_mesh(amesh.abstract_mesh):
-            return tuple(evaluate(graph, flat_args, on_value=constrain))
+            return tuple(evaluate(graph, flat_args, on_value=constrain,
+                                  on_operands=constrain_operands if operand_constraints
+                                  else None))
 
     in_shardings = tuple(named_sharding(s, v.ndim, plan.mesh, amesh)
                          for v, s in zip(graph.inputs, plan.input_specs))

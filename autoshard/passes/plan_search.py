@@ -97,8 +97,10 @@ def plan_from_choice(pp: PlanningProblem, choice, graph: Graph, mesh: MeshSpec, 
         reasons.setdefault(f"in:{i}", "chosen by the solver")
     for o in range(len(graph.outputs)):
         reasons.setdefault(f"out:{o}", "chosen by the solver")
+    operand_specs = {slot.node.id: slot.strategies[c].inputs
+                     for slot, c in zip(pp.slots, choice) if slot.kind == "op"}
     return Plan(graph, mesh, input_specs, output_specs, value_specs, in_tree, out_tree, METHOD,
-                reasons, tuple(pp.unplanned), prediction, solver)
+                reasons, tuple(pp.unplanned), prediction, solver, operand_specs)
 
 
 def search_plan(graph: Graph, mesh: MeshSpec, hw: Hardware, pins: Pins, *, in_tree, out_tree,

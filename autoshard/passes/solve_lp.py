@@ -119,7 +119,9 @@ def solve_local_polytope(problem: Problem, *, time_limit: float = 60.0) -> LPRes
     status = solver.Solve()
     names = {pywraplp.Solver.OPTIMAL: "optimal", pywraplp.Solver.FEASIBLE: "feasible",
              pywraplp.Solver.INFEASIBLE: "infeasible", pywraplp.Solver.NOT_SOLVED: "not solved"}
-    values = {r: np.array([v.solution_value() for v in x[r]]) for r in x}
+    solved = status in (pywraplp.Solver.OPTIMAL, pywraplp.Solver.FEASIBLE)
+    values = {r: (np.array([v.solution_value() for v in x[r]]) if solved else
+                  np.eye(len(x[r]))[0]) for r in x}
     choice = np.array([int(np.argmax(values[int(rep[i])])) for i in range(problem.num_nodes)])
     integral = status == pywraplp.Solver.OPTIMAL and all(
         np.all((vals < 1e-6) | (vals > 1 - 1e-6)) for vals in values.values())

@@ -14,6 +14,7 @@ from __future__ import annotations
 from autoshard.ir.graph import Literal, Node, Value
 from autoshard.ir.mesh import MeshSpec
 from autoshard.ir.sharding import PARTIAL, SBP, B, ShardingSpec, Split
+from autoshard.passes import strategy
 from autoshard.passes.strategy import (Strategy, axis_assignments, register, split_ways,
                                        tensor_specs)
 
@@ -120,7 +121,7 @@ def _slice_rule(node: Node, mesh: MeshSpec) -> list[Strategy]:
     dims = [d for d in range(operand.ndim)
             if node.params["start_indices"][d] == 0 and strides[d] == 1
             and node.params["limit_indices"][d] == operand.shape[d]]
-    return _full_dims_rule(node, mesh, dims, partial=True)
+    return _full_dims_rule(node, mesh, dims, partial=strategy.CARRY_PARTIAL)
 
 
 @register("dynamic_slice")
@@ -150,7 +151,8 @@ def _concatenate_rule(node: Node, mesh: MeshSpec) -> list[Strategy]:
     shape = node.outputs[0].shape
     out = []
     for spec in tensor_specs(shape, mesh, dims=[d for d in range(len(shape)) if d != axis],
-                             partial=all(isinstance(a, Value) for a in node.inputs)):
+                             partial=strategy.CARRY_PARTIAL and all(
+                                 isinstance(a, Value) for a in node.inputs)):
         out.append(Strategy(tuple(spec for _ in node.inputs), (spec,), split_ways(spec, mesh)))
     return out
 
@@ -159,7 +161,7 @@ def _concatenate_rule(node: Node, mesh: MeshSpec) -> list[Strategy]:
 def _rev_rule(node: Node, mesh: MeshSpec) -> list[Strategy]:
     shape = node.outputs[0].shape
     dims = [d for d in range(len(shape)) if d not in node.params["dimensions"]]
-    return _full_dims_rule(node, mesh, dims, partial=True)
+    return _full_dims_rule(node, mesh, dims, partial=strategy.CARRY_PARTIAL)
 
 
 @register("split")
@@ -168,7 +170,8 @@ def _split_rule(node: Node, mesh: MeshSpec) -> list[Strategy]:
     operand = node.inputs[0]
     out = []
     for spec in tensor_specs(operand.shape, mesh,
-                             dims=[d for d in range(operand.ndim) if d != axis], partial=True):
+                             dims=[d for d in range(operand.ndim) if d != axis],
+                             partial=strategy.CARRY_PARTIAL):
         out.append(Strategy((spec,), (spec,) * len(node.outputs), split_ways(spec, mesh)))
     return out
 

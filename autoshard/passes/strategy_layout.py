@@ -13,20 +13,11 @@ import numpy as np
 
 from autoshard.ir.graph import Literal, Node, Value
 from autoshard.ir.mesh import MeshSpec
+from autoshard.ir.primitives import ELEMENTWISE
 from autoshard.ir.sharding import PARTIAL, B, Partial, ShardingSpec, Split
+from autoshard.passes import strategy
 from autoshard.passes.strategy import (Strategy, map_spec, register, split_ways, tensor_specs)
 
-ELEMENTWISE = (
-    "abs", "acos", "acosh", "and", "asin", "asinh", "atan", "atan2", "atanh", "cbrt", "ceil",
-    "clz", "complex", "conj", "cos", "cosh", "digamma", "eq", "erf", "erf_inv", "erfc", "exp",
-    "exp2", "expm1", "floor", "ge", "gt", "igamma", "imag", "integer_pow", "is_finite", "le",
-    "lgamma", "log", "log1p", "logistic", "lt", "max", "min", "ne", "nextafter", "not", "or",
-    "polygamma", "population_count", "pow", "real", "reduce_precision", "rem", "round", "rsqrt",
-    "select_n", "shift_left", "shift_right_arithmetic", "shift_right_logical", "sign", "sin",
-    "sinh", "sqrt", "square", "tan", "tanh", "xor", "clamp", "threefry2x32", "copy", "copy_p",
-    "add", "sub", "add_any", "neg", "mul", "div", "convert_element_type", "bitcast_convert_type",
-    "autoshard_hint", "random_fold_in", "random_split", "stop_gradient",
-)
 # linear in every operand: all-partial operands give a partial result
 _LINEAR_ALL = {"add", "sub", "add_any", "neg", "copy", "copy_p", "real", "imag", "conj",
                "reduce_precision", "autoshard_hint", "stop_gradient"}
@@ -69,7 +60,8 @@ def _elementwise_rule(node: Node, mesh: MeshSpec) -> list[Strategy]:
         node.op == "convert_element_type" and _is_float(node.outputs[0].dtype)
         and all(_is_float(a.dtype) for a in node.inputs))
     out = []
-    for spec in tensor_specs(shape, mesh, partial=linear_all or node.op in _LINEAR_ONE):
+    carry = strategy.CARRY_PARTIAL and (linear_all or node.op in _LINEAR_ONE)
+    for spec in tensor_specs(shape, mesh, partial=carry):
         whole = _without_partial(spec)
         ins = [_operand_spec(a, spec, shape) for a in node.inputs]
         if spec.has_partial:
@@ -103,7 +95,8 @@ def _broadcast_rule(node: Node, mesh: MeshSpec) -> list[Strategy]:
     in_shape = tuple(operand.shape)
     back = {d: i for i, d in enumerate(dims) if in_shape[i] == out_shape[d]}
     out = []
-    for spec in tensor_specs(out_shape, mesh, partial=isinstance(operand, Value)):
+    for spec in tensor_specs(out_shape, mesh,
+                             partial=strategy.CARRY_PARTIAL and isinstance(operand, Value)):
         if isinstance(operand, Literal):
             ins = [None]
         else:
@@ -155,7 +148,7 @@ def _reshape_rule(node: Node, mesh: MeshSpec) -> list[Strategy]:
     in_shape, out_shape = tuple(operand.shape), tuple(node.outputs[0].shape)
     dim_map = reshape_dim_map(in_shape, out_shape)
     out = []
-    for spec in tensor_specs(out_shape, mesh, dims=dim_map, partial=True):
+    for spec in tensor_specs(out_shape, mesh, dims=dim_map, partial=strategy.CARRY_PARTIAL):
         if not _divisible_map(spec, dim_map, in_shape, mesh):
             continue
         out.append(Strategy((map_spec(spec, dim_map), *[None] * len(dyn)), (spec,),
@@ -168,7 +161,7 @@ def _transpose_rule(node: Node, mesh: MeshSpec) -> list[Strategy]:
     perm = node.params["permutation"]
     shape = node.outputs[0].shape
     return [Strategy((map_spec(spec, dict(enumerate(perm))),), (spec,), split_ways(spec, mesh))
-            for spec in tensor_specs(shape, mesh, partial=True)]
+            for spec in tensor_specs(shape, mesh, partial=strategy.CARRY_PARTIAL)]
 
 
 @register("squeeze")
@@ -177,7 +170,7 @@ def _squeeze_rule(node: Node, mesh: MeshSpec) -> list[Strategy]:
     kept = [d for d in range(node.inputs[0].ndim) if d not in removed]
     dim_map = dict(enumerate(kept))
     return [Strategy((map_spec(spec, dim_map),), (spec,), split_ways(spec, mesh))
-            for spec in tensor_specs(node.outputs[0].shape, mesh, partial=True)]
+            for spec in tensor_specs(node.outputs[0].shape, mesh, partial=strategy.CARRY_PARTIAL)]
 
 
 @register("stack")
@@ -187,7 +180,7 @@ def _stack_rule(node: Node, mesh: MeshSpec) -> list[Strategy]:
     dim_map = {d: (d if d < axis else d - 1) for d in range(len(shape)) if d != axis}
     return [Strategy(tuple(map_spec(spec, dim_map) for _ in node.inputs), (spec,),
                      split_ways(spec, mesh))
-            for spec in tensor_specs(shape, mesh, dims=dim_map, partial=True)]
+            for spec in tensor_specs(shape, mesh, dims=dim_map, partial=strategy.CARRY_PARTIAL)]
 
 
 @register("unstack")
@@ -197,7 +190,7 @@ def _unstack_rule(node: Node, mesh: MeshSpec) -> list[Strategy]:
     dim_map = {d: (d if d < axis else d + 1) for d in range(len(shape))}
     return [Strategy((map_spec(spec, dim_map),), (spec,) * len(node.outputs),
                      split_ways(spec, mesh))
-            for spec in tensor_specs(shape, mesh, partial=True)]
+            for spec in tensor_specs(shape, mesh, partial=strategy.CARRY_PARTIAL)]
 
 
 _SUM_LIKE = {"reduce_sum"}
@@ -214,7 +207,7 @@ def _reduce_rule(node: Node, mesh: MeshSpec) -> list[Strategy]:
     to_out = {d: i for i, d in enumerate(kept)}
     out_value = node.outputs[0]
     out = []
-    for spec in tensor_specs(in_shape, mesh, partial=node.op in _SUM_LIKE):
+    for spec in tensor_specs(in_shape, mesh, partial=strategy.CARRY_PARTIAL and node.op in _SUM_LIKE):
         sbp, comm_axes = [], []
         for axis, e in enumerate(spec.sbp):
             if isinstance(e, Split) and e.dim in axes:
@@ -243,7 +236,7 @@ def _reduce_rule(node: Node, mesh: MeshSpec) -> list[Strategy]:
 def _cumulative_rule(node: Node, mesh: MeshSpec) -> list[Strategy]:
     shape = node.outputs[0].shape
     dims = [d for d in range(len(shape)) if d != node.params["axis"]]
-    partial = node.op == "cumsum"
+    partial = strategy.CARRY_PARTIAL and node.op == "cumsum"
     return [Strategy((spec,), (spec,), split_ways(spec, mesh))
             for spec in tensor_specs(shape, mesh, dims=dims, partial=partial)]
 

@@ -7,6 +7,7 @@ import pytest
 
 from autoshard import PARTIAL, B, MeshSpec, S, ShardingSpec
 from autoshard.passes.lift import lift
+from autoshard.passes import strategy
 from autoshard.passes.strategy import strategies_for, strategy_rules
 from autoshard.passes.strategy_layout import reshape_dim_map
 from autoshard.passes.trace import trace
@@ -57,7 +58,15 @@ def test_dot_general_batch_dims_and_divisibility():
     assert all(s.outputs[0].validate((2, 6, 6), MESH) is None for s in strategies)
 
 
-def test_elementwise_partial_only_where_linear():
+def test_partial_sums_stay_with_their_producers_by_default():
+    add = only_node(lambda a, b: a + b, jnp.ones((8, 8)), jnp.ones((8, 8)))
+    assert not any(s.outputs[0].has_partial for s in layouts(add)[1])
+    dot = only_node(lambda x, w: x @ w, jnp.ones((8, 16)), jnp.ones((16, 8)))
+    assert any(s.outputs[0].has_partial for s in layouts(dot)[1])
+
+
+def test_elementwise_partial_only_where_linear(monkeypatch):
+    monkeypatch.setattr(strategy, "CARRY_PARTIAL", True)
     add = only_node(lambda a, b: a + b, jnp.ones((8, 8)), jnp.ones((8, 8)))
     _, strategies = layouts(add)
     assert any(s.outputs[0] == spec(PARTIAL, B) and s.inputs == (spec(PARTIAL, B),) * 2
@@ -70,6 +79,9 @@ def test_elementwise_partial_only_where_linear():
     assert ((spec(PARTIAL, B), spec(PARTIAL, B)), (spec(PARTIAL, B),)) not in found
     exp = only_node(jnp.exp, jnp.ones((8, 8)))
     assert not any(s.outputs[0].has_partial for s in layouts(exp)[1])
+    bias = only_node(lambda a, b: a + b, jnp.ones((8, 8)), jnp.ones((1, 8)))
+    found, _ = layouts(bias)
+    assert ((spec(S(0), S(1)), spec(B, S(1))), (spec(S(0), S(1)),)) in found   # size-1 dim
 
 
 @pytest.mark.parametrize("src, dst, mapping", [
