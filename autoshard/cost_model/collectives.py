@@ -29,28 +29,40 @@ def _group_nodes(sizes: tuple[int, ...], axes: tuple[int, ...], per_node: int) -
 
 
 def _phase(link: Link, efficiency: float, n: int, nbytes: float) -> float:
-    if n <= 1 or nbytes <= 0:
+    if n <= 1 or nbytes < 0:
         return 0.0
     return link.latency + (n - 1) / n * nbytes / (link.bandwidth * efficiency)
 
 
 def collective_time(hw: Hardware, mesh: MeshSpec, kind: str, nbytes: float,
-                    axes: tuple[int, ...]) -> float:
-    """Seconds for collective ``kind`` of ``nbytes`` per device over mesh ``axes``."""
+                    axes: tuple[int, ...], *, latency: bool = True) -> float:
+    """Seconds for collective ``kind`` of ``nbytes`` per device over mesh ``axes``; without
+    ``latency``, only the bandwidth term (a collective XLA combines with others, whose start-up
+    cost the combined op pays once)."""
     axes = tuple(sorted(axes))
     n = mesh.size(*axes)
     if n <= 1 or nbytes <= 0:
         return 0.0
     n_in, n_out = _group_nodes(mesh.axis_sizes, axes, hw.devices_per_node)
-    return group_collective_time(hw, kind, nbytes, n_in, n_out)
+    t = _ring_time(hw, kind, nbytes, n_in, n_out)
+    return t if latency else t - _ring_time(hw, kind, 0.0, n_in, n_out)
 
 
 def group_collective_time(hw: Hardware, kind: str, nbytes: float, n_in: int, n_out: int
                           ) -> float:
     """Seconds for a collective over groups of ``n_in`` devices in each of ``n_out`` nodes."""
-    n = n_in * n_out
-    if n <= 1 or nbytes <= 0:
+    if n_in * n_out <= 1 or nbytes <= 0:
         return 0.0
+    return _ring_time(hw, kind, nbytes, n_in, n_out)
+
+
+def group_collective_latency(hw: Hardware, kind: str, n_in: int, n_out: int) -> float:
+    """The start-up part of ``group_collective_time``: what it costs with no bytes to move."""
+    return 0.0 if n_in * n_out <= 1 else _ring_time(hw, kind, 0.0, n_in, n_out)
+
+
+def _ring_time(hw: Hardware, kind: str, nbytes: float, n_in: int, n_out: int) -> float:
+    n = n_in * n_out
     eff = hw.link_efficiency
     if kind in ("all-gather", "reduce-scatter", "all-reduce"):
         one_way = (_phase(hw.inter_node, eff, n_out, nbytes / n_in)

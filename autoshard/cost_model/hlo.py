@@ -11,6 +11,17 @@ Bytes follow ``collectives.py``'s convention, per device: the result for all-gat
 all-to-all and permute, the *input* (result x group size) for reduce-scatter. Device groups
 are parsed from all three forms XLA prints: explicit ``{{0,1},{2,3}}``, iota
 ``[2,4]<=[8]`` / ``[4,2]<=[2,4]T(1,0)`` and mesh ``mesh['a'=2,'b'=4] {'b'}``.
+
+Two things a GPU build does that the CPU backend the tests compile on does not, applied here so
+the measure is a GPU's:
+* reduce-scatter: XLA's CPU backend lowers it as an all-reduce whose result every reader
+  slices by partition id; the GPU pipeline's ReduceScatterCreator turns that pattern back into
+  a reduce-scatter. Such all-reduce results (or tuple elements of a combined all-reduce) are
+  counted as reduce-scatters of the same input.
+* combining: the GPU combiner passes merge collectives that do not depend on each other. A
+  collective no matmul precedes (it moves state, e.g. FSDP's parameter gathers) or none
+  follows (it reduces gradients for the optimizer) is marked ``combinable``; ``measured_step``
+  charges such collectives of one kind and device group one start-up latency in all.
 """
 
 from __future__ import annotations
@@ -21,7 +32,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from autoshard.cost_model.collectives import group_collective_time
+from autoshard.cost_model.collectives import group_collective_latency, group_collective_time
 
 KINDS = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute",
          "collective-broadcast")
@@ -43,6 +54,7 @@ class Collective:
     kind: str
     nbytes: int
     groups: tuple[tuple[int, ...], ...]
+    combinable: str = ""   # "head" (no matmul before it), "tail" (none after it) or ""
 
     @property
     def group_size(self) -> int:
@@ -181,6 +193,11 @@ def hlo_stats(hlo_text: str) -> HloStats:
     kernels: dict[str, list[tuple[str, float, float, str | None]]] = {}
     fused: set[str] = set()
     shapes: dict[str, str] = {}
+    # per computation: (name, opcode, operands, callees, attributes) in program order, for the dataflow
+    # questions above; and where each collective went in its computation's list
+    program: dict[str, list[tuple[str, str, list[str], list[str], str]]] = {}
+    placed: dict[str, list[tuple[int, str]]] = {}
+    slicing: set[str] = set()
     entry = current = None
     for line in hlo_text.splitlines():
         if not line.startswith((" ", "\t")) and line.rstrip().endswith("{"):
@@ -188,6 +205,7 @@ def hlo_stats(hlo_text: str) -> HloStats:
             if m:
                 current = m.group(1)
                 own[current], calls[current], kernels[current] = HloStats(), [], []
+                program[current], placed[current] = [], []
                 if line.startswith("ENTRY"):
                     entry = current
             continue
@@ -199,6 +217,9 @@ def hlo_stats(hlo_text: str) -> HloStats:
         name, result_type, opcode, rest = m.groups()
         shapes[name] = result_type
         stats = own[current]
+        operand_names = re.findall(r"%([\w.\-]+)", rest.split("),", 1)[0])
+        if opcode == "dynamic-slice":
+            slicing.add(current)
         kind = opcode[:-6] if opcode.endswith(("-start", "-done")) else opcode
         dtype, flops = "", 0.0
         if kind in KINDS:
@@ -212,7 +233,9 @@ def hlo_stats(hlo_text: str) -> HloStats:
             stats.bytes[kind] = stats.bytes.get(kind, 0) + nbytes
             key = (kind, len(groups[0]) if groups else 1)
             stats.by_group_size[key] = stats.by_group_size.get(key, 0) + 1
+            placed[current].append((len(stats.collectives), name))
             stats.collectives.append((Collective(kind, nbytes, groups), 1))
+            program[current].append((name, opcode, operand_names, [], rest))
             continue
         if opcode in ("dot", "convolution"):
             dtype, flops = (_dot_flops if opcode == "dot" else _conv_flops)(
@@ -222,6 +245,7 @@ def hlo_stats(hlo_text: str) -> HloStats:
         callees = [c.strip().lstrip("%") for group in _CALLEE.findall(rest)
                    for c in group.split(",")] if opcode in (
             "while", "call", "conditional", "async-start", "fusion") else []
+        program[current].append((name, opcode, operand_names, callees, rest))
         if opcode == "fusion":
             fused.update(callees)
         elif callees:
@@ -236,6 +260,10 @@ def hlo_stats(hlo_text: str) -> HloStats:
                                      callees[0] if opcode == "fusion" and callees else None))
     if entry is None:
         raise ValueError("no ENTRY computation in the HLO text")
+    for comp, instructions in program.items():
+        if placed[comp]:
+            _gpu_collectives(own[comp], instructions, placed[comp], shapes, slicing,
+                             lambda c: bool(_flops_by_dtype(c, own, kernels)))
 
     memo: dict[str, HloStats] = {}
 
@@ -260,6 +288,68 @@ def hlo_stats(hlo_text: str) -> HloStats:
     return total(entry)
 
 
+def _gpu_collectives(stats: HloStats, instructions, placed, shapes, slicing, has_matmul) -> None:
+    """Rewrite one computation's collectives as a GPU build runs them (module docstring):
+    mark the combinable ones and split all-reduces that every reader slices into
+    reduce-scatters."""
+    users: dict[str, list[tuple[str, str, list[str], list[str], str]]] = {}
+    for inst in instructions:
+        for operand in inst[2]:
+            users.setdefault(operand, []).append(inst)
+
+    def is_matmul(inst) -> bool:
+        _, opcode, _, callees, _ = inst
+        if opcode in ("dot", "convolution", "while", "call", "conditional", "custom-call"):
+            return True
+        return opcode == "fusion" and any(has_matmul(c) for c in callees)
+
+    after_matmul: set[str] = set()
+    for inst in instructions:
+        if is_matmul(inst) or any(o in after_matmul for o in inst[2]):
+            after_matmul.add(inst[0])
+    before_matmul: set[str] = set()
+    for inst in reversed(instructions):
+        if is_matmul(inst) or any(u[0] in before_matmul for u in users.get(inst[0], [])):
+            before_matmul.add(inst[0])
+
+    def sliced(value: str, nbytes: int, n: int) -> bool:
+        readers = users.get(value, [])
+        return bool(readers) and all(
+            u[1] == "dynamic-slice" or (u[1] == "fusion" and any(c in slicing for c in u[3])
+                                        and shape_bytes(shapes.get(u[0], "")) * n <= nbytes)
+            for u in readers)
+
+    rewritten: dict[int, list[Collective]] = {}
+    for index, name in placed:
+        c, _ = stats.collectives[index]
+        tag = ("head" if name not in after_matmul else
+               "tail" if name not in before_matmul else "")
+        out = [Collective(c.kind, c.nbytes, c.groups, tag)]
+        if c.kind == "all-reduce" and c.group_size > 1:
+            elements = _split_tuple(shapes[name]) if shapes[name].startswith("(") else None
+            if elements is None:
+                parts = [(name, shape_bytes(shapes[name]))]
+            else:
+                gtes = {int(m.group(1)): u[0] for u in users.get(name, [])
+                        if u[1] == "get-tuple-element"
+                        and (m := re.search(r"index=(\d+)", u[4]))}
+                parts = [(gtes.get(i), shape_bytes(t)) for i, t in enumerate(elements)]
+            scattered = sum(b for v, b in parts if v is not None and sliced(v, b, c.group_size))
+            if scattered:
+                out = [Collective("reduce-scatter", scattered, c.groups, tag)]
+                if c.nbytes - scattered > 0:
+                    out.append(Collective("all-reduce", c.nbytes - scattered, c.groups, tag))
+        rewritten[index] = out
+    stats.collectives = [(new, n) for index, (c, n) in enumerate(stats.collectives)
+                         for new in rewritten.get(index, [c])]
+    stats.count, stats.bytes, stats.by_group_size = {}, {}, {}
+    for c, n in stats.collectives:
+        stats.count[c.kind] = stats.count.get(c.kind, 0) + n
+        stats.bytes[c.kind] = stats.bytes.get(c.kind, 0) + c.nbytes * n
+        key = (c.kind, c.group_size)
+        stats.by_group_size[key] = stats.by_group_size.get(key, 0) + n
+
+
 def _flops_by_dtype(name: str, own: dict, kernels: dict) -> dict[str, float]:
     """Matmul FLOPs inside a fused computation by dtype (fusions may nest)."""
     flops = dict(own[name].matmul_flops) if name in own else {}
@@ -282,9 +372,9 @@ def _result_bytes(opcode: str, result_type: str) -> int:
 def _split_tuple(text: str) -> list[str]:
     inner, depth, parts, start = text.strip()[1:-1], 0, [], 0
     for i, ch in enumerate(inner):
-        if ch == "(":
+        if ch in "([{":
             depth += 1
-        elif ch == ")":
+        elif ch in ")]}":
             depth -= 1
         elif ch == "," and depth == 0:
             parts.append(inner[start:i])
@@ -322,6 +412,7 @@ def measured_step(stats: HloStats, hw, device_positions: dict[int, int] | None =
     compute = sum(flops / hw.matmul_rate(_DTYPE_NAMES.get(dtype, "float32"))
                   for dtype, flops in stats.matmul_flops.items())
     seconds: dict[str, float] = {}
+    combined: set = set()
     for c, times in stats.collectives:
         group = c.groups[0] if c.groups else (0,)
         if c.kind == "collective-permute":
@@ -334,6 +425,14 @@ def measured_step(stats: HloStats, hw, device_positions: dict[int, int] | None =
             n_out = len({(device_positions or {}).get(d, d) // per_node for d in worst})
             n_in = max(len(worst) // n_out, 1)
         t = group_collective_time(hw, c.kind, c.nbytes, n_in, n_out) * times
+        if c.combinable:
+            # one latency for all combinable collectives of this kind, group and side
+            latency = group_collective_latency(hw, c.kind, n_in, n_out)
+            t -= latency * times
+            key = (c.kind, c.groups, c.combinable)
+            if key not in combined:
+                combined.add(key)
+                t += latency
         seconds[c.kind] = seconds.get(c.kind, 0.0) + t
     kernel = sum(runs * max(flops / hw.matmul_rate(_DTYPE_NAMES.get(dtype, "float32")),
                             nbytes / hw.memory_rate)

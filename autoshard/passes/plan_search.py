@@ -39,8 +39,8 @@ def predict(pp: PlanningProblem, choice, mesh: MeshSpec, hw: Hardware,
     seconds: dict[str, float] = {}
     counts: dict[str, list[float]] = {}
 
-    def collective(kind: str, axes, nbytes: float, times: float) -> None:
-        t = collective_time(hw, mesh, kind, nbytes, axes) * times
+    def collective(kind: str, axes, nbytes: float, times: float, latency: bool = True) -> None:
+        t = collective_time(hw, mesh, kind, nbytes, axes, latency=latency) * times
         seconds[kind] = seconds.get(kind, 0.0) + t
         entry = counts.setdefault(kind, [0.0, 0.0])
         entry[0] += times
@@ -56,7 +56,7 @@ def predict(pp: PlanningProblem, choice, mesh: MeshSpec, hw: Hardware,
         compute += compute_time(hw, node, node_flops(node) / max(s.divisor, 1),
                                 strategy_bytes(node, frac_in, frac_out)) * slot.times
         for kind, axes, nbytes in s.comm:
-            collective(kind, axes, nbytes, slot.times)
+            collective(kind, axes, nbytes, slot.times, not slot.combined)
     reshard = 0.0
     for t in pp.transfers:
         src = pp.slots[t.producer].strategies[choice[t.producer]].outputs[t.output]
@@ -67,7 +67,8 @@ def predict(pp: PlanningProblem, choice, mesh: MeshSpec, hw: Hardware,
             continue
         for step in reshard_steps(src, dst, mesh):
             before = seconds.get(step.kind, 0.0)
-            collective(step.kind, step.axes, step.factor * t.value.nbytes, t.times)
+            collective(step.kind, step.axes, step.factor * t.value.nbytes, t.times,
+                       not t.combined)
             reshard += seconds[step.kind] - before
     profile = usage_profile(pp.problem, choice)
     peak = int(profile.max()) if len(profile) else 0

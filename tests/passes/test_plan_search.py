@@ -95,9 +95,11 @@ def test_objective_equals_the_hand_derived_cost():
     flops = 2 * n ** 3 / 8
     nbytes = (n * n / 8 + n * n + n * n / 8) * 4                  # x rows, w, out rows
     compute = max(flops / rate, nbytes / H100.memory_rate)
-    gather = 5e-6 + 7 / 8 * n * n * 4 / (450e9 * 0.8)
-    assert gather == pytest.approx(collective_time(H100, step.plan.mesh, "all-gather",
-                                                   n * n * 4, (0,)))
+    # the result reaches the outputs without another matmul: XLA combines its gather with any
+    # other such collective, so the plan pays its bandwidth and no start-up latency of its own
+    gather = 7 / 8 * n * n * 4 / (450e9 * 0.8)
+    assert gather + 5e-6 == pytest.approx(collective_time(H100, step.plan.mesh, "all-gather",
+                                                          n * n * 4, (0,)))
     holding = 0.01 * (n * n / 8 + n * n) * 4 / H100.memory_rate   # the arguments' tie-break
     assert step.plan.solver.objective == pytest.approx(compute + gather + holding, rel=1e-6)
     assert step.plan.prediction.step_seconds == pytest.approx(compute + gather, rel=1e-6)
@@ -154,4 +156,6 @@ def test_prediction_agrees_with_the_compiled_program():
     report = autoshard.verify(step, *args)
     assert report.total_collective_bytes.difference < 0.10
     assert report.peak_memory.difference < 0.25
-    assert "all-reduce count" in report.summary()
+    for kind in report.collective_bytes:       # by kind too (CPU reduce-scatters read back)
+        assert kind.difference is not None and kind.difference < 0.10, report.summary()
+    assert " count " in report.summary()

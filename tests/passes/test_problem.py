@@ -128,3 +128,31 @@ def test_identical_layers_share_and_distinct_projections_do_not():
     assert all(len({len(pp.slots[i].strategies) for i in g}) == 1 for g in groups)
     ungrouped = problem_of(gpt.train_step, *args, share_layers=False)[1]
     assert not ungrouped.problem.groups and label
+
+
+def test_combined_values_are_state_only_or_past_the_last_matmul():
+    """Values computed from the parameters alone (gathered before the forward pass) and values
+    no matmul reads after them (gradients on their way to the optimizer) have collectives XLA
+    combines; activations between matmuls do not."""
+    def step(params, x):
+        w = params["w"].astype(jnp.float32) * 2.0          # from state alone
+        h = jnp.tanh(x @ w)                                 # between matmuls
+        grad = h.T @ x                                      # the last matmul's result
+        return {"w": params["w"] - 0.1 * grad.T}
+
+    graph, pp = problem_of(step, {"w": jnp.ones((32, 16))}, jnp.ones((8, 32)))
+    by_op = {}
+    for node in graph.nodes:
+        by_op.setdefault(node.op, []).append(node)
+    from autoshard.passes.problem import combined_values
+    combined = combined_values(graph, set(updated_arguments(graph).values()))
+    assert graph.inputs[0].id in combined and graph.inputs[1].id not in combined
+    assert by_op["mul"][0].outputs[0].id in combined
+    assert by_op["tanh"][0].outputs[0].id not in combined
+    assert by_op["dot_general"][0].outputs[0].id not in combined
+    assert by_op["dot_general"][1].outputs[0].id in combined
+    assert by_op["sub"][0].outputs[0].id in combined
+    # the planning problem flags exactly these values' transfers
+    assert {t.value.id for t in pp.transfers if t.combined} <= combined
+    assert {t.value.id for t in pp.transfers if not t.combined}.isdisjoint(combined)
+    assert any(t.combined for t in pp.transfers)

@@ -1,0 +1,49 @@
+"""Reading compiled programs: the GPU-equivalent collectives of a CPU-compiled executable."""
+
+import jax
+import jax.numpy as jnp
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from autoshard.cost_model.collectives import group_collective_latency, group_collective_time
+from autoshard.cost_model.hardware import H100
+from autoshard.cost_model.hlo import Collective, HloStats, hlo_stats, measured_step
+
+
+def _compiled(fn, in_specs, out_specs, *shapes):
+    mesh = jax.make_mesh((8,), ("data",))
+    s = lambda spec: NamedSharding(mesh, spec)  # noqa: E731
+    args = [jax.ShapeDtypeStruct(shape, jnp.float32) for shape in shapes]
+    return jax.jit(fn, in_shardings=tuple(map(s, in_specs)),
+                   out_shardings=tuple(map(s, out_specs))).lower(*args).compile().as_text()
+
+
+def test_sliced_all_reduce_counts_as_reduce_scatter_after_the_last_matmul():
+    """CPU lowers a reduce-scatter as all-reduce + dynamic-slice; a GPU build (and so the
+    measure) runs a reduce-scatter of the same input, combinable since no matmul follows."""
+    text = _compiled(lambda x, w: ((x @ w).T @ x,), (P("data"), P()), (P("data"),),
+                     (64, 32), (32, 32))
+    stats = hlo_stats(text)
+    assert "all-reduce(" in text and "reduce-scatter(" not in text
+    assert stats.count == {"reduce-scatter": 1}
+    assert stats.bytes == {"reduce-scatter": 32 * 32 * 4}
+    (c, times), = stats.collectives
+    assert c.combinable == "tail" and c.group_size == 8 and times == 1
+
+
+def test_an_all_reduce_read_whole_stays_an_all_reduce():
+    text = _compiled(lambda x, w: ((x @ w).T @ x,), (P("data"), P()), (P(),),
+                     (64, 32), (32, 32))
+    stats = hlo_stats(text)
+    assert stats.count == {"all-reduce": 1} and stats.bytes == {"all-reduce": 32 * 32 * 4}
+
+
+def test_combinable_collectives_pay_one_latency():
+    ring = ((0, 1, 2, 3, 4, 5, 6, 7),)
+    stats = HloStats(collectives=[(Collective("all-gather", 1 << 20, ring, "head"), 1)] * 3
+                     + [(Collective("all-gather", 1 << 20, ring, ""), 1)] * 2)
+    step = measured_step(stats, H100)
+    one = group_collective_time(H100, "all-gather", 1 << 20, 8, 1)
+    latency = group_collective_latency(H100, "all-gather", 8, 1)
+    assert latency == pytest.approx(5e-6)
+    assert step.collective_seconds["all-gather"] == pytest.approx(5 * one - 2 * latency)
