@@ -69,11 +69,15 @@ def reshard_steps(src: ShardingSpec, dst: ShardingSpec, mesh: MeshSpec) -> tuple
         emit("all-reduce", axes, _fraction(cur, mesh))
         for i in axes:
             cur[i] = dst.sbp[i]
-    # S(i) -> S(j): all-to-all over each such axis
-    for i, (s, d) in enumerate(zip(cur, dst.sbp)):
-        if isinstance(s, Split) and isinstance(d, Split) and s.dim != d.dim:
-            emit("all-to-all", [i], _fraction(cur, mesh))
-            cur[i] = d
+    # S(i) -> S(j): one all-to-all over the group of axes making the same move
+    moves = sorted({(s.dim, d.dim) for s, d in zip(cur, dst.sbp) if isinstance(s, Split)
+                    and isinstance(d, Split) and s.dim != d.dim})
+    for i_dim, j_dim in moves:
+        axes = [i for i, (s, d) in enumerate(zip(cur, dst.sbp))
+                if s == Split(i_dim) and d == Split(j_dim)]
+        emit("all-to-all", axes, _fraction(cur, mesh))
+        for i in axes:
+            cur[i] = dst.sbp[i]
     # S(i) -> B: all-gather, grouped by the dim being gathered
     for dim in sorted({e.dim for e in cur if isinstance(e, Split)}):
         axes = [i for i, (s, d) in enumerate(zip(cur, dst.sbp))

@@ -90,9 +90,19 @@ def plan_from_choice(pp: PlanningProblem, choice, graph: Graph, mesh: MeshSpec, 
         replicated if sink is None else pp.slots[sink].strategies[choice[sink]].outputs[0]
         for sink in pp.sink_slots)
     inputs = {v.id for v in graph.inputs}
-    value_specs = {vid: spec_of_id for vid, spec_of_id in (
-        (vid, pp.slots[s].strategies[choice[s]].outputs[k]) for vid, (s, k) in
-        pp.value_slot.items()) if vid not in inputs}
+
+    def produced(slot: int, k: int) -> ShardingSpec:
+        # a fanout reduces its producer's partial sum where its readers need it: the value
+        # keeps the producer's layout (left unconstrained when partial, lower.py), the readers'
+        # operand layouts place the reduction, and XLA performs equal reductions once
+        fanout = pp.slots[slot]
+        if fanout.kind == "fanout":
+            slot = fanout.source
+            k = fanout.source_output
+        return pp.slots[slot].strategies[choice[slot]].outputs[k]
+
+    value_specs = {vid: produced(s, k) for vid, (s, k) in pp.value_slot.items()
+                   if vid not in inputs}
     reasons = dict(pins.reasons)
     for i in range(len(graph.inputs)):
         reasons.setdefault(f"in:{i}", "chosen by the solver")

@@ -5,7 +5,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import PartitionSpec as P
 
+import autoshard
 from autoshard import PARTIAL, B, MeshSpec, S, ShardingSpec
 from autoshard.cost_model.compute import compute_time
 from autoshard.cost_model.hardware import H100
@@ -59,8 +61,8 @@ def test_matmul_costs_are_roofline_and_reshard():
 
 def test_memory_usage_and_liveness():
     def fn(x):
-        y = jnp.exp(x)          # dies at the next op
-        z = y * 2.0
+        y = jnp.exp(x)          # dies at the next op (a matmul: it is materialized)
+        z = y @ x
         return z.sum()
 
     graph, pp = problem_of(fn, jnp.ones((64, 64)))
@@ -156,3 +158,42 @@ def test_combined_values_are_state_only_or_past_the_last_matmul():
     assert {t.value.id for t in pp.transfers if t.combined} <= combined
     assert {t.value.id for t in pp.transfers if not t.combined}.isdisjoint(combined)
     assert any(t.combined for t in pp.transfers)
+
+
+def test_fused_and_dead_values_hold_no_memory():
+    """An elementwise value read only by elementwise ops is computed inside its readers' kernel
+    and a value nothing reads is removed: neither holds memory; a matmul's operand does."""
+    def f(x, w):
+        _ = jnp.cos(x)                       # dead
+        h = jnp.tanh(x) * 2.0                # tanh's result is fused into the multiply
+        return h @ w
+
+    graph, pp = problem_of(f, jnp.ones((64, 32)), jnp.ones((32, 16)))
+    from autoshard.passes.problem import fused_values
+    fused = fused_values(graph)
+    by_op = {n.op: n for n in graph.nodes}
+    assert by_op["cos"].outputs[0].id in fused and by_op["tanh"].outputs[0].id in fused
+    assert by_op["mul"].outputs[0].id not in fused
+    for op, held in (("cos", False), ("tanh", False), ("mul", True)):
+        slot = pp.slots[pp.value_slot[by_op[op].outputs[0].id][0]]
+        assert bool(slot.usages.any()) is held, op
+
+
+def test_a_partial_sum_read_twice_is_reduced_once():
+    """x.T @ y over a split batch is a partial sum; read by two ops that need it replicated,
+    it is all-reduced once (as XLA does), not once per reader."""
+    mesh = jax.make_mesh((8,), ("data",))
+
+    def f(x, y):
+        g = x.T @ y
+        return g * 2.0, jnp.sin(g)
+
+    x = jax.ShapeDtypeStruct((64, 32), jnp.float32)
+    y = jax.ShapeDtypeStruct((64, 32), jnp.float32)
+    step = autoshard.compile(f, x, y, mesh=mesh, hardware="h100",
+                             in_specs=(P("data"), P("data")), out_specs=(P(), P()))
+    count, nbytes = step.plan.prediction.collectives["all-reduce"]
+    assert (count, nbytes) == (1, 32 * 32 * 4)
+    report = autoshard.verify(step, x, y)
+    assert [(c.name, c.predicted, c.compiled) for c in report.collective_bytes] == [
+        ("all-reduce bytes", 32 * 32 * 4, 32 * 32 * 4)]
