@@ -11,6 +11,7 @@ kind and resharding, and to count the collectives a step performs (for ``autosha
 
 from __future__ import annotations
 
+import time
 from typing import Callable
 
 import numpy as np
@@ -26,7 +27,7 @@ from autoshard.ir.sharding import ShardingSpec
 from autoshard.passes.pins import Pins
 from autoshard.passes.problem import NS, PlanningProblem, build_problem
 from autoshard.passes.solve import solve
-from autoshard.passes.solve_lp import solve_local_polytope
+from autoshard.passes.solve_lp import solve_lagrangian, solve_local_polytope
 from autoshard.passes.solve_problem import evaluate, usage_profile
 
 METHOD = "cost-model search"
@@ -118,15 +119,21 @@ def search_plan(graph: Graph, mesh: MeshSpec, hw: Hardware, pins: Pins, *, in_tr
                 donated: set[int], updated: dict[int, int], memory_budget: int | None,
                 time_limit: float, progress: Callable[[str], None] | None = None) -> Plan:
     """Plan ``graph``: the local-polytope LP first (solve_lp.py); when its optimum is integral it
-    is a proven optimal plan, otherwise the combinatorial search (solve.py) finds one, with the
-    LP optimum as its lower bound."""
+    is a proven optimal plan; when a memory limit makes it fractional, the LP priced by its
+    memory duals (``solve_lagrangian``); otherwise the combinatorial search (solve.py). The LP
+    optimum is the lower bound the gap is reported against."""
     pp = build_problem(graph, mesh, hw, pins, donated=donated, updated=updated,
                        usage_limit=memory_budget)
     problem = pp.problem
     if progress:
         progress(f"{problem.num_nodes} choices, {int(problem.num_strategies.sum())} strategies, "
                  f"{problem.num_edges} edges; solving the LP relaxation")
+    start = time.perf_counter()
     lp = solve_local_polytope(problem, time_limit=time_limit)
+    if progress:
+        progress(f"LP relaxation: {lp.status} in {lp.seconds:.1f}s, "
+                 f"{'integral' if lp.integral else 'fractional'}, bound "
+                 f"{lp.objective / NS * 1e3:.3f} ms")
     if lp.integral:
         choice = lp.choice
         cost = evaluate(problem, choice).cost
@@ -134,6 +141,16 @@ def search_plan(graph: Graph, mesh: MeshSpec, hw: Hardware, pins: Pins, *, in_tr
                             int(problem.num_strategies.sum()), lp.seconds, cost / NS,
                             lp.objective / NS, 0.0, "optimal",
                             {"lp_variables": lp.variables, "groups": len(problem.groups)})
+    elif (priced := solve_lagrangian(problem, lp, time_limit=time_limit, progress=progress)
+          if lp.status == "optimal" and problem.usage_limit is not None else None) is not None:
+        choice, solves = priced
+        cost = evaluate(problem, choice).cost
+        stats = SolverStats("lp + memory prices (highs)", problem.num_nodes, problem.num_edges,
+                            int(problem.num_strategies.sum()), time.perf_counter() - start,
+                            cost / NS, lp.objective / NS,
+                            max(0.0, (cost - lp.objective) / cost) if cost else 0.0, "feasible",
+                            {"lp_variables": lp.variables, "groups": len(problem.groups),
+                             "priced_lp_solves": solves})
     else:
         if progress:
             progress(f"LP relaxation fractional ({lp.status}, bound {lp.objective / NS * 1e3:.3f}"

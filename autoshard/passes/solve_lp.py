@@ -10,8 +10,12 @@ proven optimal plan, found by a deterministic simplex in seconds (HiGHS' dual si
 thread; measured on autoshard's GPT problems about twice as fast as OR-Tools' GLOP and CLP and
 exact where PDLP leaves fractions); CP-SAT's linearisation of the
 same problem (booleans per pair with ``y >= x_a + x_b - 1``) has no useful LP bound and stalls
-far from it. When the LP is fractional (memory limits can do that) the caller falls back to the
-combinatorial search, seeded with the LP's rounding.
+far from it. When the LP is fractional (memory limits can do that), ``solve_lagrangian`` moves the memory
+rows into the objective at the prices the LP's duals put on them (Lagrangian relaxation; Fisher,
+"The Lagrangian Relaxation Method for Solving Integer Programming Problems", Management Science
+1981): holding a byte live where memory binds costs what the LP says it is worth. The priced
+problem has no memory rows, so its LP is integral again; prices are raised until the plan fits.
+Only when that fails does the caller fall back to the combinatorial search.
 
 The LP is kept small: groups (identical layers, followers) are merged into one node; an edge's
 rows and columns that are equal (strategies that produce, or need, the same layout) share one
@@ -20,13 +24,14 @@ marginal.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 
 import numpy as np
 from ortools.linear_solver import pywraplp
 
-from autoshard.passes.solve_problem import Problem
+from autoshard.passes.solve_problem import Problem, evaluate, usage_profile
 
 
 @dataclass(frozen=True)
@@ -40,6 +45,7 @@ class LPResult:
     seconds: float
     status: str
     variables: int
+    memory_prices: np.ndarray | None = None   # per flat strategy: its usage x the rows' duals
 
 
 def _representatives(problem: Problem) -> np.ndarray:
@@ -113,8 +119,7 @@ def solve_local_polytope(problem: Problem, *, time_limit: float = 60.0) -> LPRes
         costs = costs + np.arange(len(costs)) * 1e-6
         base = costs.min()
         objective += [float(c - base) * var for c, var in zip(costs, x[r]) if c > base]
-    if problem.usage_limit is not None:
-        _memory_rows(solver, problem, rep, x)
+    rows = _memory_rows(solver, problem, rep, x) if problem.usage_limit is not None else []
     solver.Minimize(solver.Sum(objective))
     status = solver.Solve()
     names = {pywraplp.Solver.OPTIMAL: "optimal", pywraplp.Solver.FEASIBLE: "feasible",
@@ -128,13 +133,83 @@ def solve_local_polytope(problem: Problem, *, time_limit: float = 60.0) -> LPRes
     base_total = sum(float(c.min()) for c in node_cost.values())
     value = solver.Objective().Value() + base_total if status == pywraplp.Solver.OPTIMAL \
         else float("nan")
+    prices = None
+    if rows and status == pywraplp.Solver.OPTIMAL:
+        weight = np.zeros(problem.num_nodes)
+        for row, live in rows:
+            weight[live] += abs(row.dual_value())
+        prices = problem.usages * np.repeat(weight, problem.num_strategies)
     return LPResult(choice, value, bool(integral), time.perf_counter() - start,
-                    names.get(status, str(status)), solver.NumVariables())
+                    names.get(status, str(status)), solver.NumVariables(), prices)
 
 
-def _memory_rows(solver, problem: Problem, rep: np.ndarray, x) -> None:
+def solve_lagrangian(problem: Problem, lp: LPResult, *, time_limit: float = 60.0,
+                     rounds: int = 8, progress=None) -> tuple[np.ndarray, int] | None:
+    """A plan within ``problem.usage_limit`` from the priced problem (module docstring), or
+    None. Prices are the LP's duals (or, where those are all zero, the LP's cost per byte of
+    the limit) times a scale: the smallest scale whose plan fits is searched for (factors of 4
+    until one scale fits and another does not, then three bisection steps in log space); lower
+    prices give cheaper plans. Returns (choice, LP solves)."""
+    limit = problem.usage_limit
+    if limit is None or lp.status != "optimal":      # no limit, or not even the LP fits
+        return None
+    prices = lp.memory_prices
+    if prices is None or not prices.any():
+        prices = problem.usages * (max(lp.objective, 1.0) / max(limit, 1))
+    start = time.perf_counter()
+
+    def priced(scale: float) -> np.ndarray | None:
+        remaining = time_limit - (time.perf_counter() - start)
+        if remaining <= 0:
+            return None
+        relaxed = dataclasses.replace(problem, costs=problem.costs + scale * prices,
+                                      usage_limit=None)
+        result = solve_local_polytope(relaxed, time_limit=remaining)
+        if progress:
+            peak = usage_profile(problem, result.choice).max()
+            progress(f"memory prices x{scale:.3g}: {result.status} in {result.seconds:.1f}s, "
+                     f"peak {peak:,} bytes ({'fits' if peak <= limit else 'over'}), cost "
+                     f"{evaluate(problem, result.choice).cost / 1e6:.3f} ms")
+        return result.choice if result.status == "optimal" else None
+
+    def fits(choice) -> bool:
+        return usage_profile(problem, choice).max() <= limit
+
+    # find a fitting scale and a failing one around it (factors of 4), then bisect in log space
+    scale, solves, fitting, fitting_scale, failing_scale = 1.0, 0, None, None, None
+    for _ in range(rounds):
+        choice = priced(scale)
+        solves += 1
+        if choice is None:
+            break
+        if fits(choice):
+            fitting, fitting_scale = choice, scale
+            if failing_scale is not None:
+                break
+            scale /= 4.0
+        else:
+            failing_scale = scale
+            if fitting_scale is not None:
+                break
+            scale *= 4.0
+    if fitting is None:
+        return None
+    for _ in range(3 if failing_scale is not None else 0):
+        scale = (fitting_scale * failing_scale) ** 0.5
+        choice = priced(scale)
+        solves += 1
+        if choice is None:
+            break
+        if fits(choice):
+            fitting, fitting_scale = choice, scale
+        else:
+            failing_scale = scale
+    return fitting, solves
+
+
+def _memory_rows(solver, problem: Problem, rep: np.ndarray, x) -> list:
     """Σ usage · x ≤ limit at each distinct set of live nodes (a set contained in another
-    never binds first, so only maximal ones are kept)."""
+    never binds first, so only maximal ones are kept); returns (row, its live nodes)."""
     iv = problem.intervals
     times = sorted({int(t) for t in iv[:, 0]} | {int(t) for t in iv[:, 1]})
     live_sets = []
@@ -143,6 +218,7 @@ def _memory_rows(solver, problem: Problem, rep: np.ndarray, x) -> None:
         if live:
             live_sets.append(live)
     maximal = [s for s in set(live_sets) if not any(s < other for other in live_sets)]
+    rows = []
     for live in sorted(maximal, key=sorted):
         terms = []
         for i in sorted(live):
@@ -150,5 +226,7 @@ def _memory_rows(solver, problem: Problem, rep: np.ndarray, x) -> None:
             if usage.any():
                 terms += [float(u) * var for u, var in zip(usage, x[int(rep[i])]) if u]
         if terms:
-            solver.Add(solver.Sum(terms) <= float(problem.usage_limit))
+            rows.append((solver.Add(solver.Sum(terms) <= float(problem.usage_limit)),
+                         np.array(sorted(live))))
+    return rows
 
