@@ -172,38 +172,29 @@ def solve_lagrangian(problem: Problem, lp: LPResult, *, time_limit: float = 60.0
                      f"{evaluate(problem, result.choice).cost / 1e6:.3f} ms")
         return result.choice if result.status == "optimal" else None
 
-    def fits(choice) -> bool:
-        return usage_profile(problem, choice).max() <= limit
-
     # find a fitting scale and a failing one around it (factors of 4), then bisect in log space
-    scale, solves, fitting, fitting_scale, failing_scale = 1.0, 0, None, None, None
-    for _ in range(rounds):
+    scale, solves, bisections = 1.0, 0, 0
+    fitting = fitting_scale = failing_scale = None
+    while solves < rounds + 3:
         choice = priced(scale)
         solves += 1
         if choice is None:
             break
-        if fits(choice):
+        if usage_profile(problem, choice).max() <= limit:
             fitting, fitting_scale = choice, scale
-            if failing_scale is not None:
-                break
-            scale /= 4.0
         else:
             failing_scale = scale
-            if fitting_scale is not None:
-                break
+        if fitting_scale is None:
             scale *= 4.0
+        elif failing_scale is None:
+            scale /= 4.0
+        elif bisections < 3:
+            bisections += 1
+            scale = (fitting_scale * failing_scale) ** 0.5
+        else:
+            break
     if fitting is None:
         return None
-    for _ in range(3 if failing_scale is not None else 0):
-        scale = (fitting_scale * failing_scale) ** 0.5
-        choice = priced(scale)
-        solves += 1
-        if choice is None:
-            break
-        if fits(choice):
-            fitting, fitting_scale = choice, scale
-        else:
-            failing_scale = scale
     return fitting, solves
 
 
