@@ -156,15 +156,13 @@ def solve_lagrangian(problem: Problem, lp: LPResult, *, time_limit: float = 60.0
     prices = lp.memory_prices
     if prices is None or not prices.any():
         prices = problem.usages * (max(lp.objective, 1.0) / max(limit, 1))
-    start = time.perf_counter()
 
     def priced(scale: float) -> np.ndarray | None:
-        remaining = time_limit - (time.perf_counter() - start)
-        if remaining <= 0:
-            return None
+        # a fixed number of solves, not a wall-clock budget, so every process decides alike;
+        # ``time_limit`` only guards each solve
         relaxed = dataclasses.replace(problem, costs=problem.costs + scale * prices,
                                       usage_limit=None)
-        result = solve_local_polytope(relaxed, time_limit=remaining)
+        result = solve_local_polytope(relaxed, time_limit=time_limit)
         if progress:
             peak = usage_profile(problem, result.choice).max()
             progress(f"memory prices x{scale:.3g}: {result.status} in {result.seconds:.1f}s, "

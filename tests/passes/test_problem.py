@@ -179,9 +179,12 @@ def test_fused_and_dead_values_hold_no_memory():
         assert bool(slot.usages.any()) is held, op
 
 
-def test_a_partial_sum_read_twice_is_reduced_once():
-    """x.T @ y over a split batch is a partial sum; read by two ops that need it replicated,
-    it is all-reduced once (as XLA does), not once per reader."""
+def test_a_partial_sum_read_twice_is_reduced_once(monkeypatch):
+    """With fanouts (off by default, problem.FANOUT_PARTIALS): x.T @ y over a split batch is a
+    partial sum; read by two ops that need it replicated, it is all-reduced once (as XLA does),
+    not once per reader."""
+    import autoshard.passes.problem as problem_module
+    monkeypatch.setattr(problem_module, "FANOUT_PARTIALS", True)
     mesh = jax.make_mesh((8,), ("data",))
 
     def f(x, y):
@@ -197,3 +200,4 @@ def test_a_partial_sum_read_twice_is_reduced_once():
     report = autoshard.verify(step, x, y)
     assert [(c.name, c.predicted, c.compiled) for c in report.collective_bytes] == [
         ("all-reduce bytes", 32 * 32 * 4, 32 * 32 * 4)]
+
