@@ -7,9 +7,10 @@
 The pipeline (DESIGN.md, "Solver"): exact presolve (``solve_reduce``: forbidden pruning,
 dominance, folding single-strategy nodes, merging functional edges, groups) shrinks the contest's
 instances from tens of thousands of nodes to hundreds on half of them; then ``solve_search``:
-a greedy start with memory repair, CP-SAT on the whole core with lazy memory cuts when it is
-small, large-neighbourhood search with CP-SAT otherwise. Memory is checked exactly, at every time,
-on the original problem before a solution is returned.
+a greedy start with memory repair, the local-polytope LP's rounding (``solve_relax``) and CP-SAT
+on the whole core with lazy memory cuts when it is small, large-neighbourhood search with CP-SAT
+otherwise. Memory is checked exactly, at every time, on the original problem before a solution
+is returned.
 
 With ``deterministic=True`` the same inputs give the same choice in any process (a fixed seed,
 CP-SAT's deterministic time as the budget, no wall-clock decision); the wall time is then roughly,

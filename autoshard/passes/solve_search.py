@@ -6,6 +6,8 @@
   repair step of the 1st and 3rd IOPDDL teams).
 - *Start, large cores*: the same greedy on cost + λ · usage for a bisection of one global λ
   (soft memory, as the 1st IOPDDL team did with per-node penalties and toulbar2), repaired.
+- *Small cores*, first: the local-polytope LP (``solve_relax``), whose rounded marginals are a
+  start (on IOPDDL's B, C, D and G far better than the greedy one) and whose optimum is a bound.
 - *Small cores* (presolve leaves a few hundred nodes on half the contest instances): the whole
   problem in CP-SAT with exact memory constraints (``solve_memory.part_cuts``), hinted with the
   start; its bound is a lower bound of the original problem.
@@ -29,9 +31,14 @@ from autoshard.passes.solve_cpsat import Limits, solve_part
 from autoshard.passes.solve_memory import MemoryModel, part_cuts
 from autoshard.passes.solve_problem import FORBIDDEN
 from autoshard.passes.solve_reduce import Reduced
+from autoshard.passes.solve_relax import relax
 
 #: Cores up to this size go to CP-SAT whole; larger ones to LNS.
 WHOLE_MAX_NODES = 1500
+#: Largest share of the search budget the LP relaxation may take (contest mode).
+LP_SHARE = 0.5
+#: Deterministic budget units charged per LP variable (about CP-SAT's units per second).
+LP_UNITS_PER_VARIABLE = 1e-4
 #: Free nodes per LNS move (grows when moves prove optimal quickly).
 LNS_NODES = 120
 
@@ -100,12 +107,13 @@ def _local_cost(costs, adj, choice, j) -> np.ndarray:
     return c
 
 
-def greedy(costs, adj, sweeps: int = 4, penalty=None) -> np.ndarray:
-    """Cheapest strategy per node, then iterated conditional modes in node order; ``penalty``
-    (one vector per node) is added to the node costs."""
+def greedy(costs, adj, sweeps: int = 4, penalty=None, start=None) -> np.ndarray:
+    """Cheapest strategy per node (or ``start``), then iterated conditional modes in node
+    order; ``penalty`` (one vector per node) is added to the node costs."""
     if penalty is not None:
         costs = [c + p for c, p in zip(costs, penalty)]
-    choice = np.array([int(np.argmin(c)) for c in costs])
+    choice = (np.array([int(np.argmin(c)) for c in costs]) if start is None
+              else np.array(start, np.int64))
     for _ in range(sweeps):
         changed = False
         for j in range(len(costs)):
@@ -201,8 +209,11 @@ def search(reduced: Reduced, memory: MemoryModel, *, time_limit: float, determin
         _penalised_starts(reduced, memory, costs, adj, budget, best, report)
     report(f"start: cost {best.cost:.6g}, feasible {best.feasible}")
     if n <= WHOLE_MAX_NODES:
+        lp_bound = _lp_start(reduced, memory, costs, adj, budget, best, report)
         lb, optimal, rounds = _whole(reduced, memory, costs, adj, scale, budget, seed, workers,
                                      best, report)
+        if lp_bound is not None and (lb is None or lp_bound > lb):
+            lb = lp_bound
     else:
         lb, optimal, rounds = None, False, 0
     if not optimal and n > 1:
@@ -272,6 +283,28 @@ def _penalised_starts(reduced, memory, costs, adj, budget, best, report, tries: 
             lo = mid
         if budget.deterministic:
             budget.spend(0.002 * len(costs))  # greedy work counts against the budget
+
+
+def _lp_start(reduced, memory, costs, adj, budget, best, report) -> float | None:
+    """The local-polytope LP (``solve_relax``) on the core, with at most ``LP_SHARE`` of the
+    budget; its marginals rounded to their largest strategy, then improved by iterated
+    conditional modes and repaired, are offered as incumbents (on instances G and B of IOPDDL
+    the rounding alone is the best-known plan). Returns the LP's bound (None if unsolved)."""
+    rel = relax(reduced, memory, best.choice, time_limit=LP_SHARE * budget.left(),
+                deterministic=budget.deterministic)
+    if budget.deterministic:
+        budget.spend(LP_UNITS_PER_VARIABLE * rel.variables)
+    report(f"local-polytope LP: {rel.status}, {rel.variables} variables, bound {rel.bound}, "
+           f"{rel.seconds:.1f}s", force=True)
+    if rel.marginals is None:
+        return None
+    rounded = np.array([int(np.argmax(v)) for v in rel.marginals])
+    for cand in (rounded, greedy(costs, adj, start=rounded)):
+        if not _feasible(memory, memory.profile(cand)):
+            cand = repair(costs, adj, memory, cand, max_rounds=4 * len(costs) + 100)
+        if best.offer(cand, "lp rounding"):
+            report(f"lp rounding: cost {best.cost:.6g}", force=True)
+    return rel.bound
 
 
 def _whole(reduced, memory, costs, adj, scale, budget, seed, workers, best, report):

@@ -18,6 +18,7 @@ from autoshard.passes import solve_search
 from autoshard.passes.solve import Problem, evaluate, load_iopddl, solve
 from autoshard.passes.solve_memory import memory_model
 from autoshard.passes.solve_reduce import presolve
+from autoshard.passes.solve_relax import relax
 from autoshard.passes.solve_search import reduced_cost
 
 # the contest instances live beside the repository (../shared/iopddl), not in it
@@ -240,3 +241,44 @@ def test_real_instance_objective_equals_evaluate():
     assert ev.peak_usage == sol.peak_usage <= p.usage_limit
     assert sol.stats["nodes_after"] < sol.stats["nodes_before"] / 2
     assert sol.lower_bound is not None and sol.lower_bound <= sol.cost
+
+
+@pytest.mark.parametrize("case", range(12))
+def test_lp_relaxation_bounds_the_optimum(case):
+    """The local-polytope LP with memory rows is a relaxation: its bound never exceeds the
+    brute-force optimum, and rounding its marginals gives a complete choice."""
+    rng = np.random.default_rng(300 + case)
+    p = None
+    while p is None:
+        p = random_problem(rng, int(rng.integers(3, 8)), groups=case % 3 == 0,
+                           limit=["tight", None][case % 2])
+    best, _, _ = brute_force(p)
+    red = presolve(p)
+    mem = memory_model(p, red)
+    start = np.zeros(red.num_nodes, np.int64)
+    rel = relax(red, mem, start, time_limit=10, deterministic=True)
+    if best is None or red.num_nodes == 0:
+        return
+    assert rel.status == "optimal" and rel.bound <= best + 1e-6
+    assert len(rel.marginals) == red.num_nodes
+    assert all(v.sum() == pytest.approx(1.0) for v in rel.marginals)
+
+
+def test_lp_relaxation_is_integral_on_a_chain():
+    """On a tree without memory limit the local polytope is tight (Wainwright and Jordan 2008,
+    ch. 4): the LP's marginals are integral and its bound is the optimum, here 1 + 0 + 2 = 3
+    (node 0 at strategy 1, node 1 at 1, node 2 at 1; every other pair costs more)."""
+    p = Problem.from_lists(
+        costs=[[5, 1], [0, 0], [9, 2]], usages=[[1, 1], [1, 1], [1, 1]],
+        intervals=[(0, 1), (0, 1), (0, 1)], edges=[(0, 1), (1, 2)],
+        edge_costs=[[[0, 7], [8, 0]], [[0, 6], [4, 0]]], usage_limit=None)
+    best, choice, _ = brute_force(p)
+    red = presolve(p, dominance=False)
+    rel = relax(red, memory_model(p, red), np.zeros(red.num_nodes, np.int64), time_limit=10,
+                deterministic=True)
+    assert best == 3
+    if red.num_nodes:
+        assert rel.integral and rel.bound == pytest.approx(best)
+        rounded = red.expand([int(np.argmax(v)) for v in rel.marginals])
+        assert evaluate(p, rounded).cost == best
+    assert solve(p, time_limit=5).cost == best
