@@ -237,10 +237,11 @@ class ShardedFunction:
             peak = peak_memory(compiled)
             if peak <= opts.memory_budget:
                 return plan, lowered, jitted
-            self._progress(f"compiled peak {peak:,} bytes exceeds the budget "
-                           f"{opts.memory_budget:,} (predicted {plan.prediction.peak_memory_bytes:,}"
-                           f"); planning again for {target * opts.memory_budget / peak:,.0f}")
             target = int(target * opts.memory_budget / peak * 0.97)
+            predicted = plan.prediction.peak_memory_bytes
+            self._progress(f"compiled peak {peak:,} bytes exceeds the budget "
+                           f"{opts.memory_budget:,} (predicted {predicted:,}); planning again "
+                           f"for {target:,}")
         raise PlanInfeasibleError(
             f"{self.__name__}: no plan found whose compiled program fits memory_budget="
             f"{opts.memory_budget:,} bytes per device; the last one needs {peak:,} bytes "

@@ -45,7 +45,7 @@ def collective_time(hw: Hardware, mesh: MeshSpec, kind: str, nbytes: float,
         return 0.0
     n_in, n_out = _group_nodes(mesh.axis_sizes, axes, hw.devices_per_node)
     t = _ring_time(hw, kind, nbytes, n_in, n_out)
-    return t if latency else t - _ring_time(hw, kind, 0.0, n_in, n_out)
+    return t if latency else t - group_collective_latency(hw, kind, n_in, n_out)
 
 
 def group_collective_time(hw: Hardware, kind: str, nbytes: float, n_in: int, n_out: int

@@ -8,8 +8,9 @@ divides over the mesh axes its strategy splits (or makes partial); the axes it l
 replicated repeat the work.
 
 Layout-only ops (reshape, broadcast, squeeze) cost nothing and elementwise ops a tenth of their
-roofline (``FUSED_FRACTION``): XLA fuses them into the kernels around them (a matmul's epilogue, a reduction's prologue, one loop fusion
-per chain), so their operands never make a round trip through HBM of their own. Counting each
+roofline (``FUSED_FRACTION``): XLA fuses them into the kernels around them (a matmul's
+epilogue, a reduction's prologue, one loop fusion per chain), so their operands never make a
+round trip through HBM of their own. Counting each
 one's bytes priced a replicated optimizer update or layer norm at several times what the fused
 program spends, and pushed plans towards splitting cheap elementwise work at the price of real
 collectives; the compiled programs the plans are measured by count matmul FLOPs and

@@ -193,8 +193,9 @@ def hlo_stats(hlo_text: str) -> HloStats:
     kernels: dict[str, list[tuple[str, float, float, str | None]]] = {}
     fused: set[str] = set()
     shapes: dict[str, str] = {}
-    # per computation: (name, opcode, operands, callees, attributes) in program order, for the dataflow
-    # questions above; and where each collective went in its computation's list
+    # per computation: (name, opcode, operands, callees, attributes) in program order, for
+    # the dataflow questions above; where each collective went in its computation's list
+    # (counts and bytes are tallied after _gpu_collectives rewrites them)
     program: dict[str, list[tuple[str, str, list[str], list[str], str]]] = {}
     placed: dict[str, list[tuple[int, str]]] = {}
     slicing: set[str] = set()
@@ -229,10 +230,6 @@ def hlo_stats(hlo_text: str) -> HloStats:
             groups = device_groups(rest)
             if kind == "reduce-scatter" and groups:
                 nbytes *= len(groups[0])
-            stats.count[kind] = stats.count.get(kind, 0) + 1
-            stats.bytes[kind] = stats.bytes.get(kind, 0) + nbytes
-            key = (kind, len(groups[0]) if groups else 1)
-            stats.by_group_size[key] = stats.by_group_size.get(key, 0) + 1
             placed[current].append((len(stats.collectives), name))
             stats.collectives.append((Collective(kind, nbytes, groups), 1))
             program[current].append((name, opcode, operand_names, [], rest))

@@ -153,8 +153,7 @@ def search_plan(graph: Graph, mesh: MeshSpec, hw: Hardware, pins: Pins, *, in_tr
                              "priced_lp_solves": solves})
     else:
         if progress:
-            progress(f"LP relaxation fractional ({lp.status}, bound {lp.objective / NS * 1e3:.3f}"
-                     " ms); searching")
+            progress("searching")
         solution = solve(problem, time_limit=time_limit, deterministic=True, progress=progress)
         choice = np.asarray(solution.choice, np.int64)
         bound = solution.lower_bound

@@ -246,11 +246,16 @@ class _Builder:
             if isinstance(atom, Value):
                 required = [s.inputs[i] if i < len(s.inputs) else None for s in strategies]
                 self.connect(self.value_slot[atom.id], index, required, atom, times)
+        if FANOUT_PARTIALS:
+            self.fanouts(node, index, strategies, times, graph)
+
+    def fanouts(self, node: Node, index: int, strategies: list[Strategy], times: float,
+                graph: Graph) -> None:
+        """A fanout slot for each partial-sum output read more than once (module docstring)."""
         results = {a.id for a in graph.outputs if isinstance(a, Value)}
         for k, v in enumerate(node.outputs):
             readers = len(graph.consumers(v)) + (v.id in results)
-            if (FANOUT_PARTIALS and readers > 1
-                    and any(s.outputs[k].has_partial for s in strategies)):
+            if readers > 1 and any(s.outputs[k].has_partial for s in strategies):
                 specs = self.value_specs(v)
                 fanout = self.leaf_slot("fanout", v, specs, (0, 0), counts_memory=False)
                 self.slots[fanout].source, self.slots[fanout].source_output = index, k
@@ -390,10 +395,11 @@ def fused_values(graph: Graph) -> set[int]:
     """Ids of the values of ``graph`` XLA computes inside their readers' kernels (module
     docstring), or removes as dead code; results of the graph are always materialized.
 
-    Measured against ``memory_analysis()`` on the test models' train steps (2x4 and 8 meshes),
-    predicted / compiled peak: GPT 0.95, LLaMA 0.98-1.01, MoE 0.71, conv 0.65; without this
-    rule, 1.3-1.5 (transformers) and 2.2 (conv). Keeping values read again much later (saved
-    for the backward pass) raised GPT to 1.4-1.5: XLA recomputes those in the backward kernels.
+    Measured against ``memory_analysis()`` on the plan-quality benchmark's small train steps
+    (2x4 and 8 meshes), predicted / compiled peak: GPT 0.95, LLaMA 1.01, MoE 1.03, conv 0.66;
+    without this rule, 1.3-1.5 (transformers) and 2.2 (conv). Keeping values read again much
+    later (saved for the backward pass) raised GPT to 1.4-1.5: XLA recomputes those in the
+    backward kernels.
     """
     results = {a.id for a in graph.outputs if isinstance(a, Value)}
     fused = set()

@@ -10,12 +10,13 @@ proven optimal plan, found by a deterministic simplex in seconds (HiGHS' dual si
 thread; measured on autoshard's GPT problems about twice as fast as OR-Tools' GLOP and CLP and
 exact where PDLP leaves fractions); CP-SAT's linearisation of the
 same problem (booleans per pair with ``y >= x_a + x_b - 1``) has no useful LP bound and stalls
-far from it. When the LP is fractional (memory limits can do that), ``solve_lagrangian`` moves the memory
-rows into the objective at the prices the LP's duals put on them (Lagrangian relaxation; Fisher,
-"The Lagrangian Relaxation Method for Solving Integer Programming Problems", Management Science
-1981): holding a byte live where memory binds costs what the LP says it is worth. The priced
-problem has no memory rows, so its LP is integral again; prices are raised until the plan fits.
-Only when that fails does the caller fall back to the combinatorial search.
+far from it. When the LP is fractional (memory limits can do that), ``solve_lagrangian`` moves
+the memory rows into the objective at the prices the LP's duals put on them (Lagrangian
+relaxation; Fisher, "The Lagrangian Relaxation Method for Solving Integer Programming
+Problems", Management Science 1981): holding a byte live where memory binds costs what the LP
+says it is worth. The priced problem has no memory rows, so its LP is integral again; the
+price scale is searched for the cheapest plan that fits. Only when that fails does the caller
+fall back to the combinatorial search.
 
 The LP is kept small: groups (identical layers, followers) are merged into one node; an edge's
 rows and columns that are equal (strategies that produce, or need, the same layout) share one

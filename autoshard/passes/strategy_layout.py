@@ -207,7 +207,8 @@ def _reduce_rule(node: Node, mesh: MeshSpec) -> list[Strategy]:
     to_out = {d: i for i, d in enumerate(kept)}
     out_value = node.outputs[0]
     out = []
-    for spec in tensor_specs(in_shape, mesh, partial=strategy.CARRY_PARTIAL and node.op in _SUM_LIKE):
+    for spec in tensor_specs(in_shape, mesh,
+                             partial=strategy.CARRY_PARTIAL and node.op in _SUM_LIKE):
         sbp, comm_axes = [], []
         for axis, e in enumerate(spec.sbp):
             if isinstance(e, Split) and e.dim in axes:
