@@ -5,21 +5,23 @@ chooses a plan (a layout for every argument and result, and pins on intermediate
 ``ShardedFunction`` that runs like ``jax.jit(step)``, sharded over ``mesh``.
 """
 
-from autoshard.api import ShardedFunction, compile
+from autoshard.api import ShardedFunction, compile, shard_batch
 from autoshard.cost_model.hardware import PROFILES, Hardware, Link
+from autoshard.dump import PlanDump, dump, load_plan
 from autoshard.ir.errors import (ArgumentError, AutoshardError, PlanError, PlanInfeasibleError,
-                                 ShardingError, UnsupportedPrimitiveError)
+                                 PlanAgreementError, ShardingError, SolverTimeLimitWarning,
+                                 UnsupportedPrimitiveError)
 from autoshard.ir.hint import hint
 from autoshard.ir.mesh import MeshSpec
 from autoshard.ir.plan import Plan, Prediction, SolverStats
 from autoshard.ir.sharding import PARTIAL, B, S, ShardingSpec
+from autoshard.ir.version import __version__
 from autoshard.verify import Verification, verify
 
-__version__ = "0.1.0"
-
 __all__ = [
-    "ArgumentError", "AutoshardError", "B", "Hardware", "Link", "MeshSpec", "PARTIAL", "PROFILES",
-    "Plan", "PlanError", "PlanInfeasibleError", "Prediction", "S", "ShardedFunction",
-    "ShardingError", "ShardingSpec", "SolverStats", "UnsupportedPrimitiveError", "Verification",
-    "compile", "hint", "verify", "__version__",
+    "ArgumentError", "AutoshardError", "B", "Hardware", "Link", "MeshSpec", "PARTIAL",
+    "PROFILES", "Plan", "PlanAgreementError", "PlanDump", "PlanError", "PlanInfeasibleError",
+    "Prediction", "S", "ShardedFunction", "ShardingError", "ShardingSpec", "SolverStats",
+    "SolverTimeLimitWarning", "UnsupportedPrimitiveError", "Verification", "compile", "dump",
+    "hint", "load_plan", "shard_batch", "verify", "__version__",
 ]

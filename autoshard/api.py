@@ -4,23 +4,30 @@ This module only wires the passes together and keeps a ``jax.jit``-like object a
 A ``ShardedFunction`` holds one planned executable per call signature (argument shapes, dtypes
 and static values), as ``jax.jit`` holds one per trace: a call with a new signature plans again
 (logged), a call with a known one runs the executable ``.lower(*args).compile()`` returns.
+
+Planning a signature: trace, lift, collect pins, then the plan cache (plan_cache.py) or the
+solver, then, in a multi-process run, the check that every process chose the same plan
+(runtime/multihost.py), then lowering.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import jax
 from jax.sharding import Mesh, NamedSharding
 
-from autoshard.ir.errors import ArgumentError, PlanInfeasibleError
+from autoshard.ir.errors import ArgumentError, PlanInfeasibleError, SolverTimeLimitWarning
 from autoshard.ir.graph import Graph
 from autoshard.ir.graph import verify as verify_graph
 from autoshard.ir.mesh import MeshSpec
 from autoshard.ir.plan import Plan
+from autoshard.ir.plan_json import fingerprint, graph_fingerprint, plan_to_json
+from autoshard.ir.version import __version__
 from autoshard.cost_model.hardware import Hardware, get_hardware
 from autoshard.passes.data_parallel import data_parallel_plan
 from autoshard.passes.lift import lift
@@ -30,6 +37,8 @@ from autoshard.passes.plan_search import search_plan
 from autoshard.passes.state import updated_arguments
 from autoshard.passes.trace import (TracedFunction, abstract_arguments, abstractify_leaf,
                                     function_name, normalize_static_argnums, trace)
+from autoshard.plan_cache import PlanCache, cache_enabled
+from autoshard.runtime import multihost
 from autoshard.verify import peak_memory
 
 log = logging.getLogger("autoshard")
@@ -47,11 +56,13 @@ class _Options:
     hardware: Hardware
     memory_budget: int | None
     solver_time_limit: float
+    cache: PlanCache | None
 
 
 @dataclass(frozen=True)
 class _Planned:
-    """Everything made for one call signature."""
+    """Everything made for one call signature. ``source`` says where the plan came from:
+    ``"solved"``, ``"cache"`` (with ``cache_path``) or ``"rule"`` (data-parallel)."""
 
     traced: TracedFunction
     graph: Graph
@@ -59,9 +70,21 @@ class _Planned:
     lowered_plan: LoweredPlan
     jitted: Any
     planning_seconds: float
+    source: str = "solved"
+    cache_path: str | None = None
+    digest: str = ""
 
 
 PLANNERS = ("search", "data-parallel")
+
+
+def shard_batch(local_batch: Any, fn: ShardedFunction, argnum: int | None = None) -> Any:
+    """``fn.shard_batch(local_batch, argnum)``: place this process's rows of a batch where the
+    plan of ``fn`` wants them (see ``ShardedFunction.shard_batch``)."""
+    if not isinstance(fn, ShardedFunction):
+        raise ArgumentError(f"autoshard.shard_batch needs the ShardedFunction that "
+                            f"autoshard.compile returned, got {type(fn).__name__}")
+    return fn.shard_batch(local_batch, argnum)
 
 
 def compile(fn: Callable, *example_args: Any, mesh: Mesh, memory_budget: int | None = None,
@@ -69,7 +92,7 @@ def compile(fn: Callable, *example_args: Any, mesh: Mesh, memory_budget: int | N
             donate_argnums: int | Sequence[int] = (), static_argnums: int | Sequence[int] = (),
             in_specs: Any = None, out_specs: Any = None,
             batch_argnums: int | Sequence[int] | None = None, planner: str = "search",
-            solver_time_limit: float = 30.0) -> ShardedFunction:
+            solver_time_limit: float = 30.0, cache: bool | None = None) -> ShardedFunction:
     """Plan ``fn`` for ``mesh`` on ``example_args`` (arrays or ``jax.ShapeDtypeStruct``s) and
     return a ``ShardedFunction`` that runs it sharded.
 
@@ -83,6 +106,12 @@ def compile(fn: Callable, *example_args: Any, mesh: Mesh, memory_budget: int | N
     ``in_specs`` / ``out_specs`` pin argument / result layouts (pytree prefixes of
     ``PartitionSpec``s, as ``jax.jit``'s shardings; ``None`` leaves a leaf to the planner);
     ``autoshard.hint`` pins values inside the function. ``pipeline`` is not available yet.
+
+    Solved plans are cached on disk (``AUTOSHARD_CACHE_DIR``, default ``~/.cache/autoshard``)
+    under a fingerprint of the program, arguments, mesh, hardware, budget and options; a later
+    compile of the same step reuses the plan instead of solving. ``cache=False`` (or
+    ``AUTOSHARD_CACHE=0``) bypasses the cache. After ``jax.distributed.initialize`` every process
+    plans and the plans are checked equal across processes (``PlanAgreementError`` otherwise).
     """
     if not isinstance(mesh, Mesh):
         raise ArgumentError(f"autoshard.compile({function_name(fn)}): mesh must be a "
@@ -110,7 +139,9 @@ def compile(fn: Callable, *example_args: Any, mesh: Mesh, memory_budget: int | N
     batch = None if batch_argnums is None else normalize_static_argnums(batch_argnums, nargs)
     options = _Options(mesh, donate, statics, in_specs, out_specs, batch, planner,
                        get_hardware(hardware), None if memory_budget is None
-                       else int(memory_budget), float(solver_time_limit))
+                       else int(memory_budget), float(solver_time_limit),
+                       PlanCache.default() if planner == "search" and cache_enabled(cache)
+                       else None)
     return ShardedFunction(fn, options, example_args)
 
 
@@ -148,7 +179,52 @@ class ShardedFunction:
 
     @property
     def planning_seconds(self) -> float:
+        """Seconds from tracing to the lowered plan (a cache hit skips the solve)."""
         return self._cache[self._example_key].planning_seconds
+
+    @property
+    def plan_source(self) -> str:
+        """Where the plan came from: ``"solved"``, ``"cache"`` (a plan-cache hit) or ``"rule"``
+        (``planner="data-parallel"``)."""
+        return self._cache[self._example_key].source
+
+    @property
+    def plan_digest(self) -> str:
+        """A digest of the plan's decisions; equal on every process of a multi-process run."""
+        return self._cache[self._example_key].digest
+
+    def shard_batch(self, local_batch: Any, argnum: int | None = None) -> Any:
+        """Global arrays for argument ``argnum`` (default: the batch argument — the first of
+        ``batch_argnums``, else the last argument) laid out as the plan wants, from this
+        process's rows.
+
+        The global batch is the concatenation, along the leading dim and in process-index order,
+        of every process's ``local_batch`` (a pytree shaped like the argument, with the leading
+        dims divided by ``jax.process_count()``). In a single process it is ``device_put``.
+        """
+        opts = self._options
+        if argnum is None:
+            dynamic = [i for i in range(self._nargs) if i not in opts.static_argnums]
+            argnum = opts.batch_argnums[0] if opts.batch_argnums else dynamic[-1]
+        if not 0 <= argnum < self._nargs or argnum in opts.static_argnums:
+            raise ArgumentError(f"{self.__name__}.shard_batch: argnum {argnum} is not a "
+                                f"(non-static) argument of the {self._nargs} it was compiled for")
+        planned = self._cache[self._example_key]
+        span = self._argument_spans(planned.traced, self._nargs)[argnum]
+        leaves, tree = jax.tree_util.tree_flatten(local_batch)
+        if len(leaves) != len(span):
+            raise ArgumentError(f"{self.__name__}.shard_batch: the local batch has {len(leaves)} "
+                                f"arrays but argument {argnum} has {len(span)}")
+        placed = []
+        for leaf, i in zip(leaves, span):
+            value = planned.graph.inputs[i]
+            what = f"{self.__name__} argument {value.name or argnum}"
+            target = planned.lowered_plan.in_shardings[i]
+            if jax.process_count() == 1:
+                placed.append(jax.device_put(leaf, target))
+            else:
+                placed.append(multihost.shard_process_local(leaf, target, value.shape, what))
+        return jax.tree_util.tree_unflatten(tree, placed)
 
     def __call__(self, *args: Any) -> Any:
         planned = self._planned(args)
@@ -191,6 +267,13 @@ class ShardedFunction:
         return planned
 
     def _plan(self, args: Sequence[Any]) -> _Planned:
+        try:
+            return self._plan_and_agree(args)
+        except Exception as err:
+            multihost.report_failure(self.__name__, err)  # the other processes stop, naming it
+            raise
+
+    def _plan_and_agree(self, args: Sequence[Any]) -> _Planned:
         opts = self._options
         start = time.perf_counter()
         traced = trace(self._fn, args, static_argnums=opts.static_argnums)
@@ -200,6 +283,7 @@ class ShardedFunction:
         pins = collect_pins(graph, mesh_spec, in_specs=opts.in_specs, out_specs=opts.out_specs,
                             in_tree=traced.in_tree, out_tree=traced.out_tree)
         spans = self._argument_spans(traced, len(args))
+        source, cache_path = "rule", None
         if opts.planner == "data-parallel":
             plan = data_parallel_plan(graph, mesh_spec, pins, in_tree=traced.in_tree,
                                       out_tree=traced.out_tree,
@@ -207,13 +291,65 @@ class ShardedFunction:
             lowered = lower(plan, opts.mesh)
             jitted = self._jit(traced, lowered, len(args))
         else:
-            donated = {i for a in opts.donate_argnums if a in spans for i in spans[a]}
-            plan, lowered, jitted = self._search_within_budget(
-                args, traced, graph, mesh_spec, pins, donated)
+            key = self._cache_key(graph, args) if opts.cache is not None else None
+            plan = None if key is None else opts.cache.load(
+                key, graph, in_tree=traced.in_tree, out_tree=traced.out_tree)
+            if plan is not None:
+                source, cache_path = "cache", str(opts.cache.path(key))
+                self._progress(f"plan cache hit: {cache_path}")
+                lowered = lower(plan, opts.mesh)
+                jitted = self._jit(traced, lowered, len(args))
+            else:
+                donated = {i for a in opts.donate_argnums if a in spans for i in spans[a]}
+                plan, lowered, jitted = self._search_within_budget(
+                    args, traced, graph, mesh_spec, pins, donated)
+                source = "solved"
+                self._warn_if_time_limited(plan)
+                if key is not None:
+                    cache_path = self._store(key, plan)
+        digest = multihost.agree(self.__name__, plan_to_json(plan), graph)
         seconds = time.perf_counter() - start
-        log.info("autoshard: planned %s in %.2fs (%d nodes)", self.__name__, seconds,
-                 graph.num_nodes())
-        return _Planned(traced, graph, plan, lowered, jitted, seconds)
+        log.info("autoshard: planned %s in %.2fs (%d nodes, plan %s%s)", self.__name__, seconds,
+                 graph.num_nodes(), source, f", {cache_path}" if cache_path else "")
+        return _Planned(traced, graph, plan, lowered, jitted, seconds, source, cache_path,
+                        digest)
+
+    def _warn_if_time_limited(self, plan: Plan) -> None:
+        stats = plan.solver
+        if stats is None or not stats.details.get("time_limit_reached"):
+            return
+        bound = "no lower bound" if stats.bound is None else (
+            f"lower bound {stats.bound * 1e3:.4g} ms, gap "
+            f"{'unknown' if stats.gap is None else f'{stats.gap:.1%}'}")
+        warnings.warn(SolverTimeLimitWarning(
+            f"autoshard.compile({self.__name__}): the solver reached solver_time_limit="
+            f"{self._options.solver_time_limit:g}s before proving its plan optimal; using the best "
+            f"plan found ({stats.engine}: cost {stats.objective * 1e3:.4g} ms, {bound}). Raise "
+            "solver_time_limit for a better plan."), stacklevel=4)
+
+    def _cache_key(self, graph: Graph, args: Sequence[Any]) -> str:
+        """The plan cache key: everything the plan depends on (plan_cache.py)."""
+        opts = self._options
+        shardings = [_sharding_key(leaf) for i, a in enumerate(args)
+                     if i not in opts.static_argnums for leaf in jax.tree_util.tree_leaves(a)]
+        return fingerprint(
+            "autoshard", __version__, "jax", jax.__version__, graph_fingerprint(graph),
+            shardings, list(opts.mesh.axis_names), [int(s) for s in opts.mesh.axis_sizes],
+            [str(t) for t in getattr(opts.mesh, "axis_types", ())], repr(opts.hardware),
+            opts.memory_budget, opts.planner, list(opts.donate_argnums),
+            list(opts.static_argnums), None if opts.batch_argnums is None
+            else list(opts.batch_argnums), repr(opts.in_specs), repr(opts.out_specs),
+            opts.solver_time_limit)
+
+    def _store(self, key: str, plan: Plan) -> str | None:
+        """Write the plan to the cache; a cache that cannot be written costs a warning, not
+        the run."""
+        try:
+            return str(self._options.cache.store(key, plan))
+        except OSError as err:
+            log.warning("autoshard: could not write the plan cache entry for %s under %s: %s",
+                        self.__name__, self._options.cache.directory, err)
+            return None
 
     def _search_within_budget(self, args, traced, graph, mesh_spec, pins, donated):
         """Search, lower, and hold the compiled executable to the memory budget.
@@ -328,6 +464,15 @@ def _placed(leaf: Any, target: NamedSharding, fn_name: str) -> Any:
         return leaf
     moved = on_mesh(leaf, target.mesh)
     return moved if moved.sharding == target else jax.device_put(leaf, target)
+
+
+def _sharding_key(leaf: Any) -> Any:
+    """How an argument is laid out, for the cache key (None for host data)."""
+    sharding = getattr(leaf, "sharding", None)
+    spec = getattr(sharding, "spec", None)
+    if spec is None:
+        return None if sharding is None else type(sharding).__name__
+    return [str(spec), list(getattr(sharding.mesh, "axis_names", ()))]
 
 
 def _with_sharding(aval: jax.ShapeDtypeStruct, sharding) -> jax.ShapeDtypeStruct:

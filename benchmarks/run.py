@@ -62,7 +62,7 @@ def main():
     step_fn = example.make_train_step(optimizer, args.heads)
 
     step = autoshard.compile(step_fn, abstract(params), abstract(opt_state), batch, mesh=mesh,
-                             planner=args.planner)
+                             planner=args.planner, cache=False)  # time the solve
     plan_s = step.planning_seconds
     graph = step.graph
     rows = [("model", f"GPT d={args.d_model} layers={args.layers} seq={args.seq} "

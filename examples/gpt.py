@@ -95,6 +95,8 @@ def main():
     parser.add_argument("--seq", type=int, default=64)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--dump", default="demo_plan",
+                        help="directory for the plan viewer (index.html + plan.json); '' skips")
     args = parser.parse_args()
 
     shape = tuple(int(s) for s in args.mesh.split(","))
@@ -111,9 +113,16 @@ def main():
 
     start = time.perf_counter()
     step = autoshard.compile(train_step, params, opt_state, batch, mesh=mesh)
-    print(f"planned in {time.perf_counter() - start:.2f}s\n")
+    source = {"cache": "reused from the plan cache", "solved": "solved"}[step.plan_source]
+    print(f"planned in {time.perf_counter() - start:.2f}s ({source})\n")
     print(step.plan.summary(max_rows=12))
     print()
+    if args.dump:
+        verification = autoshard.verify(step, params, opt_state, batch)
+        out = autoshard.dump(step, args.dump, verification=verification)
+        print(verification.summary())
+        print(f"\nplan viewer: {out / 'index.html'} (open it in a browser, or run "
+              f"`autoshard view {out}`)\n")
 
     reference = jax.jit(train_step)(params, opt_state, batch)
     for i in range(args.steps):

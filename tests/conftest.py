@@ -5,6 +5,8 @@ import os
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                            " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# every test solves its plan (tests/test_plan_cache.py turns the cache on where it tests it)
+os.environ["AUTOSHARD_CACHE"] = "0"
 
 import jax  # noqa: E402
 import pytest  # noqa: E402

@@ -13,7 +13,7 @@ from jax.sharding import PartitionSpec as P
 
 import autoshard
 from tests.conftest import make_mesh
-from tests.models import example_args, mlp
+from tests.models import example_args, gpt, mlp
 
 
 @pytest.fixture(scope="module")
@@ -282,3 +282,15 @@ def test_error_bad_in_specs_structure(mesh):
     with pytest.raises(autoshard.ArgumentError, match="in_specs must be a pytree prefix"):
         autoshard.compile(lambda p: p["a"], {"a": jnp.ones(8)}, mesh=mesh,
                           in_specs=({"b": P()},))
+
+
+def test_solver_time_limit_warns_with_the_gap():
+    """A solve cut short by solver_time_limit still returns a plan, and says so."""
+    params = gpt.init(jax.random.key(0))
+    args = (params, gpt.tx.init(params), gpt.batch(jax.random.key(1)))
+    with pytest.warns(autoshard.SolverTimeLimitWarning,
+                      match=r"solver_time_limit=0.001s before proving its plan optimal"):
+        step = autoshard.compile(gpt.train_step, *args, mesh=make_mesh((2, 4)),
+                                 solver_time_limit=0.001)
+    assert step.plan.solver.status == "feasible"
+    assert step.plan.solver.details["time_limit_reached"]

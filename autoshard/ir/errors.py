@@ -32,3 +32,13 @@ class PlanError(AutoshardError, ValueError):
 
 class PlanInfeasibleError(AutoshardError, ValueError):
     """No plan satisfies the constraints (memory budget, pins)."""
+
+
+class PlanAgreementError(PlanError):
+    """The processes of a multi-process run did not agree on a plan: another process failed to
+    plan, did not report in time, or chose a different plan."""
+
+
+class SolverTimeLimitWarning(UserWarning):
+    """The solver reached ``solver_time_limit`` before proving its plan optimal; the plan is the
+    best one found, and the warning states its gap to the lower bound."""

@@ -54,6 +54,53 @@ class SolverStats:
     details: Mapping[str, Any] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class StrategyCost:
+    """One strategy of one op and what it would cost with every other choice of the plan kept:
+    ``compute_seconds`` (roofline), ``collective_seconds`` (the op's own collectives),
+    ``reshard_in_seconds`` (moving its operands from their producers' chosen layouts to the
+    ones this strategy needs) and ``reshard_out_seconds`` (moving its outputs to what its
+    readers' chosen strategies need). Seconds per step, loop trip counts applied."""
+
+    label: str
+    inputs: tuple[ShardingSpec | None, ...]
+    outputs: tuple[ShardingSpec, ...]
+    compute_seconds: float
+    collective_seconds: float
+    reshard_in_seconds: float
+    reshard_out_seconds: float
+
+    @property
+    def total_seconds(self) -> float:
+        return (self.compute_seconds + self.collective_seconds + self.reshard_in_seconds
+                + self.reshard_out_seconds)
+
+
+@dataclass(frozen=True)
+class CollectiveCause:
+    """A collective the plan makes an op perform: ``kind`` over mesh axes ``axes`` (names),
+    ``bytes`` per device per run (the collective_time convention), ``count`` runs per step,
+    and why (``"strategy"``: the op's own, or the operand it reshards, ``"operand 0 %12"``)."""
+
+    kind: str
+    axes: tuple[str, ...]
+    bytes: float
+    count: float
+    cause: str
+
+
+@dataclass(frozen=True)
+class NodeExplanation:
+    """Why an op runs as it does: the chosen strategy and the cheapest rejected ones, each
+    priced as if only this op changed (a layer-shared op changes with its group, so a
+    rejected strategy's true price can be higher), and the collectives the choice causes."""
+
+    chosen: StrategyCost
+    rejected: tuple[StrategyCost, ...]
+    collectives: tuple[CollectiveCause, ...]
+    num_strategies: int
+
+
 @dataclass(frozen=True, eq=False)
 class Plan:
     """Specs for the graph's inputs and outputs (flat, in pytree-leaf order) and for the
@@ -64,6 +111,9 @@ class Plan:
     ``operand_specs`` gives, per node id, the layout each operand must have when the node runs
     (None: as it comes): the solver's strategies fix them, and pinning them is what makes the
     partitioner reshard where the plan does rather than where it would.
+    ``explanation`` (search plans) says per op node id why its strategy won (the viewer shows
+    it); ``memory_curve[t]`` is the predicted bytes per device live at top-level step t (step
+    t >= 1 runs ``graph.nodes[t - 1]``), and ``hardware`` names the cost model's profile.
     """
 
     graph: Graph
@@ -79,6 +129,9 @@ class Plan:
     prediction: Prediction | None = None
     solver: SolverStats | None = None
     operand_specs: Mapping[int, tuple[ShardingSpec | None, ...]] = field(default_factory=dict)
+    explanation: Mapping[int, NodeExplanation] = field(default_factory=dict)
+    memory_curve: tuple[int, ...] = ()
+    hardware: str = ""
 
     def __post_init__(self):
         if len(self.input_specs) != len(self.graph.inputs):
@@ -94,6 +147,8 @@ class Plan:
         object.__setattr__(self, "value_specs", MappingProxyType(dict(self.value_specs)))
         object.__setattr__(self, "operand_specs", MappingProxyType(dict(self.operand_specs)))
         object.__setattr__(self, "reasons", MappingProxyType(dict(self.reasons)))
+        object.__setattr__(self, "explanation", MappingProxyType(dict(self.explanation)))
+        object.__setattr__(self, "memory_curve", tuple(int(x) for x in self.memory_curve))
 
     # -- pytree views, shaped like the function's arguments and results --------------------------
 
