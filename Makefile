@@ -24,6 +24,8 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/run.py
 	$(BIN)/python benchmarks/plan_quality.py
 	$(BIN)/python benchmarks/iopddl.py
+	$(BIN)/python benchmarks/pipeline.py
+	$(BIN)/python benchmarks/dump_size.py
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache

@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Sequence
 
 import jax
@@ -25,18 +25,22 @@ from autoshard.ir.errors import ArgumentError, PlanInfeasibleError, SolverTimeLi
 from autoshard.ir.graph import Graph
 from autoshard.ir.graph import verify as verify_graph
 from autoshard.ir.mesh import MeshSpec
+from autoshard.ir.pipeline import Pipeline
 from autoshard.ir.plan import Plan
 from autoshard.ir.plan_json import fingerprint, graph_fingerprint, plan_to_json
 from autoshard.ir.version import __version__
 from autoshard.cost_model.hardware import Hardware, get_hardware
 from autoshard.passes.data_parallel import data_parallel_plan
 from autoshard.passes.lift import lift
+from autoshard.passes.annotations import annotation_report
 from autoshard.passes.lower import LoweredPlan, lower, on_mesh
-from autoshard.passes.pins import collect_pins
+from autoshard.passes.pins import ANNOTATION_MODES, Pins, collect_pins
 from autoshard.passes.plan_search import search_plan
 from autoshard.passes.state import updated_arguments
 from autoshard.passes.trace import (TracedFunction, abstract_arguments, abstractify_leaf,
                                     function_name, normalize_static_argnums, trace)
+from autoshard.pipelining import PipelinedFunction, auto_pipeline_candidate
+from autoshard.nnx import NnxFunction, has_nnx_objects
 from autoshard.plan_cache import PlanCache, cache_enabled
 from autoshard.runtime import multihost
 from autoshard.verify import peak_memory
@@ -57,6 +61,8 @@ class _Options:
     memory_budget: int | None
     solver_time_limit: float
     cache: PlanCache | None
+    annotations: str = "ignore"
+    annotation_specs: tuple | None = None    # per flat input position (autoshard/nnx.py)
 
 
 @dataclass(frozen=True)
@@ -92,7 +98,8 @@ def compile(fn: Callable, *example_args: Any, mesh: Mesh, memory_budget: int | N
             donate_argnums: int | Sequence[int] = (), static_argnums: int | Sequence[int] = (),
             in_specs: Any = None, out_specs: Any = None,
             batch_argnums: int | Sequence[int] | None = None, planner: str = "search",
-            solver_time_limit: float = 30.0, cache: bool | None = None) -> ShardedFunction:
+            solver_time_limit: float = 30.0, cache: bool | None = None,
+            annotations: str = "hint") -> ShardedFunction:
     """Plan ``fn`` for ``mesh`` on ``example_args`` (arrays or ``jax.ShapeDtypeStruct``s) and
     return a ``ShardedFunction`` that runs it sharded.
 
@@ -105,7 +112,17 @@ def compile(fn: Callable, *example_args: Any, mesh: Mesh, memory_budget: int | N
 
     ``in_specs`` / ``out_specs`` pin argument / result layouts (pytree prefixes of
     ``PartitionSpec``s, as ``jax.jit``'s shardings; ``None`` leaves a leaf to the planner);
-    ``autoshard.hint`` pins values inside the function. ``pipeline`` is not available yet.
+    ``autoshard.hint`` pins values inside the function. ``pipeline=autoshard.Pipeline(stages,
+    microbatches, schedule)`` pipelines the loss the step wraps in ``autoshard.value_and_grad``
+    over the mesh axis ``"stage"``; ``pipeline="auto"`` pipelines over the mesh's first axis
+    when the cost model predicts it faster than the best plan without a pipeline.
+
+    Flax NNX steps (arguments holding ``nnx.Module`` / ``nnx.Optimizer`` objects, or the
+    ``nnx.split`` form: a ``GraphDef`` and ``State``s) are planned over their state and called
+    like ``nnx.jit`` (autoshard/nnx.py). Their ``nnx.with_partitioning`` annotations are used
+    per ``annotations``: ``"hint"`` (default) prefers them and overrides them only where another
+    layout is cheaper, ``"require"`` pins them, ``"ignore"`` plans as if there were none; the
+    plan's ``annotation_report`` (in ``plan.summary()``) lists every difference and its cost.
 
     Solved plans are cached on disk (``AUTOSHARD_CACHE_DIR``, default ``~/.cache/autoshard``)
     under a fingerprint of the program, arguments, mesh, hardware, budget and options; a later
@@ -116,10 +133,12 @@ def compile(fn: Callable, *example_args: Any, mesh: Mesh, memory_budget: int | N
     if not isinstance(mesh, Mesh):
         raise ArgumentError(f"autoshard.compile({function_name(fn)}): mesh must be a "
                             f"jax.sharding.Mesh (jax.make_mesh(...)), got {type(mesh).__name__}")
-    if pipeline is not None:
-        raise NotImplementedError(
-            f"autoshard.compile({function_name(fn)}, pipeline={pipeline!r}): pipeline stages "
-            "are not in this release yet; leave pipeline=None.")
+    if pipeline is not None and not (isinstance(pipeline, Pipeline) or pipeline == "auto"):
+        raise ArgumentError(f"autoshard.compile({function_name(fn)}): pipeline must be None, "
+                            f"'auto' or an autoshard.Pipeline(...), got {pipeline!r}")
+    if annotations not in ANNOTATION_MODES:
+        raise ArgumentError(f"autoshard.compile({function_name(fn)}): annotations must be one "
+                            f"of {ANNOTATION_MODES}, got {annotations!r}")
     if planner not in PLANNERS:
         raise ArgumentError(f"autoshard.compile({function_name(fn)}): planner must be one of "
                             f"{PLANNERS}, got {planner!r}")
@@ -141,8 +160,46 @@ def compile(fn: Callable, *example_args: Any, mesh: Mesh, memory_budget: int | N
                        get_hardware(hardware), None if memory_budget is None
                        else int(memory_budget), float(solver_time_limit),
                        PlanCache.default() if planner == "search" and cache_enabled(cache)
-                       else None)
+                       else None, annotations)
+    if has_nnx_objects(example_args):
+        if pipeline is not None:
+            raise ArgumentError(f"autoshard.compile({function_name(fn)}): pipelines over Flax "
+                                "NNX objects are not supported yet; pipeline a functional step "
+                                "(nnx.split the model and pass its State arrays)")
+        return NnxFunction(fn, options, example_args, ShardedFunction)
+    if pipeline is not None:
+        return _compile_pipelined(fn, example_args, options, pipeline)
     return ShardedFunction(fn, options, example_args)
+
+
+def _compile_pipelined(fn, example_args, options: _Options, pipeline) -> Any:
+    """An explicit ``Pipeline`` is built as asked; ``"auto"`` plans the step without a pipeline
+    too and keeps whichever the cost model predicts faster (pipelining.py says how)."""
+    def build(mesh, pipe):
+        return PipelinedFunction(fn, example_args, mesh=mesh, pipeline=pipe,
+                                 hardware=options.hardware, donate_argnums=options.donate_argnums,
+                                 static_argnums=options.static_argnums,
+                                 batch_argnums=options.batch_argnums)
+
+    if isinstance(pipeline, Pipeline):
+        return build(options.mesh, pipeline)
+    flat = ShardedFunction(fn, options, example_args)
+    candidate = auto_pipeline_candidate(options.mesh)
+    if candidate is None:
+        log.info("autoshard: pipeline='auto' for %s: no mesh axis to pipeline over (the mesh "
+                 "needs an axis of size > 1); not pipelined", flat.__name__)
+        return flat
+    mesh, pipe = candidate
+    piped = build(mesh, pipe)
+    flat_seconds = flat.plan.prediction.step_seconds
+    piped_seconds = piped.pipeline_plan.total_seconds
+    keep = piped if piped_seconds < flat_seconds else flat
+    log.info("autoshard: pipeline='auto' for %s: pipelined over %r %.3f ms (bubble %.1f%%) vs "
+             "not pipelined %.3f ms predicted; %s", flat.__name__, pipe.axis, piped_seconds * 1e3,
+             piped.pipeline_plan.bubble_fraction * 100, flat_seconds * 1e3,
+             "pipelining" if keep is piped else "not pipelining")
+    keep.auto_decision = (piped_seconds, flat_seconds)
+    return keep
 
 
 class ShardedFunction:
@@ -281,7 +338,9 @@ class ShardedFunction:
         verify_graph(graph)
         mesh_spec = MeshSpec.from_jax(opts.mesh)
         pins = collect_pins(graph, mesh_spec, in_specs=opts.in_specs, out_specs=opts.out_specs,
-                            in_tree=traced.in_tree, out_tree=traced.out_tree)
+                            in_tree=traced.in_tree, out_tree=traced.out_tree,
+                            annotations=opts.annotation_specs,
+                            annotation_mode=opts.annotations)
         spans = self._argument_spans(traced, len(args))
         source, cache_path = "rule", None
         if opts.planner == "data-parallel":
@@ -303,6 +362,8 @@ class ShardedFunction:
                 donated = {i for a in opts.donate_argnums if a in spans for i in spans[a]}
                 plan, lowered, jitted = self._search_within_budget(
                     args, traced, graph, mesh_spec, pins, donated)
+                plan = self._with_annotation_report(plan, traced, graph, mesh_spec, pins,
+                                                    donated)
                 source = "solved"
                 self._warn_if_time_limited(plan)
                 if key is not None:
@@ -339,7 +400,32 @@ class ShardedFunction:
             opts.memory_budget, opts.planner, list(opts.donate_argnums),
             list(opts.static_argnums), None if opts.batch_argnums is None
             else list(opts.batch_argnums), repr(opts.in_specs), repr(opts.out_specs),
-            opts.solver_time_limit)
+            opts.solver_time_limit, opts.annotations, None if opts.annotation_specs is None
+            else [None if s is None else str(s) for s in opts.annotation_specs])
+
+    def _with_annotation_report(self, plan: Plan, traced, graph, mesh_spec, pins: Pins,
+                                donated) -> Plan:
+        """Solve the step in the other annotation mode too and attach the comparison
+        (passes/annotations.py says why both are solved)."""
+        opts = self._options
+        if opts.annotations == "ignore" or not pins.annotated:
+            return plan
+        other_mode = "require" if opts.annotations == "hint" else "hint"
+        other_pins = collect_pins(graph, mesh_spec, in_specs=opts.in_specs,
+                                  out_specs=opts.out_specs, in_tree=traced.in_tree,
+                                  out_tree=traced.out_tree, annotations=opts.annotation_specs,
+                                  annotation_mode=other_mode)
+        self._progress(f"solving with annotations as {other_mode} too, for the annotation "
+                       "report")
+        updated = updated_arguments(graph)
+        other = search_plan(graph, mesh_spec, opts.hardware, other_pins, in_tree=traced.in_tree,
+                            out_tree=traced.out_tree, donated=donated, updated=updated,
+                            memory_budget=opts.memory_budget,
+                            time_limit=opts.solver_time_limit)
+        hint_pins = pins if opts.annotations == "hint" else other_pins
+        report = annotation_report(plan, other, hint_pins, opts.annotations, opts.hardware,
+                                   donated=donated, updated=updated)
+        return replace(plan, annotation_report=report)
 
     def _store(self, key: str, plan: Plan) -> str | None:
         """Write the plan to the cache; a cache that cannot be written costs a warning, not

@@ -258,8 +258,8 @@ def test_tracing_errors_say_autoshard_traced_without_shardings(mesh):
 
 
 def test_error_planner_options(mesh):
-    with pytest.raises(NotImplementedError, match="pipeline stages are not in this release"):
-        autoshard.compile(lambda x: x, jnp.ones(8), mesh=mesh, pipeline="auto")
+    with pytest.raises(autoshard.ArgumentError, match="pipeline must be None, 'auto' or an"):
+        autoshard.compile(lambda x: x, jnp.ones(8), mesh=mesh, pipeline="1f1b")
     with pytest.raises(autoshard.ArgumentError, match="memory_budget needs planner='search'"):
         autoshard.compile(lambda x: x, jnp.ones(8), mesh=mesh, memory_budget=2**30,
                           planner="data-parallel")

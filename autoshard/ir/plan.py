@@ -101,6 +101,57 @@ class NodeExplanation:
     num_strategies: int
 
 
+@dataclass(frozen=True)
+class AnnotationDiff:
+    """One annotated argument leaf whose searched layout differs from its annotation:
+    ``seconds`` is the predicted cost per step of honouring this annotation alone with every
+    other choice of the searched plan held fixed (the reshards it adds minus those it saves), a
+    local price like the viewer's rejected strategies; ``kept`` says whether the running plan
+    uses the annotation (``annotations="require"``) or the searched layout (``"hint"``)."""
+
+    path: str
+    annotated: ShardingSpec
+    searched: ShardingSpec
+    seconds: float
+    kept: bool
+
+
+@dataclass(frozen=True)
+class AnnotationReport:
+    """Annotated layouts (Flax ``nnx.with_partitioning`` / logical axes) against the searched
+    ones. Both plans are solved: with every annotation required, and with annotations as
+    preferences the solver may override; ``cost_seconds`` is the difference of their predicted
+    step times (what the annotations cost per step; 0 when the search keeps them all)."""
+
+    mode: str
+    annotated: int
+    differences: tuple[AnnotationDiff, ...]
+    annotated_step_seconds: float
+    searched_step_seconds: float
+    annotated_peak_bytes: int
+    searched_peak_bytes: int
+
+    @property
+    def cost_seconds(self) -> float:
+        return self.annotated_step_seconds - self.searched_step_seconds
+
+    def lines(self, max_rows: int = 40) -> list[str]:
+        kept = "kept (required)" if self.mode == "require" else "overridden (hint)"
+        lines = [f"annotations ({self.mode}): {len(self.differences)} of {self.annotated} "
+                 f"annotated arguments differ from the searched plan; predicted step "
+                 f"{self.annotated_step_seconds * 1e3:.4g} ms as annotated vs "
+                 f"{self.searched_step_seconds * 1e3:.4g} ms searched "
+                 f"({self.cost_seconds * 1e3:+.4g} ms), peak memory "
+                 f"{_mib(self.annotated_peak_bytes)} vs {_mib(self.searched_peak_bytes)}"]
+        width = min(max((len(d.path) for d in self.differences), default=0), 48)
+        for d in self.differences[:max_rows]:
+            lines.append(f"  {d.path:<{width}}  annotated {str(d.annotated):<14} searched "
+                         f"{str(d.searched):<14} alone {d.seconds * 1e3:+.4g} ms  {kept}")
+        if len(self.differences) > max_rows:
+            lines.append(f"  ... {len(self.differences) - max_rows} more")
+        return lines
+
+
 @dataclass(frozen=True, eq=False)
 class Plan:
     """Specs for the graph's inputs and outputs (flat, in pytree-leaf order) and for the
@@ -114,6 +165,8 @@ class Plan:
     ``explanation`` (search plans) says per op node id why its strategy won (the viewer shows
     it); ``memory_curve[t]`` is the predicted bytes per device live at top-level step t (step
     t >= 1 runs ``graph.nodes[t - 1]``), and ``hardware`` names the cost model's profile.
+    ``annotation_report`` (steps with Flax sharding annotations) compares the annotated layouts
+    with the searched ones.
     """
 
     graph: Graph
@@ -132,6 +185,7 @@ class Plan:
     explanation: Mapping[int, NodeExplanation] = field(default_factory=dict)
     memory_curve: tuple[int, ...] = ()
     hardware: str = ""
+    annotation_report: AnnotationReport | None = None
 
     def __post_init__(self):
         if len(self.input_specs) != len(self.graph.inputs):
@@ -208,6 +262,8 @@ class Plan:
                 label = f"%{vid} {node.op} {node.source}" if node else f"%{vid}"
                 rows.append((label, values[vid], spec, self.reasons.get(vid, "")))
             lines += self._table(rows, max_rows)
+        if self.annotation_report is not None:
+            lines += self.annotation_report.lines(max_rows)
         if self.unplanned:
             lines.append(f"unplanned (replicated, no rule): {', '.join(self.unplanned)}")
         return "\n".join(lines)

@@ -14,7 +14,10 @@ Schema (``SCHEMA_VERSION`` is bumped on any incompatible change; readers reject 
   unplanned [...], prediction {...} | null, solver {...} | null, hardware_profile,
   memory_curve [bytes per step], explanation {node id: {chosen, rejected, collectives,
   num_strategies}} with strategies as [label, operand specs, output specs, compute, collective,
-  reshard-in, reshard-out seconds] and collectives as [kind, axes, bytes, count, cause].
+  reshard-in, reshard-out seconds] and collectives as [kind, axes, bytes, count, cause],
+  annotations {mode, annotated, annotated_step_seconds, searched_step_seconds,
+  annotated_peak_bytes, searched_peak_bytes, differences: [[path, annotated spec, searched
+  spec, seconds, kept]]} | null (added within version 1: a record without it reads as null).
 Specs are SBP strings as ``str(ShardingSpec)`` writes them (``"(S0, B)"``), parsed back with
 ``ShardingSpec.parse``.
 """
@@ -30,10 +33,10 @@ from typing import Any
 import numpy as np
 
 from autoshard.ir.errors import PlanError
-from autoshard.ir.graph import Graph, Literal, Value, dtype_name
+from autoshard.ir.graph import Graph, Value, dtype_name
 from autoshard.ir.mesh import MeshSpec
-from autoshard.ir.plan import (CollectiveCause, NodeExplanation, Plan, Prediction, SolverStats,
-                               StrategyCost)
+from autoshard.ir.plan import (AnnotationDiff, AnnotationReport, CollectiveCause,
+                               NodeExplanation, Plan, Prediction, SolverStats, StrategyCost)
 from autoshard.ir.sharding import ShardingSpec
 from autoshard.ir.version import __version__
 
@@ -174,7 +177,32 @@ def plan_to_json(plan: Plan) -> dict:
         "memory_curve": list(plan.memory_curve),
         "explanation": {str(k): _explanation_to_json(e)
                         for k, e in sorted(plan.explanation.items())},
+        "annotations": _annotations_to_json(plan.annotation_report),
     }
+
+
+def _annotations_to_json(r: AnnotationReport | None) -> dict | None:
+    if r is None:
+        return None
+    return _jsonable({
+        "mode": r.mode, "annotated": r.annotated,
+        "annotated_step_seconds": r.annotated_step_seconds,
+        "searched_step_seconds": r.searched_step_seconds,
+        "annotated_peak_bytes": r.annotated_peak_bytes,
+        "searched_peak_bytes": r.searched_peak_bytes,
+        "differences": [[d.path, str(d.annotated), str(d.searched), d.seconds, d.kept]
+                        for d in r.differences]})
+
+
+def _annotations_from_json(d: dict | None) -> AnnotationReport | None:
+    if not d:
+        return None
+    return AnnotationReport(
+        d["mode"], int(d["annotated"]),
+        tuple(AnnotationDiff(path, ShardingSpec.parse(a), ShardingSpec.parse(b), float(t),
+                             bool(kept)) for path, a, b, t, kept in d["differences"]),
+        float(d["annotated_step_seconds"]), float(d["searched_step_seconds"]),
+        int(d["annotated_peak_bytes"]), int(d["searched_peak_bytes"]))
 
 
 def _strategy_to_json(c: StrategyCost) -> list:
@@ -246,7 +274,8 @@ def plan_from_json(doc: dict, graph: Graph, *, in_tree: Any, out_tree: Any,
                      for k, v in doc["operands"].items()},
                     {int(k): _explanation_from_json(e)
                      for k, e in doc.get("explanation", {}).items()},
-                    tuple(doc.get("memory_curve", ())), doc.get("hardware_profile", ""))
+                    tuple(doc.get("memory_curve", ())), doc.get("hardware_profile", ""),
+                    _annotations_from_json(doc.get("annotations")))
     except PlanError:
         raise
     except (KeyError, TypeError, ValueError, AttributeError) as err:

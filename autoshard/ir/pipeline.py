@@ -1,0 +1,119 @@
+"""Pipeline values: the user's request (``Pipeline``), one chunk of a cut loss function
+(``Chunk``, what the runtime executes) and the pipeline half of a plan (``PipelinePlan``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from autoshard.ir.errors import ArgumentError
+from autoshard.ir.schedule import SCHEDULES
+
+ChunkFn = Callable[[list, list, list], list]
+
+
+@dataclass(frozen=True)
+class Pipeline:
+    """``autoshard.compile(..., pipeline=autoshard.Pipeline(stages, microbatches, schedule))``.
+
+    The mesh needs an axis named ``axis`` (default ``"stage"``) of size ``stages``; the loss
+    wrapped in ``autoshard.value_and_grad`` / ``autoshard.grad`` is cut into ``stages *
+    virtual_stages`` chunks, chunk ``c`` on stage ``c % stages``, and runs per microbatch.
+    ``microbatches=None`` lets the planner choose."""
+
+    stages: int
+    microbatches: int | None = None
+    schedule: str = "1f1b"
+    virtual_stages: int = 1
+    axis: str = "stage"
+
+    def __post_init__(self):
+        if not isinstance(self.stages, int) or self.stages < 1:
+            raise ArgumentError(f"Pipeline(stages={self.stages!r}): stages must be an int >= 1")
+        if self.microbatches is not None and (not isinstance(self.microbatches, int)
+                                              or self.microbatches < 1):
+            raise ArgumentError(f"Pipeline(microbatches={self.microbatches!r}): an int >= 1 "
+                                "or None (the planner chooses)")
+        if self.schedule not in SCHEDULES:
+            raise ArgumentError(f"Pipeline(schedule={self.schedule!r}): one of {SCHEDULES}")
+        if not isinstance(self.virtual_stages, int) or self.virtual_stages < 1:
+            raise ArgumentError(f"Pipeline(virtual_stages={self.virtual_stages!r}): an int >= 1")
+        if self.virtual_stages > 1 and self.schedule != "interleaved":
+            raise ArgumentError(f"Pipeline(virtual_stages={self.virtual_stages}) needs "
+                                "schedule='interleaved'")
+
+    @property
+    def chunks(self) -> int:
+        return self.stages * self.virtual_stages
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """One pipeline chunk: ``fn(params, batch, crossing_in) -> crossing_out`` (the last chunk
+    returns ``[loss]``); ``params`` index the differentiated leaves it reads, ``batch`` the
+    microbatch leaves."""
+
+    fn: ChunkFn
+    params: tuple[int, ...]
+    batch: tuple[int, ...]
+    label: str = ""
+
+
+@dataclass(frozen=True)
+class StageReport:
+    """One pipeline stage (device group) of a plan: its chunks' forward / backward seconds per
+    microbatch, parameter bytes and peak stashed activation bytes per device."""
+
+    name: str
+    chunks: tuple[str, ...]
+    forward_seconds: float
+    backward_seconds: float
+    parameter_bytes: int
+    activation_bytes: int
+
+
+@dataclass(frozen=True)
+class PipelinePlan:
+    """The inter-operator half of a plan: stages, schedule, microbatches, the simulated step
+    (``step_seconds``, ``bubble_fraction``) and its timeline ``(stage, label, start, end)``."""
+
+    stages: tuple[StageReport, ...]
+    schedule: str
+    microbatches: int
+    virtual_stages: int
+    step_seconds: float
+    bubble_fraction: float
+    timeline: tuple[tuple[int, str, float, float], ...] = ()
+    outside_seconds: float = 0.0
+
+    @property
+    def total_seconds(self) -> float:
+        """The simulated pipeline plus what runs outside it (gradient all-reduce over the
+        other mesh axes, the optimizer update)."""
+        return self.step_seconds + self.outside_seconds
+
+    def summary(self) -> str:
+        lines = [f"pipeline: {len(self.stages)} stages x {self.virtual_stages} virtual, "
+                 f"{self.microbatches} microbatches, {self.schedule}; simulated step "
+                 f"{self.step_seconds * 1e3:.3f} ms, bubble {self.bubble_fraction:.1%}, "
+                 f"+ {self.outside_seconds * 1e3:.3f} ms outside the pipeline"]
+        for s in self.stages:
+            lines.append(f"  {s.name}: {', '.join(s.chunks)}; fwd {s.forward_seconds * 1e6:.1f} "
+                         f"us, bwd {s.backward_seconds * 1e6:.1f} us per microbatch; params "
+                         f"{s.parameter_bytes / 2**20:.2f} MiB, stashed activations "
+                         f"{s.activation_bytes / 2**20:.2f} MiB per device")
+        return "\n".join(lines)
+
+    def to_json(self) -> dict:
+        """The ``pipeline`` section of plan.json (autoshard.dump)."""
+        return {"schedule": self.schedule, "microbatches": self.microbatches,
+                "virtual_stages": self.virtual_stages, "step_seconds": self.step_seconds,
+                "bubble_fraction": self.bubble_fraction, "outside_seconds": self.outside_seconds,
+                "stages": [{"name": s.name, "chunks": list(s.chunks),
+                            "forward_seconds": s.forward_seconds,
+                            "backward_seconds": s.backward_seconds,
+                            "parameter_bytes": s.parameter_bytes,
+                            "activation_bytes": s.activation_bytes} for s in self.stages],
+                "timeline": [{"stage": d, "name": label, "start": start, "end": end}
+                             for d, label, start, end in self.timeline]}

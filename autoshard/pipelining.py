@@ -1,0 +1,347 @@
+"""Pipelined train steps: ``autoshard.value_and_grad`` / ``autoshard.grad`` and
+``autoshard.compile(..., pipeline=...)``.
+
+The two wrappers mark the gradient-accumulation boundary: the function they wrap is what runs
+per microbatch. Outside a pipelined ``compile`` they are ``jax.value_and_grad`` / ``jax.grad``,
+so the same step runs anywhere. While ``compile`` traces a step with a pipeline, the wrapped
+loss is traced on one microbatch, lifted, cut into chunks (passes/stages.py), scheduled
+(ir/schedule.py, simulated by cost_model/schedule.py) and executed by the SPMD runtime
+(runtime/pipeline.py); everything around it (the optimizer update) runs after the pipeline,
+partitioned by XLA. The arguments a wrapper differentiates are the parameters; its other
+arguments are the batch, split into microbatches along their leading dim, and the loss must be
+a mean over the batch (the pipeline averages the microbatch losses and gradients).
+
+Inside a stage the batch is split over the mesh's other axes (data parallel within the stage,
+parameters replicated over those axes); choosing an intra-stage plan per stage with the ILP is
+not done yet.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import json
+import logging
+import time
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+from autoshard.cost_model.collectives import collective_time
+from autoshard.cost_model.hardware import Hardware
+from autoshard.cost_model.schedule import simulate
+from autoshard.dump import trace_events
+from autoshard.ir.errors import ArgumentError, PlanError
+from autoshard.ir.mesh import MeshSpec
+from autoshard.ir.pipeline import Pipeline, PipelinePlan, StageReport
+from autoshard.passes.lift import lift_jaxpr
+from autoshard.passes.stages import Slicing, slice_loss
+from autoshard.passes.trace import function_name
+from autoshard.runtime.pipeline import pipelined_value_and_grad
+
+log = logging.getLogger("autoshard")
+
+#: Backward work relative to forward: the gradient (2x) plus the forward the runtime recomputes.
+BACKWARD_FACTOR = 3.0
+#: Bytes an AdamW update moves per parameter byte: read parameter, gradient and two moments,
+#: write parameter and moments (HBM-bound; the gradient stays in float32).
+OPTIMIZER_BYTES_PER_PARAMETER_BYTE = 7.0
+#: Seconds each pipeline tick costs beyond its compute (a kernel launch and the permutes' sync).
+TICK_OVERHEAD = 10e-6
+
+
+@dataclass
+class _PipelineContext:
+    mesh: Mesh
+    pipeline: Pipeline
+    hardware: Hardware
+    plans: list = field(default_factory=list)
+    slicings: list = field(default_factory=list)
+
+
+_context: contextvars.ContextVar[_PipelineContext | None] = contextvars.ContextVar(
+    "autoshard_pipeline", default=None)
+
+
+def value_and_grad(fun: Callable, argnums: int | Sequence[int] = 0, has_aux: bool = False
+                   ) -> Callable:
+    """``jax.value_and_grad`` that marks ``fun`` as the per-microbatch loss of a pipeline."""
+    plain = jax.value_and_grad(fun, argnums=argnums, has_aux=has_aux)
+
+    def wrapped(*args):
+        context = _context.get()
+        if context is None:
+            return plain(*args)
+        if has_aux:
+            raise ArgumentError(f"autoshard.value_and_grad({function_name(fun)}, has_aux=True) "
+                                "cannot be pipelined yet; return the loss only")
+        return _pipelined(fun, argnums, args, context)
+
+    wrapped.__name__ = f"value_and_grad({function_name(fun)})"
+    return wrapped
+
+
+def grad(fun: Callable, argnums: int | Sequence[int] = 0) -> Callable:
+    """``jax.grad`` that marks ``fun`` as the per-microbatch loss of a pipeline."""
+    vg = value_and_grad(fun, argnums)
+
+    def wrapped(*args):
+        return vg(*args)[1]
+
+    wrapped.__name__ = f"grad({function_name(fun)})"
+    return wrapped
+
+
+def _pipelined(fun: Callable, argnums, args: Sequence[Any], context: _PipelineContext):
+    nums = (argnums,) if isinstance(argnums, int) else tuple(argnums)
+    diff = [args[i] for i in nums]
+    rest = [a for i, a in enumerate(args) if i not in nums]
+    params, ptree = jax.tree.flatten(diff)
+    batch, btree = jax.tree.flatten(rest)
+    pipe = context.pipeline
+    if not batch:
+        raise ArgumentError(f"{function_name(fun)}: a pipelined loss needs batch arguments "
+                            "(the ones not differentiated) to split into microbatches")
+    size = int(batch[0].shape[0]) if batch[0].shape else 0
+    if any(not x.shape or x.shape[0] != size for x in batch):
+        raise ArgumentError(f"{function_name(fun)}: every batch argument needs the same leading "
+                            f"dim; got {[tuple(x.shape) for x in batch]}")
+    mesh = _auto_view(context.mesh)
+
+    def flat_loss(p, b):
+        inner = jax.tree.unflatten(ptree, p)
+        others = iter(jax.tree.unflatten(btree, b))
+        call = [inner[nums.index(i)] if i in nums else next(others) for i in range(len(args))]
+        return fun(*call)
+
+    def sliced(microbatches: int) -> tuple[Slicing, tuple[str, ...]]:
+        data_axes = data_parallel_axes(mesh, pipe.axis, size // microbatches)
+        replicas = int(np.prod([mesh.shape[a] for a in data_axes])) if data_axes else 1
+        micro = [jax.ShapeDtypeStruct((size // microbatches // replicas, *x.shape[1:]), x.dtype)
+                 for x in batch]
+        avals = [jax.ShapeDtypeStruct(np.shape(p), p.dtype) for p in params]
+        graph = lift_jaxpr(jax.make_jaxpr(flat_loss)(avals, micro))
+        return slice_loss(graph, len(params), pipe.chunks, context.hardware,
+                          what=function_name(fun)), data_axes
+
+    candidates = [m for m in range(1, size + 1) if size % m == 0 and (
+        pipe.schedule != "interleaved" or m % pipe.stages == 0)]
+    # microbatches that still split over every other axis keep the stages data parallel
+    full = int(np.prod([mesh.shape[a] for a in mesh.axis_names if a != pipe.axis]))
+    parallel = [m for m in candidates if (size // m) % full == 0]
+    if pipe.microbatches is not None:
+        microbatches = pipe.microbatches
+        if microbatches not in candidates:
+            raise ArgumentError(f"{function_name(fun)}: microbatches={microbatches} must divide "
+                                f"the batch of {size}"
+                                + (" and be a multiple of the stages" if pipe.schedule ==
+                                   "interleaved" else ""))
+        slicing, data_axes = sliced(microbatches)
+    else:
+        if not candidates:
+            raise ArgumentError(f"{function_name(fun)}: no microbatch count divides the batch "
+                                f"of {size} into a multiple of {pipe.stages} microbatches")
+        choices = parallel or candidates
+        first = choices[0]
+        slicing, data_axes = sliced(first)
+        microbatches = min(choices, key=lambda m: pipeline_report(
+            _rescaled(slicing, first / m), pipe, m, mesh, context.hardware).total_seconds)
+        if microbatches != first:
+            slicing, data_axes = sliced(microbatches)
+    context.slicings.append(slicing)
+    context.plans.append(pipeline_report(slicing, pipe, microbatches, context.mesh,
+                                         context.hardware))
+    loss, grads = pipelined_value_and_grad(slicing.chunks, params, batch, mesh=mesh,
+                                           stage_axis=pipe.axis, schedule=pipe.schedule,
+                                           microbatches=microbatches,
+                                           virtual=pipe.virtual_stages, data_axes=data_axes)
+    grads = jax.tree.unflatten(ptree, grads)
+    return loss, (grads[0] if isinstance(argnums, int) else tuple(grads))
+
+
+def _auto_view(mesh: Mesh) -> Mesh:
+    if all(t == AxisType.Auto for t in mesh.axis_types):
+        return mesh
+    return Mesh(mesh.devices, mesh.axis_names, axis_types=(AxisType.Auto,) * len(mesh.axis_names))
+
+
+def data_parallel_axes(mesh: Mesh, stage_axis: str, microbatch: int) -> tuple[str, ...]:
+    """The non-stage axes a microbatch is split over: all of them, dropping the last ones
+    until their device count divides the microbatch."""
+    axes = [a for a in mesh.axis_names if a != stage_axis]
+    while axes and microbatch % int(np.prod([mesh.shape[a] for a in axes])):
+        axes.pop()
+    return tuple(axes)
+
+
+# -- choosing and reporting -----------------------------------------------------------------------
+
+def _rescaled(slicing: Slicing, factor: float) -> Slicing:
+    """The slicing's per-microbatch costs for microbatches ``factor`` times as large (compute
+    and activations scale with the microbatch)."""
+    return replace(slicing, forward_seconds=tuple(t * factor for t in slicing.forward_seconds),
+                   matmul_flops=tuple(f * factor for f in slicing.matmul_flops),
+                   crossing_bytes=tuple(int(b * factor) for b in slicing.crossing_bytes))
+
+
+def pipeline_report(slicing: Slicing, pipe: Pipeline, microbatches: int, mesh: Mesh,
+                    hw: Hardware) -> PipelinePlan:
+    """Simulate the sliced loss (sliced at one device's share of a microbatch, so its chunk
+    times are per device and microbatch); permutes cross the stage axis."""
+    spec = MeshSpec.from_jax(mesh)
+    stage_index = spec.index(pipe.axis)
+    others = spec.num_devices // spec.axis_sizes[stage_index]
+    forward = list(slicing.forward_seconds)
+    backward = [BACKWARD_FACTOR * f for f in forward]
+    crossing = max(slicing.crossing_bytes, default=0)
+    link = collective_time(hw, spec, "collective-permute", crossing, (stage_index,))
+    sim = simulate(pipe.schedule, pipe.stages, microbatches, pipe.virtual_stages, forward,
+                   backward, link + TICK_OVERHEAD)
+    stages = []
+    for d in range(pipe.stages):
+        chunks = [c for c in range(pipe.chunks) if c % pipe.stages == d]
+        stages.append(StageReport(
+            f"stage {d}", tuple(slicing.chunks[c].label for c in chunks),
+            sum(forward[c] for c in chunks), sum(backward[c] for c in chunks),
+            int(sum(slicing.parameter_bytes[c] for c in chunks)),
+            int(sim.in_flight[d] * crossing)))
+    timeline = tuple((t.device, f"{t.op.kind}{t.op.microbatch} c{t.op.chunk}", t.start, t.end)
+                     for t in sim.ops)
+    other_axes = tuple(i for i in range(spec.ndim) if i != stage_index)
+    stage_bytes = max((s.parameter_bytes for s in stages), default=0)
+    total_bytes = stage_bytes * pipe.stages
+    # the runtime's gradient exchange: reduce-scatter in the stage, all-gather of the slices
+    # across stages, all-gather in the stage (runtime/pipeline.py)
+    sync = (collective_time(hw, spec, "reduce-scatter", stage_bytes, other_axes)
+            + collective_time(hw, spec, "all-gather", total_bytes / others, (stage_index,))
+            + collective_time(hw, spec, "all-gather", total_bytes, other_axes))
+    update = OPTIMIZER_BYTES_PER_PARAMETER_BYTE * total_bytes / hw.memory_rate
+    return PipelinePlan(tuple(stages), pipe.schedule, microbatches, pipe.virtual_stages,
+                        sim.step_seconds, sim.bubble_fraction, timeline, sync + update)
+
+
+def auto_pipeline_candidate(mesh: Mesh) -> tuple[Mesh, Pipeline] | None:
+    """The pipeline ``"auto"`` weighs: over the axis named ``"stage"`` if the mesh has one,
+    else over its first axis of size > 1 (on multi-node profiles the first axis is the one that
+    crosses nodes), renamed ``"stage"`` on the same devices; 1F1B, microbatches by simulation."""
+    names = list(mesh.axis_names)
+    if "stage" in names:
+        axis = "stage"
+    else:
+        axis = next((a for a in names if int(mesh.shape[a]) > 1), None)
+        if axis is None:
+            return None
+        names[names.index(axis)] = "stage"
+        mesh = Mesh(mesh.devices, tuple(names), axis_types=mesh.axis_types)
+    stages = int(mesh.shape["stage"])
+    if stages < 2:
+        return None
+    return mesh, Pipeline(stages, None, "1f1b")
+
+
+# -- compile --------------------------------------------------------------------------------------
+
+class PipelinedFunction:
+    """A train step whose ``autoshard.value_and_grad`` loss runs as a pipeline; behaves like
+    ``jax.jit(step)``. ``pipeline_plan`` reports stages, per-stage time and memory and the
+    simulated bubble."""
+
+    def __init__(self, fn: Callable, example_args: Sequence[Any], *, mesh: Mesh,
+                 pipeline: Pipeline, hardware: Hardware, donate_argnums: tuple[int, ...],
+                 static_argnums: tuple[int, ...], batch_argnums: tuple[int, ...] | None):
+        self._fn = fn
+        self.__name__ = function_name(fn)
+        if pipeline.axis not in mesh.axis_names:
+            raise ArgumentError(
+                f"autoshard.compile({self.__name__}, pipeline={pipeline}): the mesh has axes "
+                f"{mesh.axis_names}; a pipeline needs an axis named {pipeline.axis!r} of size "
+                f"{pipeline.stages} (e.g. jax.make_mesh(({pipeline.stages}, ...), "
+                f"({pipeline.axis!r}, ...)))")
+        if int(mesh.shape[pipeline.axis]) != pipeline.stages:
+            raise ArgumentError(f"autoshard.compile({self.__name__}): mesh axis "
+                                f"{pipeline.axis!r} has size {mesh.shape[pipeline.axis]}, the "
+                                f"pipeline asks for {pipeline.stages} stages")
+        self.mesh, self.pipeline, self.hardware = mesh, pipeline, hardware
+        self._statics = static_argnums
+        dynamic = [i for i in range(len(example_args)) if i not in static_argnums]
+        batch = batch_argnums if batch_argnums is not None else dynamic[-1:]
+        auto = _auto_view(mesh)
+        replicated = NamedSharding(auto, PartitionSpec())
+
+        def in_sharding(i, arg):
+            if i not in batch:
+                return jax.tree.map(lambda _: replicated, arg)
+            return jax.tree.map(lambda x: _batch_sharding(x, auto, pipeline.axis), arg)
+
+        self._in_shardings = tuple(in_sharding(i, a) for i, a in enumerate(example_args)
+                                   if i not in static_argnums)
+        self._jitted = jax.jit(self._traced_step, static_argnums=static_argnums,
+                               donate_argnums=donate_argnums)
+        start = time.perf_counter()
+        self._plans: list[PipelinePlan] = []
+        self._slicings: list[Slicing] = []
+        self.lower(*example_args)
+        self.planning_seconds = time.perf_counter() - start
+        if not self._plans:
+            raise PlanError(f"autoshard.compile({self.__name__}, pipeline=...): the step never "
+                            "called autoshard.value_and_grad or autoshard.grad, so there is no "
+                            "loss to pipeline; wrap the loss in one of them")
+        log.info("autoshard: pipelined %s in %.2fs\n%s", self.__name__, self.planning_seconds,
+                 self.pipeline_plan.summary())
+
+    @property
+    def pipeline_plan(self) -> PipelinePlan:
+        return self._plans[-1]
+
+    @property
+    def slicing(self) -> Slicing:
+        """Where the loss was cut (chunks, per-chunk forward seconds and matmul FLOPs)."""
+        return self._slicings[-1]
+
+    def save_trace(self, path) -> None:
+        """The simulated schedule as Chrome trace events (open in Perfetto or xprof)."""
+        with open(path, "w") as f:
+            json.dump(trace_events(self.pipeline_plan.to_json()), f)
+
+    def _traced_step(self, *args):
+        context = _PipelineContext(self.mesh, self.pipeline, self.hardware, self._plans,
+                                   self._slicings)
+        token = _context.set(context)
+        try:
+            return self._fn(*args)
+        finally:
+            _context.reset(token)
+
+    def _placed(self, args):
+        out, shardings = list(args), iter(self._in_shardings)
+        for i, a in enumerate(args):
+            if i in self._statics:
+                continue
+            out[i] = jax.tree.map(_placed_leaf, a, next(shardings))
+        return out
+
+    def lower(self, *args):
+        return self._jitted.lower(*self._placed(args))
+
+    def __call__(self, *args):
+        return self._jitted(*self._placed(args))
+
+    def __repr__(self):
+        return f"<autoshard.PipelinedFunction {self.__name__} {self.pipeline}>"
+
+
+def _placed_leaf(x, sharding: NamedSharding):
+    if isinstance(x, jax.ShapeDtypeStruct):
+        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
+    return jax.device_put(x, sharding)
+
+
+def _batch_sharding(x, mesh: Mesh, stage_axis: str) -> NamedSharding:
+    axes = [a for a in mesh.axis_names if a != stage_axis]
+    shape = np.shape(x)
+    while axes and (not shape or shape[0] % int(np.prod([mesh.shape[a] for a in axes]))):
+        axes.pop()
+    return NamedSharding(mesh, PartitionSpec(tuple(axes)) if axes else PartitionSpec())
+

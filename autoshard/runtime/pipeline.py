@@ -1,0 +1,298 @@
+"""The SPMD pipeline runtime: one program, ``shard_map``-ed over the ``"stage"`` mesh axis,
+stepping every device through a static tick table (``ir/schedule.py``) in lock-step.
+
+Each tick a device runs the op its row of the table names — a chunk's forward or backward on a
+microbatch, or nothing — through ``lax.switch`` over all chunks' code, then sends what it made
+to its neighbours with two ``lax.ppermute``s (activations to ``d + 1``, cotangents to ``d - 1``,
+wrapping around for interleaved chunks). What arrives is written into per-microbatch stashes the
+next tick, at the slot the table says; so an op may consume its input several ticks after it
+arrived, and any order the schedule picks (GPipe, 1F1B, interleaved) runs the same code. The
+microbatch loop is a ``lax.scan`` over ticks; explicit permutes between neighbours move about
+2.5x fewer bytes than letting the partitioner move a rolled buffer (measured in an earlier
+session).
+
+A backward recomputes its chunk's forward from the stashed chunk input (``jax.vjp``), so only
+chunk inputs are stashed, never intermediates. Loss and gradients are averaged over microbatches
+(the loss function is taken to be a mean over its batch, as ``jax.value_and_grad`` of a mean
+loss on the whole batch gives); the optimizer update runs after the pipeline, outside it.
+
+Parameters travel packed: each device flattens the parameters of the chunks it holds into one
+float32 vector per chunk (``[virtual, size]``), from the replicated parameters it already has.
+Gradients leave it replicated (every device runs the optimizer update on replicated
+parameters), gathered hierarchically so that only 1/replicas of a stage's gradients crosses the
+stage axis per device.
+Activations crossing a cut travel in their own shape when every cut carries one array of the
+same shape and dtype (the residual stream of a transformer), else packed into float32 (exact:
+narrower floats widen, 32-bit integers are bit-cast).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.sharding import PartitionSpec
+
+from autoshard.ir.errors import ArgumentError
+from autoshard.ir.pipeline import Chunk
+from autoshard.ir.schedule import tick_table
+
+# -- packing ------------------------------------------------------------------------------------
+
+def _to_f32(x):
+    if x.dtype == jnp.float32:
+        return x
+    if jnp.issubdtype(x.dtype, jnp.floating) or x.dtype == jnp.bool_:
+        return x.astype(jnp.float32)
+    if x.dtype.itemsize == 4:
+        return lax.bitcast_convert_type(x, jnp.float32)
+    return x.astype(jnp.float32)  # small integers are exact in float32
+
+
+def _from_f32(v, aval):
+    if aval.dtype == jnp.float32:
+        return v
+    if jnp.issubdtype(aval.dtype, jnp.floating) or aval.dtype == jnp.bool_:
+        return v.astype(aval.dtype)
+    if np.dtype(aval.dtype).itemsize == 4:
+        return lax.bitcast_convert_type(v, aval.dtype)
+    return v.astype(aval.dtype)
+
+
+def pack(leaves: Sequence, size: int):
+    flat = [_to_f32(jnp.asarray(x)).reshape(-1) for x in leaves]
+    used = sum(int(f.size) for f in flat)
+    return jnp.concatenate(flat + [jnp.zeros((size - used,), jnp.float32)]) if flat or size \
+        else jnp.zeros((0,), jnp.float32)
+
+
+def unpack(vector, avals: Sequence) -> list:
+    out, start = [], 0
+    for a in avals:
+        n = math.prod(a.shape)
+        out.append(_from_f32(vector[start:start + n], a).reshape(a.shape))
+        start += n
+    return out
+
+
+@dataclass(frozen=True)
+class _Carrier:
+    """How activations crossing a cut travel: in their own shape (``shape``/``dtype``) when
+    every cut carries one array alike, else as a float32 vector of ``size``."""
+
+    shape: tuple[int, ...]
+    dtype: object
+    uniform: bool
+
+    @classmethod
+    def of(cls, crossings: list[list]) -> _Carrier:
+        first = crossings[0] if crossings else []
+        if crossings and all(len(c) == 1 for c in crossings) and all(
+                (c[0].shape, c[0].dtype) == (first[0].shape, first[0].dtype) for c in crossings):
+            return cls(tuple(first[0].shape), first[0].dtype, True)
+        size = max([sum(math.prod(a.shape) for a in c) for c in crossings] + [1])
+        return cls((size,), jnp.float32, False)
+
+    def zeros(self):
+        return jnp.zeros(self.shape, self.dtype)
+
+    def put(self, leaves: list):
+        return leaves[0] if self.uniform else pack(leaves, self.shape[0])
+
+    def take(self, buffer, avals: list) -> list:
+        return [buffer] if self.uniform else unpack(buffer, avals)
+
+
+# -- the program --------------------------------------------------------------------------------
+
+def pipelined_value_and_grad(chunks: Sequence[Chunk], params: Sequence, batch: Sequence, *,
+                             mesh, stage_axis: str, schedule: str, microbatches: int,
+                             virtual: int = 1, data_axes: tuple[str, ...] = ()) -> tuple:
+    """Mean loss and gradients (one per parameter leaf) of the chunked loss over ``batch``
+    (leaves with the batch as leading dim), pipelined over mesh axis ``stage_axis`` and data
+    parallel over ``data_axes``: each microbatch is split over them, and the chunks take the
+    shapes of one device's part.
+
+    Every mesh axis is manual inside the pipeline: a collective the partitioner placed inside
+    one branch of the tick's ``lax.switch`` would be reached by some devices and not others,
+    which deadlocks (seen on the CPU runtime). Data parallelism is therefore explicit: gradients
+    and loss are averaged over ``data_axes`` after the tick loop, where every device runs the
+    same collectives."""
+    stages = int(mesh.shape[stage_axis])
+    replicas = int(np.prod([mesh.shape[a] for a in data_axes])) if data_axes else 1
+    if len(chunks) != stages * virtual:
+        raise ArgumentError(f"{len(chunks)} pipeline chunks for {stages} stages x {virtual} "
+                            "virtual stages")
+    batch_size = {int(x.shape[0]) for x in batch}
+    if len(batch_size) != 1 or next(iter(batch_size)) % microbatches:
+        raise ArgumentError(f"the batch arguments' leading dims {sorted(batch_size)} must be "
+                            f"one size divisible by microbatches={microbatches}")
+    micro = [x.reshape(microbatches, x.shape[0] // microbatches, *x.shape[1:]) for x in batch]
+    if any(x.shape[1] % replicas for x in micro):
+        raise ArgumentError(f"a microbatch of {micro[0].shape[1]} does not split over the "
+                            f"{replicas} devices of mesh axes {data_axes}")
+    micro_avals = [jax.ShapeDtypeStruct((x.shape[1] // replicas, *x.shape[2:]), x.dtype)
+                   for x in micro]
+    param_avals = [jax.ShapeDtypeStruct(jnp.shape(p), jnp.result_type(p)) for p in params]
+    crossings = _crossing_avals(chunks, param_avals, micro_avals)
+    carrier = _Carrier.of(crossings[:-1])
+    chunk_param_avals = [[param_avals[i] for i in c.params] for c in chunks]
+    psize = max([sum(math.prod(a.shape) for a in avals) for avals in chunk_param_avals] + [1])
+    psize = -(-psize // replicas) * replicas  # slices of equal size within a stage
+
+    def packer(d):
+        # packed on the device that holds the chunks: every device has the parameters
+        # (replicated), so no collective moves them into the pipeline
+        def run(leaves):
+            return jnp.stack([pack([leaves[i] for i in chunks[v * stages + d].params], psize)
+                              for v in range(virtual)])
+        return run
+    tables = _tables(schedule, stages, microbatches, virtual)
+    n_chunks = len(chunks)
+
+    def chunk_call(c, pvec, xbuf, m, mb):
+        ps = unpack(pvec, chunk_param_avals[c])
+        xs = [] if c == 0 else carrier.take(xbuf, crossings[c - 1])
+        data = [lax.dynamic_index_in_dim(mb[i], m, keepdims=False) for i in chunks[c].batch]
+        return chunks[c].fn(ps, data, xs)
+
+    def forward_branch(c):
+        def run(state, m, mb):
+            act, pk = state["act"], state["params"]
+            v = c // stages
+            x = act[v, m] if c > 0 else carrier.zeros()
+            outs = chunk_call(c, pk[v], x, m, mb)
+            if c == n_chunks - 1:
+                return carrier.zeros(), carrier.zeros(), jnp.zeros((psize,)), outs[0] / microbatches
+            return carrier.put(outs), carrier.zeros(), jnp.zeros((psize,)), jnp.zeros(())
+        return run
+
+    def backward_branch(c):
+        def run(state, m, mb):
+            v = c // stages
+            x = state["act"][v, m] if c > 0 else carrier.zeros()
+            _, pullback = jax.vjp(lambda pvec, xb: chunk_call(c, pvec, xb, m, mb),
+                                  state["params"][v], x)
+            if c == n_chunks - 1:
+                seed = [jnp.full((), 1.0 / microbatches, jnp.float32)]
+            else:
+                seed = carrier.take(state["cot"][v, m], crossings[c])
+                seed = [s if jnp.issubdtype(s.dtype, jnp.floating)
+                        else np.zeros(s.shape, jax.dtypes.float0) for s in seed]
+            gp, gx = pullback(seed)
+            send_b = gx if c > 0 else carrier.zeros()
+            return carrier.zeros(), send_b.astype(carrier.dtype), gp, jnp.zeros(())
+        return run
+
+    def idle(state, m, mb):
+        return carrier.zeros(), carrier.zeros(), jnp.zeros((psize,)), jnp.zeros(())
+
+    branches = ([forward_branch(c) for c in range(n_chunks)]
+                + [backward_branch(c) for c in range(n_chunks)] + [idle])
+    forward_perm = [(i, (i + 1) % stages) for i in range(stages)]
+    backward_perm = [(i, (i - 1) % stages) for i in range(stages)]
+
+    def body(leaves, mb, table):
+        d = lax.axis_index(stage_axis)
+        pk = lax.switch(d, [packer(i) for i in range(stages)], list(leaves))
+        state0 = {"act": jnp.zeros((virtual, microbatches, *carrier.shape), carrier.dtype),
+                  "cot": jnp.zeros((virtual, microbatches, *carrier.shape), carrier.dtype),
+                  "grads": jnp.zeros((virtual, psize), jnp.float32),
+                  "loss": jnp.zeros((), jnp.float32),
+                  "send_f": carrier.zeros(), "send_b": carrier.zeros()}
+
+        def tick(state, row):
+            row = {k: lax.dynamic_index_in_dim(r, d, keepdims=False) for k, r in row.items()}
+            got_f = lax.ppermute(state["send_f"], stage_axis, forward_perm)
+            got_b = lax.ppermute(state["send_b"], stage_axis, backward_perm)
+            act = _stash(state["act"], row["recv_f"], row["recv_f_v"], row["recv_f_m"], got_f)
+            cot = _stash(state["cot"], row["recv_b"], row["recv_b_v"], row["recv_b_m"], got_b)
+            view = {"act": act, "cot": cot, "params": pk}
+            send_f, send_b, grad, loss = lax.switch(row["branch"], branches, view, row["m"], mb)
+            grads = state["grads"].at[row["v"]].add(grad)
+            return {"act": act, "cot": cot, "grads": grads, "loss": state["loss"] + loss,
+                    "send_f": send_f, "send_b": send_b}, None
+
+        final, _ = lax.scan(tick, state0, table)
+        grads, loss = final["grads"], lax.psum(final["loss"], stage_axis)
+        if data_axes:
+            # hierarchical: average within the stage into slices, exchange only the slices
+            # across stages (the link between nodes carries psize / replicas per device, not
+            # psize), then gather the slices back within the stage
+            grads = lax.psum_scatter(grads, data_axes, scatter_dimension=1, tiled=True)
+            grads = grads / replicas
+            loss = lax.pmean(loss, data_axes)
+        grads = lax.all_gather(grads, stage_axis, axis=0)
+        if data_axes:
+            grads = lax.all_gather(grads, data_axes, axis=2, tiled=True)
+        return grads, loss
+
+    batch_spec = PartitionSpec(None, tuple(data_axes)) if data_axes else PartitionSpec()
+    run = jax.shard_map(body, mesh=mesh, axis_names=set(mesh.axis_names), check_vma=False,
+                        in_specs=([PartitionSpec()] * len(params), [batch_spec] * len(micro),
+                                  PartitionSpec()),
+                        out_specs=(PartitionSpec(), PartitionSpec()))
+    grads_packed, loss = run(list(params), micro, tables)
+    grads = [jnp.zeros(a.shape, jnp.float32) for a in param_avals]
+    for c, chunk in enumerate(chunks):
+        d, v = c % stages, c // stages
+        for i, g in zip(chunk.params, unpack(grads_packed[d, v], chunk_param_avals[c])):
+            grads[i] = grads[i] + g.astype(jnp.float32)
+    return loss, [g.astype(a.dtype) for g, a in zip(grads, param_avals)]
+
+
+def _stash(stash, valid, v, m, incoming):
+    current = stash[v, m]
+    return stash.at[v, m].set(jnp.where(valid > 0, incoming, current))
+
+
+def _crossing_avals(chunks, param_avals, micro_avals) -> list[list]:
+    """Shapes crossing each cut (after chunk c), by abstract evaluation on one microbatch."""
+    crossings, previous = [], []
+    for c, chunk in enumerate(chunks):
+        ps = [param_avals[i] for i in chunk.params]
+        data = [micro_avals[i] for i in chunk.batch]
+        outs = jax.eval_shape(lambda p, b, x, _f=chunk.fn: _f(p, b, x), ps, data, previous)
+        previous = [jax.ShapeDtypeStruct(o.shape, o.dtype) for o in outs]
+        crossings.append(previous)
+    if len(crossings[-1]) != 1 or crossings[-1][0].shape != ():
+        raise ArgumentError(f"the last pipeline chunk must return the scalar loss, got "
+                            f"{crossings[-1]}")
+    return crossings
+
+
+def _tables(schedule: str, stages: int, microbatches: int, virtual: int) -> dict:
+    """The tick table as int arrays [ticks, stages]: which branch to run on which microbatch
+    and chunk slot, and what the permutes delivered at the start of the tick."""
+    table = tick_table(schedule, stages, microbatches, virtual)
+    chunks = stages * virtual
+    ticks = len(table)
+    names = ("branch", "m", "v", "recv_f", "recv_f_v", "recv_f_m", "recv_b", "recv_b_v",
+             "recv_b_m")
+    out = {k: np.zeros((ticks, stages), np.int32) for k in names}
+    out["branch"][:] = 2 * chunks
+    for t, row in enumerate(table):
+        for d, op in enumerate(row):
+            if op is None:
+                continue
+            out["branch"][t, d] = op.chunk if op.kind == "F" else chunks + op.chunk
+            out["m"][t, d] = op.microbatch
+            out["v"][t, d] = op.chunk // stages
+            if t + 1 >= ticks:
+                continue
+            if op.kind == "F" and op.chunk < chunks - 1:
+                to = (op.chunk + 1) % stages
+                out["recv_f"][t + 1, to] = 1
+                out["recv_f_v"][t + 1, to] = (op.chunk + 1) // stages
+                out["recv_f_m"][t + 1, to] = op.microbatch
+            if op.kind == "B" and op.chunk > 0:
+                to = (op.chunk - 1) % stages
+                out["recv_b"][t + 1, to] = 1
+                out["recv_b_v"][t + 1, to] = (op.chunk - 1) // stages
+                out["recv_b_m"][t + 1, to] = op.microbatch
+    return {k: jnp.asarray(v) for k, v in out.items()}

@@ -1,0 +1,151 @@
+"""Pipeline rows: a GPT train step on two simulated 4-GPU H100 nodes ("h100-2node": the mesh's
+first axis crosses the nodes over InfiniBand), pipelined over that axis, against the hand plans
+(data parallel, FSDP, Megatron TP inside a node + data parallel across nodes), autoshard's
+plan without a pipeline, and pipeline="auto".
+
+    python benchmarks/pipeline.py [--layers 8] [--d-model 1024] [--batch 32] [--seq 512]
+
+Measures. Hand plans and autoshard's plan: the compiled executable's roofline, as in
+plan_quality.py (matmul FLOPs and collectives read from the HLO, priced on the profile;
+memory_analysis peak). Pipelined plans: the same conventions applied to the schedule, since a
+roofline of the HLO cannot see which tick waits for which: each chunk's matmul FLOPs (from its
+lifted graph, one device's share of a microbatch) at the profile's matmul rate, backward 3x
+forward (gradients 2x plus the recomputed forward), a collective-permute of the crossing
+activation over the inter-node link per transfer, placed by the schedule simulator; plus the
+gradient all-reduce inside the node read from the compiled HLO (its non-permute collectives).
+Peak memory is the compiled program's. Writes benchmarks/results/pipeline.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pathlib
+import sys
+import time
+
+if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                               " --xla_force_host_platform_device_count=8").strip()
+
+import jax  # noqa: E402
+import optax  # noqa: E402
+from jax.sharding import PartitionSpec as P  # noqa: E402
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import autoshard  # noqa: E402
+from autoshard.cost_model.collectives import collective_time  # noqa: E402
+from autoshard.cost_model.hardware import get_hardware  # noqa: E402
+from autoshard.cost_model.hlo import hlo_stats, measured_step  # noqa: E402
+from autoshard.cost_model.schedule import simulate  # noqa: E402
+from autoshard.ir.mesh import MeshSpec  # noqa: E402
+from autoshard.verify import peak_memory  # noqa: E402
+from benchmarks.plan_quality import abstract_args, hand_plans, load_model, measure  # noqa: E402
+
+HW = "h100-2node"
+
+
+def pipelined_train_step(model):
+    tx = model.tx
+
+    def train_step(params, opt_state, batch):
+        loss, grads = autoshard.value_and_grad(model.loss)(params, batch)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    return train_step
+
+
+def measure_pipelined(step, args, hw, mesh):
+    """Roofline of a pipelined step (module docstring)."""
+    compiled = step.lower(*args).compile()
+    stats = hlo_stats(compiled.as_text())
+    plan, slicing = step.pipeline_plan, step.slicing
+    spec = MeshSpec.from_jax(mesh)
+    stage = spec.index(step.pipeline.axis)
+    rate = hw.matmul_rate("float32")
+    forward = [f / rate for f in slicing.matmul_flops]
+    link = collective_time(hw, spec, "collective-permute", max(slicing.crossing_bytes), (stage,))
+    sim = simulate(plan.schedule, len(plan.stages), plan.microbatches, plan.virtual_stages,
+                   forward, [3 * f for f in forward], link)
+    others = {k: v for k, v in stats.count.items() if k != "collective-permute"}
+    positions = {d.id: i for i, d in enumerate(mesh.devices.flat)}
+    seconds = measured_step(stats, hw, positions).collective_seconds
+    outside = sum(t for kind, t in seconds.items() if kind != "collective-permute")
+    return dict(step_ms=(sim.step_seconds + outside) * 1e3, bubble=sim.bubble_fraction,
+                peak_gib=peak_memory(compiled) / 2**30, microbatches=plan.microbatches,
+                other_collectives=sum(others.values()),
+                permutes=stats.count.get("collective-permute", 0))
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--d-model", type=int, default=1024)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--seq", type=int, default=512)
+    parser.add_argument("--out", default=str(ROOT / "benchmarks/results/pipeline.md"))
+    args_ns = parser.parse_args()
+    model = load_model("gpt", "medium")
+    model.LAYERS, model.D, model.FF = args_ns.layers, args_ns.d_model, 4 * args_ns.d_model
+    model.BATCH, model.SEQ = args_ns.batch, args_ns.seq
+    hw = get_hardware(HW)
+    args = abstract_args(model)
+    rows = []
+    mesh = jax.make_mesh((2, 4), ("data", "model"))
+    for label, in_specs in hand_plans("gpt", model, mesh, args).items():
+        step = autoshard.compile(model.train_step, *args, mesh=mesh, planner="data-parallel",
+                                 in_specs=in_specs, out_specs=(in_specs[0], in_specs[1], P()))
+        rows.append((label, measure(step, args, hw, mesh), ""))
+        print(label, rows[-1][1], flush=True)
+    start = time.perf_counter()
+    step = autoshard.compile(model.train_step, *args, mesh=mesh, hardware=hw, cache=False)
+    rows.append(("autoshard, no pipeline", measure(step, args, hw, mesh),
+                 f"planned in {time.perf_counter() - start:.1f} s"))
+    print(rows[-1], flush=True)
+    pipe_mesh = jax.make_mesh((2, 4), ("stage", "data"))
+    train_step = pipelined_train_step(model)
+    for pipe in (autoshard.Pipeline(2, None, "1f1b"), autoshard.Pipeline(2, None, "gpipe"),
+                 autoshard.Pipeline(2, None, "interleaved", virtual_stages=2)):
+        start = time.perf_counter()
+        step = autoshard.compile(train_step, *args, mesh=pipe_mesh, hardware=hw, pipeline=pipe)
+        plan_s = time.perf_counter() - start
+        result = measure_pipelined(step, args, hw, pipe_mesh)
+        label = f"pipeline {pipe.schedule} x{pipe.virtual_stages} (M={result['microbatches']})"
+        rows.append((label, result, f"planned in {plan_s:.1f} s; simulated "
+                     f"{step.pipeline_plan.total_seconds * 1e3:.3f} ms"))
+        print(rows[-1], flush=True)
+    start = time.perf_counter()
+    auto = autoshard.compile(train_step, *args, mesh=mesh, hardware=hw, pipeline="auto",
+                             cache=False)
+    piped, flat = auto.auto_decision
+    chose = "pipeline" if isinstance(auto, autoshard.PipelinedFunction) else "no pipeline"
+    rows.append(("pipeline='auto'", {}, f"chose {chose}: predicted pipelined {piped * 1e3:.3f} ms "
+                 f"vs not {flat * 1e3:.3f} ms ({time.perf_counter() - start:.1f} s)"))
+    print(rows[-1], flush=True)
+    write(rows, args_ns, pathlib.Path(args_ns.out))
+
+
+def write(rows, ns, path):
+    lines = [
+        "# Pipeline on two 4-GPU nodes (h100-2node)", "",
+        f"GPT train step with AdamW: {ns.layers} layers, d={ns.d_model}, seq {ns.seq}, "
+        f"batch {ns.batch}; mesh (2, 4), the first axis across the nodes. Command: "
+        f"`python benchmarks/pipeline.py --layers {ns.layers} --d-model {ns.d_model} "
+        f"--batch {ns.batch} --seq {ns.seq}`. How each row is measured: the module docstring "
+        "of benchmarks/pipeline.py.", "",
+        "| plan | step ms (matmul + collectives) | peak GiB / device | bubble | notes |",
+        "|---|---|---|---|---|"]
+    for label, r, note in rows:
+        step = f"{r['step_ms']:.3f}" if "step_ms" in r else ""
+        peak = f"{r['peak_gib']:.3f}" if "peak_gib" in r else ""
+        bubble = f"{r['bubble']:.1%}" if "bubble" in r else ""
+        lines.append(f"| {label} | {step} | {peak} | {bubble} | {note} |")
+    path.write_text("\n".join(lines) + "\n")
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,136 @@
+"""Pipelined train steps equal unpipelined ones (loss, new parameters, new optimizer state).
+
+The optimizer is AdamW with eps=1e-4: at the first step AdamW's update is about
+lr * g / (|g| + eps), so with the default eps=1e-8 a gradient of 1e-9 that microbatching's
+summation order turns into -1e-9 flips an update by 2 * lr; with eps=1e-4 the update moves by at
+most lr / eps times the gradient difference, and tolerances can stay at 1e-5.
+"""
+
+import json
+
+import jax
+import numpy as np
+import optax
+import pytest
+
+import autoshard
+from autoshard.cost_model.hardware import get_hardware
+from autoshard.passes.lift import lift_jaxpr
+from autoshard.passes.stages import slice_loss
+from tests.models import gpt
+
+TOL = dict(rtol=1e-5, atol=1e-5)
+tx = optax.adamw(1e-3, eps=1e-4, weight_decay=0.01)
+
+
+def train_step(params, opt_state, batch):
+    loss, grads = autoshard.value_and_grad(gpt.loss)(params, batch)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, loss
+
+
+def example(layers):
+    params = gpt.init(jax.random.key(0), layers=layers)
+    return params, tx.init(params), gpt.batch(jax.random.key(1))
+
+
+@pytest.fixture(scope="module")
+def eight_layers():
+    args = example(8)
+    return args, jax.jit(train_step)(*args)
+
+
+def assert_same(got, want):
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), err_msg=jax.tree_util.keystr(path),
+                                   **TOL)
+
+
+@pytest.mark.parametrize("shape,names,pipeline", [
+    ((4, 2), ("stage", "data"), autoshard.Pipeline(4, 4, "gpipe")),
+    ((4, 2), ("stage", "data"), autoshard.Pipeline(4, 4, "1f1b")),
+    ((4, 2), ("stage", "data"), autoshard.Pipeline(4, 4, "interleaved", virtual_stages=2)),
+    ((2, 2, 2), ("stage", "data", "model"), autoshard.Pipeline(2, 8, "1f1b")),
+    ((2, 2, 2), ("stage", "data", "model"), autoshard.Pipeline(2, 2, "interleaved",
+                                                               virtual_stages=2)),
+], ids=["4x2-gpipe", "4x2-1f1b", "4x2-interleaved", "2x2x2-1f1b", "2x2x2-interleaved"])
+def test_pipelined_step_equals_unpipelined(eight_layers, shape, names, pipeline):
+    args, want = eight_layers
+    mesh = jax.make_mesh(shape, names)
+    step = autoshard.compile(train_step, *args, mesh=mesh, pipeline=pipeline)
+    assert isinstance(step, autoshard.PipelinedFunction)
+    assert_same(step(*args), want)
+    plan = step.pipeline_plan
+    assert len(plan.stages) == pipeline.stages and plan.microbatches == pipeline.microbatches
+    assert 0 < plan.bubble_fraction < 1
+
+
+def test_uneven_layers_per_stage(tmp_path):
+    """Six layers (and the embedding and head) on four stages: the slices are uneven."""
+    args = example(6)
+    want = jax.jit(train_step)(*args)
+    step = autoshard.compile(train_step, *args, mesh=jax.make_mesh((4, 2), ("stage", "data")),
+                             pipeline=autoshard.Pipeline(4, 2, "1f1b"))
+    assert_same(step(*args), want)
+    text = step.lower(*args).compile().as_text()
+    # activations and cotangents move between neighbouring stages by collective-permute
+    assert text.count("collective-permute-start") + text.count(" collective-permute(") >= 2
+    # the simulated schedule as Chrome trace events: one complete event per op, one track each
+    step.save_trace(tmp_path / "trace.json")
+    events = json.loads((tmp_path / "trace.json").read_text())["traceEvents"]
+    ops = [e for e in events if e["ph"] == "X"]
+    assert len(ops) == 2 * 4 * 2 and {e["tid"] for e in ops} == {0, 1, 2, 3}
+    assert all(e["dur"] > 0 for e in ops)
+
+
+def test_slices_are_balanced_and_cut_at_the_residual_stream():
+    params, _, batch = example(8)
+    leaves, tree = jax.tree.flatten(params)
+    micro = jax.tree.map(lambda x: jax.ShapeDtypeStruct((2, *x.shape[1:]), x.dtype), batch)
+
+    def flat_loss(p, b):
+        return gpt.loss(jax.tree.unflatten(tree, p), b)
+
+    graph = lift_jaxpr(jax.make_jaxpr(flat_loss)(leaves, micro))
+    sliced = slice_loss(graph, len(leaves), 4, get_hardware("h100"))
+    times = sliced.forward_seconds
+    assert max(times) / min(times) < 1.25
+    residual = 2 * gpt.SEQ * gpt.D * 4  # microbatch x seq x width, float32
+    assert all(residual <= b <= 1.1 * residual for b in sliced.crossing_bytes)
+    with pytest.raises(autoshard.PlanError, match="fewer than the"):
+        slice_loss(graph, len(leaves), 400, get_hardware("h100"))
+
+
+def test_pipeline_errors_name_what_to_do():
+    args = example(2)
+    with pytest.raises(autoshard.ArgumentError, match="needs an axis named 'stage'"):
+        autoshard.compile(train_step, *args, mesh=jax.make_mesh((4, 2), ("data", "model")),
+                          pipeline=autoshard.Pipeline(4, 2))
+
+    def plain_step(params, opt_state, batch):
+        loss, grads = jax.value_and_grad(gpt.loss)(params, batch)
+        return params, opt_state, loss
+
+    with pytest.raises(autoshard.PlanError, match="never called autoshard.value_and_grad"):
+        autoshard.compile(plain_step, *args, mesh=jax.make_mesh((4, 2), ("stage", "data")),
+                          pipeline=autoshard.Pipeline(4, 2))
+    with pytest.raises(autoshard.ArgumentError, match="needs schedule='interleaved'"):
+        autoshard.Pipeline(4, 4, "1f1b", virtual_stages=2)
+
+
+def test_value_and_grad_outside_a_pipeline_is_jax():
+    params, _, batch = example(2)
+    got = autoshard.value_and_grad(gpt.loss)(params, batch)
+    want = jax.value_and_grad(gpt.loss)(params, batch)
+    assert_same(got, want)
+    assert_same(autoshard.grad(gpt.loss)(params, batch), want[1])
+
+
+def test_auto_does_not_pipeline_a_small_model_on_one_node():
+    args = example(2)
+    step = autoshard.compile(train_step, *args, mesh=jax.make_mesh((2, 4), ("data", "model")),
+                             pipeline="auto", cache=False)
+    assert isinstance(step, autoshard.ShardedFunction)
+    piped, flat = step.auto_decision
+    assert piped > flat
+
