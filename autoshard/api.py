@@ -82,6 +82,9 @@ class _Planned:
 
 
 PLANNERS = ("search", "data-parallel")
+#: Under annotations="hint", how much faster (predicted) the searched plan must be to override
+#: the user's annotated layouts.
+HINT_MARGIN = 0.02
 
 
 def shard_batch(local_batch: Any, fn: ShardedFunction, argnum: int | None = None) -> Any:
@@ -362,8 +365,8 @@ class ShardedFunction:
                 donated = {i for a in opts.donate_argnums if a in spans for i in spans[a]}
                 plan, lowered, jitted = self._search_within_budget(
                     args, traced, graph, mesh_spec, pins, donated)
-                plan = self._with_annotation_report(plan, traced, graph, mesh_spec, pins,
-                                                    donated)
+                plan, lowered, jitted = self._with_annotation_report(
+                    plan, lowered, jitted, traced, graph, mesh_spec, pins, donated, len(args))
                 source = "solved"
                 self._warn_if_time_limited(plan)
                 if key is not None:
@@ -403,13 +406,16 @@ class ShardedFunction:
             opts.solver_time_limit, opts.annotations, None if opts.annotation_specs is None
             else [None if s is None else str(s) for s in opts.annotation_specs])
 
-    def _with_annotation_report(self, plan: Plan, traced, graph, mesh_spec, pins: Pins,
-                                donated) -> Plan:
+    def _with_annotation_report(self, plan: Plan, lowered, jitted, traced, graph, mesh_spec,
+                                pins: Pins, donated, nargs: int):
         """Solve the step in the other annotation mode too and attach the comparison
-        (passes/annotations.py says why both are solved)."""
+        (passes/annotations.py says why both are solved). Under ``"hint"`` without a memory
+        budget, the annotated plan runs unless the search is predicted faster by more than
+        ``HINT_MARGIN``: a user's layout is not overridden for a rounding-level gain (with a
+        budget the searched plan is the one held to it, so it runs)."""
         opts = self._options
         if opts.annotations == "ignore" or not pins.annotated:
-            return plan
+            return plan, lowered, jitted
         other_mode = "require" if opts.annotations == "hint" else "hint"
         other_pins = collect_pins(graph, mesh_spec, in_specs=opts.in_specs,
                                   out_specs=opts.out_specs, in_tree=traced.in_tree,
@@ -423,9 +429,21 @@ class ShardedFunction:
                             memory_budget=opts.memory_budget,
                             time_limit=opts.solver_time_limit)
         hint_pins = pins if opts.annotations == "hint" else other_pins
+        if (opts.annotations == "hint" and opts.memory_budget is None
+                and other.prediction is not None and plan.prediction is not None
+                and other.prediction.step_seconds
+                <= plan.prediction.step_seconds * (1 + HINT_MARGIN)):
+            self._progress(f"keeping the annotated layouts: the search is predicted only "
+                           f"{other.prediction.step_seconds / plan.prediction.step_seconds - 1:.2%}"
+                           f" faster (margin {HINT_MARGIN:.0%})")
+            report = annotation_report(other, plan, hint_pins, "require", opts.hardware,
+                                       donated=donated, updated=updated)
+            plan = replace(other, annotation_report=replace(report, mode="hint"))
+            lowered = lower(plan, opts.mesh)
+            return plan, lowered, self._jit(traced, lowered, nargs)
         report = annotation_report(plan, other, hint_pins, opts.annotations, opts.hardware,
                                    donated=donated, updated=updated)
-        return replace(plan, annotation_report=report)
+        return replace(plan, annotation_report=report), lowered, jitted
 
     def _store(self, key: str, plan: Plan) -> str | None:
         """Write the plan to the cache; a cache that cannot be written costs a warning, not

@@ -53,6 +53,11 @@ def dump(plan: Any, directory: str | pathlib.Path, *, verification: Any = None) 
     ``verification`` (an ``autoshard.verify`` result) to show predicted vs compiled. Returns
     the directory."""
     if not isinstance(plan, Plan):
+        if hasattr(plan, "pipeline_plan"):
+            raise ArgumentError(
+                "autoshard.dump: pipelined steps have no operator-level plan to dump yet; "
+                "print step.pipeline_plan.summary() and write the schedule with "
+                "step.save_trace(path) (Chrome trace events, for Perfetto)")
         plan = getattr(plan, "plan", None)
         if not isinstance(plan, Plan):
             raise ArgumentError("autoshard.dump needs a Plan or an autoshard.compile result, got "

@@ -389,15 +389,12 @@ def annotation_spec(var: nnx.Variable, mesh: jax.sharding.Mesh, where: str
             if name is None or name is PartitionSpec.UNCONSTRAINED:
                 continue
             axis = rules.get(name, name)
-            resolved += [a for a in (axis if isinstance(axis, tuple) else (axis,)) if a]
-        for axis in resolved:
-            if axis not in mesh.axis_names:
-                raise ShardingError(
-                    f"{where}: its sharding annotation {raw} names {axis!r}, which is neither "
-                    f"an axis of the mesh {tuple(mesh.axis_names)} nor a logical axis with a "
-                    f"rule; map it to a mesh axis (with nnx.logical_axis_rules([({axis!r}, "
-                    f"{mesh.axis_names[-1]!r})]): around autoshard.compile), or compile with "
-                    "annotations='ignore'")
+            mapped = [a for a in (axis if isinstance(axis, tuple) else (axis,)) if a]
+            for a in mapped:
+                if a not in mesh.axis_names:
+                    raise ShardingError(_unknown_axis_message(where, raw, name, a, name in rules,
+                                                              mesh))
+            resolved += mapped
         size = math.prod(mesh.shape[a] for a in resolved)
         if shape[dim] % size:
             raise ShardingError(
@@ -435,3 +432,17 @@ def _with_chosen_sharding(results: Any) -> Any:
         if isinstance(leaf, nnx.Variable):
             _chosen_metadata(leaf)
     return results
+
+
+def _unknown_axis_message(where: str, raw, name: str, axis: str, has_rule: bool, mesh) -> str:
+    """Rules do not chain (as in flax), so the fix is to the rule or the annotation itself."""
+    axes = tuple(mesh.axis_names)
+    if has_rule:
+        return (f"{where}: its sharding annotation {raw} has the logical axis {name!r}, which "
+                f"your rules map to {axis!r}, not an axis of the mesh {axes}; change that rule "
+                f"to a mesh axis or None (e.g. ({name!r}, {axes[-1]!r})), or compile with "
+                "annotations='ignore'")
+    return (f"{where}: its sharding annotation {raw} names {axis!r}, which is neither an axis "
+            f"of the mesh {axes} nor a logical axis with a rule; add a rule mapping it to a "
+            f"mesh axis or None (nnx.logical_axis_rules([({axis!r}, {axes[-1]!r})]) around "
+            "autoshard.compile), or compile with annotations='ignore'")

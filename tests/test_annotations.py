@@ -78,6 +78,18 @@ def test_bad_annotation_overridden_under_hint_kept_under_require_reported_in_bot
     assert again.annotation_report == hint.plan.annotation_report
 
 
+def test_hint_keeps_annotations_when_the_search_saves_too_little(monkeypatch):
+    """With the margin raised above the bad annotation's cost, "hint" runs the annotated plan
+    and the report marks the difference as kept."""
+    monkeypatch.setattr(autoshard.api, "HINT_MARGIN", 100.0)
+    step, _ = compile_mlp("hint")
+    assert spec_of(step.plan, BAD) == P("model", None)
+    report = step.plan.annotation_report
+    rows = {d.path: d for d in report.differences}
+    assert report.mode == "hint" and rows[BAD].kept and report.cost_seconds > 0
+    assert "kept (hint: the search saves too little)" in step.plan.summary()
+
+
 def test_hint_is_never_predicted_slower_than_require():
     step, _ = compile_mlp("hint", annotation=(None, "model"))
     report = step.plan.annotation_report
@@ -92,6 +104,11 @@ def test_logical_names_resolve_through_rules_and_errors_name_the_parameter():
     with pytest.raises(autoshard.ShardingError, match=r"model\['l1'\]\['kernel'\].*'mlp'.*"
                        "logical_axis_rules"):
         compile_mlp("hint", annotation=("embed", "mlp"))
+    # a rule mapping to an axis the mesh lacks: the fix is that rule (rules do not chain)
+    with nnx.logical_axis_rules([("embed", None), ("mlp", "tensor")]):
+        with pytest.raises(autoshard.ShardingError, match=r"logical axis 'mlp', which your "
+                           r"rules map to 'tensor'.*change that rule"):
+            compile_mlp("hint", annotation=("embed", "mlp"))
     with pytest.raises(autoshard.ShardingError, match=r"m\['l1'\]\['kernel'\].*does not "
                        "divide"):
         _nondividing()

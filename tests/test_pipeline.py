@@ -81,6 +81,8 @@ def test_uneven_layers_per_stage(tmp_path):
     ops = [e for e in events if e["ph"] == "X"]
     assert len(ops) == 2 * 4 * 2 and {e["tid"] for e in ops} == {0, 1, 2, 3}
     assert all(e["dur"] > 0 for e in ops)
+    with pytest.raises(autoshard.ArgumentError, match="save_trace"):
+        autoshard.dump(step, tmp_path / "dump")
 
 
 def test_slices_are_balanced_and_cut_at_the_residual_stream():

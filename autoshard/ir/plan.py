@@ -136,7 +136,9 @@ class AnnotationReport:
         return self.annotated_step_seconds - self.searched_step_seconds
 
     def lines(self, max_rows: int = 40) -> list[str]:
-        kept = "kept (required)" if self.mode == "require" else "overridden (hint)"
+        kept = "kept (required)" if self.mode == "require" else (
+            "kept (hint: the search saves too little)" if any(d.kept for d in self.differences)
+            else "overridden (hint)")
         lines = [f"annotations ({self.mode}): {len(self.differences)} of {self.annotated} "
                  f"annotated arguments differ from the searched plan; predicted step "
                  f"{self.annotated_step_seconds * 1e3:.4g} ms as annotated vs "

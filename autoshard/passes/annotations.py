@@ -20,7 +20,6 @@ from __future__ import annotations
 import numpy as np
 
 from autoshard.cost_model.hardware import Hardware
-from autoshard.ir.mesh import MeshSpec
 from autoshard.ir.plan import AnnotationDiff, AnnotationReport, Plan
 from autoshard.passes.pins import Pins
 from autoshard.passes.plan_search import local_costs
