@@ -133,11 +133,13 @@ def _pipelined(fun: Callable, argnums, args: Sequence[Any], context: _PipelineCo
     parallel = [m for m in candidates if (size // m) % full == 0]
     if pipe.microbatches is not None:
         microbatches = pipe.microbatches
-        if microbatches not in candidates:
+        if size % microbatches:
             raise ArgumentError(f"{function_name(fun)}: microbatches={microbatches} must divide "
-                                f"the batch of {size}"
-                                + (" and be a multiple of the stages" if pipe.schedule ==
-                                   "interleaved" else ""))
+                                f"the batch of {size}")
+        if microbatches not in candidates:
+            raise ArgumentError(f"{function_name(fun)}: the interleaved schedule needs "
+                                f"microbatches ({microbatches}) to be a multiple of the "
+                                f"{pipe.stages} stages")
         slicing, data_axes = sliced(microbatches)
     else:
         if not candidates:

@@ -116,6 +116,10 @@ def test_pipeline_errors_name_what_to_do():
     with pytest.raises(autoshard.PlanError, match="never called autoshard.value_and_grad"):
         autoshard.compile(plain_step, *args, mesh=jax.make_mesh((4, 2), ("stage", "data")),
                           pipeline=autoshard.Pipeline(4, 2))
+    with pytest.raises(autoshard.ArgumentError, match=r"microbatches \(2\) to be a multiple of "
+                       "the 4 stages"):
+        autoshard.compile(train_step, *args, mesh=jax.make_mesh((4, 2), ("stage", "data")),
+                          pipeline=autoshard.Pipeline(4, 2, "interleaved", virtual_stages=2))
     with pytest.raises(autoshard.ArgumentError, match="needs schedule='interleaved'"):
         autoshard.Pipeline(4, 4, "1f1b", virtual_stages=2)
 

@@ -56,8 +56,9 @@ def slice_loss(graph: Graph, num_params: int, num_chunks: int, hw: Hardware,
     recomputed = _recomputable(graph, params)
     work = [n for n in graph.nodes if n.id not in recomputed]
     if len(work) < num_chunks:
-        raise PlanError(f"{what} has {len(work)} ops that read parameters, fewer than the "
-                        f"{num_chunks} pipeline chunks asked for")
+        raise PlanError(f"{what} has {len(work)} ops that depend on parameters, fewer than the "
+                        f"{num_chunks} pipeline chunks (stages x virtual stages) asked for; use "
+                        "fewer stages or virtual stages")
     seconds = np.array([_forward_seconds(hw, n) for n in work])
     crossing = _crossing_bytes(graph, work)
     candidates = _candidates(crossing, seconds)
