@@ -26,6 +26,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/iopddl.py
 	$(BIN)/python benchmarks/pipeline.py
 	$(BIN)/python benchmarks/dump_size.py
+	$(BIN)/python benchmarks/nnx_annotations.py
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache
