@@ -345,6 +345,7 @@ class ShardedFunction:
                             annotations=opts.annotation_specs,
                             annotation_mode=opts.annotations)
         spans = self._argument_spans(traced, len(args))
+        graph_digest = graph_fingerprint(graph)  # the cache key, the record and the agreement
         source, cache_path = "rule", None
         if opts.planner == "data-parallel":
             plan = data_parallel_plan(graph, mesh_spec, pins, in_tree=traced.in_tree,
@@ -353,9 +354,10 @@ class ShardedFunction:
             lowered = lower(plan, opts.mesh)
             jitted = self._jit(traced, lowered, len(args))
         else:
-            key = self._cache_key(graph, args) if opts.cache is not None else None
+            key = self._cache_key(graph_digest, args) if opts.cache is not None else None
             plan = None if key is None else opts.cache.load(
-                key, graph, in_tree=traced.in_tree, out_tree=traced.out_tree)
+                key, graph, in_tree=traced.in_tree, out_tree=traced.out_tree,
+                graph_digest=graph_digest)
             if plan is not None:
                 source, cache_path = "cache", str(opts.cache.path(key))
                 self._progress(f"plan cache hit: {cache_path}")
@@ -369,9 +371,10 @@ class ShardedFunction:
                     plan, lowered, jitted, traced, graph, mesh_spec, pins, donated, len(args))
                 source = "solved"
                 self._warn_if_time_limited(plan)
-                if key is not None:
-                    cache_path = self._store(key, plan)
-        digest = multihost.agree(self.__name__, plan_to_json(plan), graph)
+        record = plan_to_json(plan, graph_digest=graph_digest)
+        if source == "solved" and key is not None:
+            cache_path = self._store(key, record)
+        digest = multihost.agree(self.__name__, record, graph)
         seconds = time.perf_counter() - start
         log.info("autoshard: planned %s in %.2fs (%d nodes, plan %s%s)", self.__name__, seconds,
                  graph.num_nodes(), source, f", {cache_path}" if cache_path else "")
@@ -391,13 +394,13 @@ class ShardedFunction:
             f"plan found ({stats.engine}: cost {stats.objective * 1e3:.4g} ms, {bound}). Raise "
             "solver_time_limit for a better plan."), stacklevel=4)
 
-    def _cache_key(self, graph: Graph, args: Sequence[Any]) -> str:
+    def _cache_key(self, graph_digest: str, args: Sequence[Any]) -> str:
         """The plan cache key: everything the plan depends on (plan_cache.py)."""
         opts = self._options
         shardings = [_sharding_key(leaf) for i, a in enumerate(args)
                      if i not in opts.static_argnums for leaf in jax.tree_util.tree_leaves(a)]
         return fingerprint(
-            "autoshard", __version__, "jax", jax.__version__, graph_fingerprint(graph),
+            "autoshard", __version__, "jax", jax.__version__, graph_digest,
             shardings, list(opts.mesh.axis_names), [int(s) for s in opts.mesh.axis_sizes],
             [str(t) for t in getattr(opts.mesh, "axis_types", ())], repr(opts.hardware),
             opts.memory_budget, opts.planner, list(opts.donate_argnums),
@@ -445,11 +448,11 @@ class ShardedFunction:
                                    donated=donated, updated=updated)
         return replace(plan, annotation_report=report), lowered, jitted
 
-    def _store(self, key: str, plan: Plan) -> str | None:
-        """Write the plan to the cache; a cache that cannot be written costs a warning, not
-        the run."""
+    def _store(self, key: str, record: dict) -> str | None:
+        """Write the plan's record to the cache; a cache that cannot be written costs a
+        warning, not the run."""
         try:
-            return str(self._options.cache.store(key, plan))
+            return str(self._options.cache.store(key, record))
         except OSError as err:
             log.warning("autoshard: could not write the plan cache entry for %s under %s: %s",
                         self.__name__, self._options.cache.directory, err)

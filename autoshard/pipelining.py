@@ -27,7 +27,7 @@ from typing import Any, Callable, Sequence
 
 import jax
 import numpy as np
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from autoshard.cost_model.collectives import collective_time
 from autoshard.cost_model.hardware import Hardware
@@ -37,6 +37,7 @@ from autoshard.ir.errors import ArgumentError, PlanError
 from autoshard.ir.mesh import MeshSpec
 from autoshard.ir.pipeline import Pipeline, PipelinePlan, StageReport
 from autoshard.passes.lift import lift_jaxpr
+from autoshard.passes.lower import auto_mesh
 from autoshard.passes.stages import Slicing, slice_loss
 from autoshard.passes.trace import function_name
 from autoshard.runtime.pipeline import pipelined_value_and_grad
@@ -108,7 +109,7 @@ def _pipelined(fun: Callable, argnums, args: Sequence[Any], context: _PipelineCo
     if any(not x.shape or x.shape[0] != size for x in batch):
         raise ArgumentError(f"{function_name(fun)}: every batch argument needs the same leading "
                             f"dim; got {[tuple(x.shape) for x in batch]}")
-    mesh = _auto_view(context.mesh)
+    mesh = auto_mesh(context.mesh)
 
     def flat_loss(p, b):
         inner = jax.tree.unflatten(ptree, p)
@@ -161,12 +162,6 @@ def _pipelined(fun: Callable, argnums, args: Sequence[Any], context: _PipelineCo
                                            virtual=pipe.virtual_stages, data_axes=data_axes)
     grads = jax.tree.unflatten(ptree, grads)
     return loss, (grads[0] if isinstance(argnums, int) else tuple(grads))
-
-
-def _auto_view(mesh: Mesh) -> Mesh:
-    if all(t == AxisType.Auto for t in mesh.axis_types):
-        return mesh
-    return Mesh(mesh.devices, mesh.axis_names, axis_types=(AxisType.Auto,) * len(mesh.axis_names))
 
 
 def data_parallel_axes(mesh: Mesh, stage_axis: str, microbatch: int) -> tuple[str, ...]:
@@ -269,7 +264,7 @@ class PipelinedFunction:
         self._statics = static_argnums
         dynamic = [i for i in range(len(example_args)) if i not in static_argnums]
         batch = batch_argnums if batch_argnums is not None else dynamic[-1:]
-        auto = _auto_view(mesh)
+        auto = auto_mesh(mesh)
         replicated = NamedSharding(auto, PartitionSpec())
 
         def in_sharding(i, arg):
@@ -341,9 +336,7 @@ def _placed_leaf(x, sharding: NamedSharding):
 
 
 def _batch_sharding(x, mesh: Mesh, stage_axis: str) -> NamedSharding:
-    axes = [a for a in mesh.axis_names if a != stage_axis]
     shape = np.shape(x)
-    while axes and (not shape or shape[0] % int(np.prod([mesh.shape[a] for a in axes]))):
-        axes.pop()
-    return NamedSharding(mesh, PartitionSpec(tuple(axes)) if axes else PartitionSpec())
+    axes = data_parallel_axes(mesh, stage_axis, shape[0]) if shape else ()
+    return NamedSharding(mesh, PartitionSpec(axes) if axes else PartitionSpec())
 

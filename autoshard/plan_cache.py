@@ -30,7 +30,7 @@ from typing import Any
 from autoshard.ir.errors import PlanError
 from autoshard.ir.graph import Graph
 from autoshard.ir.plan import Plan
-from autoshard.ir.plan_json import SCHEMA_VERSION, plan_from_json, plan_to_json
+from autoshard.ir.plan_json import SCHEMA_VERSION, plan_from_json
 
 log = logging.getLogger("autoshard")
 
@@ -71,9 +71,11 @@ class PlanCache:
     def path(self, key: str) -> Path:
         return self.directory / f"v{SCHEMA_VERSION}" / key[:2] / f"{key}.json"
 
-    def load(self, key: str, graph: Graph, *, in_tree: Any, out_tree: Any) -> Plan | None:
-        """The cached plan for ``key`` re-attached to ``graph``; None on a miss, and None with a
-        ``PlanCacheWarning`` for an entry that cannot be trusted."""
+    def load(self, key: str, graph: Graph, *, in_tree: Any, out_tree: Any,
+             graph_digest: str | None = None) -> Plan | None:
+        """The cached plan for ``key`` re-attached to ``graph`` (``graph_digest``: its
+        fingerprint, if known); None on a miss, and None with a ``PlanCacheWarning`` for an
+        entry that cannot be trusted."""
         path = self.path(key)
         try:
             text = path.read_text()
@@ -91,15 +93,15 @@ class PlanCache:
             return self._ignore(path, "was written for another key")
         try:
             return plan_from_json(entry.get("plan"), graph, in_tree=in_tree, out_tree=out_tree,
-                                  where=f"plan cache entry {path}")
+                                  where=f"plan cache entry {path}", graph_digest=graph_digest)
         except PlanError as err:
             return self._ignore(path, f"is stale ({err})")
 
-    def store(self, key: str, plan: Plan) -> Path:
-        """Write ``plan`` under ``key`` atomically; returns the entry's path."""
+    def store(self, key: str, record: dict) -> Path:
+        """Write a plan's record (``plan_to_json``) under ``key`` atomically; returns the
+        entry's path."""
         path = self.path(key)
-        text = json.dumps({"format": ENTRY_FORMAT, "key": key, "plan": plan_to_json(plan)},
-                          sort_keys=True)
+        text = json.dumps({"format": ENTRY_FORMAT, "key": key, "plan": record}, sort_keys=True)
         atomic_write_text(path, text)
         return path
 

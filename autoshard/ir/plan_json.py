@@ -145,8 +145,10 @@ def _boundary(plan: Plan, values, specs, names, prefix: str) -> list[dict]:
     return rows
 
 
-def plan_to_json(plan: Plan) -> dict:
-    """The plan's decisions as a JSON-able dict (see the module docstring for the schema)."""
+def plan_to_json(plan: Plan, *, graph_digest: str | None = None) -> dict:
+    """The plan's decisions as a JSON-able dict (see the module docstring for the schema);
+    ``graph_digest``: ``graph_fingerprint(plan.graph)`` when the caller has it already (it
+    walks the whole graph)."""
     g = plan.graph
     p, s = plan.prediction, plan.solver
     return {
@@ -154,7 +156,7 @@ def plan_to_json(plan: Plan) -> dict:
         "method": plan.method,
         "mesh": {"axis_names": list(plan.mesh.axis_names),
                  "axis_sizes": list(plan.mesh.axis_sizes)},
-        "graph_fingerprint": graph_fingerprint(g),
+        "graph_fingerprint": graph_digest or graph_fingerprint(g),
         "inputs": _boundary(plan, g.inputs, plan.input_specs,
                             [v.name or f"in[{i}]" for i, v in enumerate(g.inputs)], "in"),
         "outputs": _boundary(plan, g.outputs, plan.output_specs, list(g.output_names), "out"),
@@ -243,11 +245,12 @@ def check_header(doc: Any, where: str) -> None:
 
 
 def plan_from_json(doc: dict, graph: Graph, *, in_tree: Any, out_tree: Any,
-                   where: str = "plan record") -> Plan:
-    """Re-attach stored decisions to ``graph``. PlanError when the record is of another schema
-    version or was made for a different graph."""
+                   where: str = "plan record", graph_digest: str | None = None) -> Plan:
+    """Re-attach stored decisions to ``graph`` (``graph_digest``: its fingerprint, if known).
+    PlanError when the record is of another schema version or was made for a different
+    graph."""
     check_header(doc, where)
-    if doc.get("graph_fingerprint") != graph_fingerprint(graph):
+    if doc.get("graph_fingerprint") != (graph_digest or graph_fingerprint(graph)):
         raise PlanError(f"{where} was made for a different program (graph fingerprint differs)")
     try:
         mesh = MeshSpec(tuple(doc["mesh"]["axis_names"]), tuple(doc["mesh"]["axis_sizes"]))
@@ -282,11 +285,17 @@ def plan_from_json(doc: dict, graph: Graph, *, in_tree: Any, out_tree: Any,
         raise PlanError(f"{where} is malformed: {type(err).__name__}: {err}") from None
 
 
+def plan_decisions(doc: dict) -> dict:
+    """What a plan record decides (method, mesh, graph, every spec by path or id), not how long
+    it took: two processes that chose the same plan have equal decisions even when their solve
+    times differ."""
+    decisions = {k: doc[k] for k in ("method", "mesh", "graph_fingerprint", "values",
+                                     "operands", "unplanned")}
+    decisions["inputs"] = [[r["path"], r["spec"]] for r in doc["inputs"]]
+    decisions["outputs"] = [[r["path"], r["spec"]] for r in doc["outputs"]]
+    return decisions
+
+
 def decisions_digest(doc: dict) -> str:
-    """A digest of what a plan decides (specs and method), not of how long it took: two
-    processes that chose the same plan agree on it even when their solve times differ."""
-    keep = {k: doc[k] for k in ("method", "mesh", "graph_fingerprint", "values", "operands",
-                                "unplanned")}
-    keep["inputs"] = [r["spec"] for r in doc["inputs"]]
-    keep["outputs"] = [r["spec"] for r in doc["outputs"]]
-    return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()
+    """A digest of ``plan_decisions(doc)``."""
+    return hashlib.sha256(json.dumps(plan_decisions(doc), sort_keys=True).encode()).hexdigest()

@@ -132,8 +132,7 @@ def _candidates(crossing: np.ndarray, seconds: np.ndarray) -> list[int]:
     if not interior:
         return []
     narrowest = min(crossing[k] for k in interior)
-    return [k for k in range(1, len(seconds))
-            if crossing[k] <= CUT_SLACK * narrowest and seconds[k - 1] + seconds[k] >= 0]
+    return [k for k in range(1, len(seconds)) if crossing[k] <= CUT_SLACK * narrowest]
 
 
 def _balance(candidates: list[int], prefix: np.ndarray, crossing: np.ndarray,
@@ -175,26 +174,26 @@ def _build_chunks(graph: Graph, work: list[Node], bounds: tuple[int, ...],
     order = {n.id: i for i, n in enumerate(graph.nodes)}
     input_index = {v.id: i for i, v in enumerate(graph.inputs)}
     loss = graph.outputs[0]
+    loss_ids = {loss.id} if isinstance(loss, Value) else set()
+    values = {v.id: v for v in graph.all_values()}
     made_before: set[int] = set()
     chunks = []
     for c, (a, b) in enumerate(zip(bounds, bounds[1:])):
         nodes = work[a:b]
         later = work[b:]
-        needed = _inputs_of(nodes) | ({loss.id} if isinstance(loss, Value) else set())
-        extra = _recompute_closure(needed, producer, recomputed)
+        extra = _recompute_closure(_inputs_of(nodes) | loss_ids, producer, recomputed)
         body = sorted(extra + nodes, key=lambda n: order[n.id])
+        reads = _inputs_of(body)
         made_here = {v.id for n in nodes for v in n.outputs}
-        read_later = _inputs_of(later) | ({loss.id} if isinstance(loss, Value) else set())
-        crossing_in = sorted(i for i in _inputs_of(body) | read_later if i in made_before)
+        read_later = _inputs_of(later) | loss_ids
+        crossing_in = sorted(i for i in reads | read_later if i in made_before)
         last = c == len(bounds) - 2
         crossing_out = [] if last else sorted(
             i for i in read_later if i in made_here or i in crossing_in)
-        reads = _inputs_of(body)
         param_idx = tuple(sorted(input_index[i] for i in reads
                                  if i in input_index and input_index[i] < num_params))
         batch_idx = tuple(sorted(input_index[i] - num_params for i in reads
                                  if i in input_index and input_index[i] >= num_params))
-        values = {v.id: v for v in graph.all_values()}
         inputs = ([graph.inputs[i] for i in param_idx]
                   + [graph.inputs[num_params + i] for i in batch_idx]
                   + [values[i] for i in crossing_in])

@@ -37,7 +37,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from autoshard.ir.errors import ArgumentError, PlanAgreementError
 from autoshard.ir.graph import Graph
-from autoshard.ir.plan_json import decisions_digest
+from autoshard.ir.plan_json import decisions_digest, plan_decisions
 
 DEFAULT_TIMEOUT_SECONDS = 900.0
 _rounds = itertools.count()  # the only process-global state: the position in the call order
@@ -65,13 +65,6 @@ def _client():
     return client
 
 
-def _decisions(doc: dict) -> dict:
-    return {"method": doc["method"], "graph_fingerprint": doc["graph_fingerprint"],
-            "inputs": [[r["path"], r["spec"]] for r in doc["inputs"]],
-            "outputs": [[r["path"], r["spec"]] for r in doc["outputs"]],
-            "values": doc["values"], "operands": doc["operands"]}
-
-
 def _publish(round_id: int, payload: dict) -> None:
     _client().key_value_set(f"autoshard/plan/{round_id}/{jax.process_index()}",
                             json.dumps(payload, sort_keys=True))
@@ -97,7 +90,8 @@ def agree(function: str, doc: dict, graph: Graph) -> str:
         return digest
     round_id = next(_rounds)
     me, count = jax.process_index(), jax.process_count()
-    packed = base64.b64encode(zlib.compress(json.dumps(_decisions(doc)).encode())).decode()
+    decisions = plan_decisions(doc)
+    packed = base64.b64encode(zlib.compress(json.dumps(decisions).encode())).decode()
     _publish(round_id, {"function": function, "ok": True, "digest": digest, "plan": packed})
     timeout = agreement_timeout()
     client = _client()
@@ -128,7 +122,7 @@ def agree(function: str, doc: dict, graph: Graph) -> str:
             other = json.loads(zlib.decompress(base64.b64decode(theirs["plan"])))
             raise PlanAgreementError(
                 f"autoshard.compile({function}): process {me} and process {peer} chose different "
-                f"plans:\n{_difference(_decisions(doc), other, graph, me, peer)}\nCheck that "
+                f"plans:\n{_difference(decisions, other, graph, me, peer)}\nCheck that "
                 "every process runs the same code, jax and autoshard versions, and options "
                 "(hardware, memory_budget, in_specs); clear AUTOSHARD_CACHE_DIR if a cached plan "
                 "is stale.")
@@ -147,14 +141,11 @@ def _difference(mine: dict, theirs: dict, graph: Graph, me: int, peer: int) -> s
         for (path, a), (_, b) in zip(mine[kind], theirs[kind]):
             if a != b:
                 lines.append(f"  {kind[:-1]} {path}: {a} on process {me}, {b} on process {peer}")
-    nodes = {}
-    for node, _ in graph.walk():
-        for v in node.outputs:
-            nodes[str(v.id)] = node
     for vid in sorted(set(mine["values"]) | set(theirs["values"]), key=int):
         a, b = mine["values"].get(vid), theirs["values"].get(vid)
         if a != b:
-            where = nodes[vid].describe() if vid in nodes else "value"
+            node = graph.node_of(int(vid))
+            where = node.describe() if node is not None else "value"
             lines.append(f"  %{vid} ({where}): {a} on process {me}, {b} on process {peer}")
     for nid in sorted(set(mine["operands"]) | set(theirs["operands"]), key=int):
         if mine["operands"].get(nid) != theirs["operands"].get(nid):

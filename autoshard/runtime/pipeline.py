@@ -7,9 +7,9 @@ to its neighbours with two ``lax.ppermute``s (activations to ``d + 1``, cotangen
 wrapping around for interleaved chunks). What arrives is written into per-microbatch stashes the
 next tick, at the slot the table says; so an op may consume its input several ticks after it
 arrived, and any order the schedule picks (GPipe, 1F1B, interleaved) runs the same code. The
-microbatch loop is a ``lax.scan`` over ticks; explicit permutes between neighbours move about
-2.5x fewer bytes than letting the partitioner move a rolled buffer (measured in an earlier
-session).
+microbatch loop is a ``lax.scan`` over ticks; explicit permutes between neighbours take about
+2.5x fewer collective-permutes than letting the partitioner move a rolled buffer (as reported
+in the pipeline issue; not re-measured here).
 
 A backward recomputes its chunk's forward from the stashed chunk input (``jax.vjp``), so only
 chunk inputs are stashed, never intermediates. Loss and gradients are averaged over microbatches
