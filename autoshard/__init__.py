@@ -13,18 +13,19 @@ from autoshard.ir.errors import (ArgumentError, AutoshardError, PlanError, PlanI
                                  UnsupportedPrimitiveError)
 from autoshard.ir.hint import hint
 from autoshard.ir.mesh import MeshSpec
-from autoshard.ir.pipeline import Pipeline, PipelinePlan
+from autoshard.ir.pipeline import AutoDecision, Pipeline, PipelinePlan
 from autoshard.ir.plan import AnnotationDiff, AnnotationReport, Plan, Prediction, SolverStats
 from autoshard.ir.sharding import PARTIAL, B, S, ShardingSpec
 from autoshard.ir.version import __version__
-from autoshard.pipelining import PipelinedFunction, grad, value_and_grad
+from autoshard.pipelining import PipelinedFunction, PipelineRoofline, grad, value_and_grad
 from autoshard.nnx import NnxFunction
 from autoshard.verify import Verification, verify
 
 __all__ = [
+    "AutoDecision",
     "AnnotationDiff", "AnnotationReport", "NnxFunction",
     "ArgumentError", "AutoshardError", "B", "Hardware", "Link", "MeshSpec", "PARTIAL",
-    "PROFILES", "Pipeline", "PipelinePlan", "PipelinedFunction", "Plan", "PlanAgreementError", "PlanDump", "PlanError", "PlanInfeasibleError",
+    "PROFILES", "Pipeline", "PipelinePlan", "PipelineRoofline", "PipelinedFunction", "Plan", "PlanAgreementError", "PlanDump", "PlanError", "PlanInfeasibleError",
     "Prediction", "S", "ShardedFunction", "ShardingError", "ShardingSpec", "SolverStats",
     "SolverTimeLimitWarning", "UnsupportedPrimitiveError", "Verification", "compile", "dump", "grad",
     "hint", "load_plan", "shard_batch", "value_and_grad", "verify", "__version__",

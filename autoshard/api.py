@@ -25,7 +25,7 @@ from autoshard.ir.errors import ArgumentError, PlanInfeasibleError, SolverTimeLi
 from autoshard.ir.graph import Graph
 from autoshard.ir.graph import verify as verify_graph
 from autoshard.ir.mesh import MeshSpec
-from autoshard.ir.pipeline import Pipeline
+from autoshard.ir.pipeline import AutoDecision, Pipeline
 from autoshard.ir.plan import Plan
 from autoshard.ir.plan_json import fingerprint, graph_fingerprint, plan_to_json
 from autoshard.ir.version import __version__
@@ -43,7 +43,7 @@ from autoshard.pipelining import PipelinedFunction, auto_pipeline_candidate
 from autoshard.nnx import NnxFunction, has_nnx_objects
 from autoshard.plan_cache import PlanCache, cache_enabled
 from autoshard.runtime import multihost
-from autoshard.verify import peak_memory
+from autoshard.verify import compiled_roofline, peak_memory
 
 log = logging.getLogger("autoshard")
 
@@ -177,7 +177,8 @@ def compile(fn: Callable, *example_args: Any, mesh: Mesh, memory_budget: int | N
 
 def _compile_pipelined(fn, example_args, options: _Options, pipeline) -> Any:
     """An explicit ``Pipeline`` is built as asked; ``"auto"`` plans the step without a pipeline
-    too and keeps whichever the cost model predicts faster (pipelining.py says how)."""
+    too, compiles both and keeps the one whose executable measures faster (``AutoDecision``
+    says why: the cost model's two predictions are not comparable enough to decide alone)."""
     def build(mesh, pipe):
         return PipelinedFunction(fn, example_args, mesh=mesh, pipeline=pipe,
                                  hardware=options.hardware, donate_argnums=options.donate_argnums,
@@ -194,14 +195,18 @@ def _compile_pipelined(fn, example_args, options: _Options, pipeline) -> Any:
         return flat
     mesh, pipe = candidate
     piped = build(mesh, pipe)
-    flat_seconds = flat.plan.prediction.step_seconds
-    piped_seconds = piped.pipeline_plan.total_seconds
-    keep = piped if piped_seconds < flat_seconds else flat
-    log.info("autoshard: pipeline='auto' for %s: pipelined over %r %.3f ms (bubble %.1f%%) vs "
-             "not pipelined %.3f ms predicted; %s", flat.__name__, pipe.axis, piped_seconds * 1e3,
-             piped.pipeline_plan.bubble_fraction * 100, flat_seconds * 1e3,
-             "pipelining" if keep is piped else "not pipelining")
-    keep.auto_decision = (piped_seconds, flat_seconds)
+    log.info("autoshard: pipeline='auto' for %s: compiling both candidates to measure them",
+             flat.__name__)
+    flat_compiled = flat.lower(*example_args).compile()
+    prediction = flat.plan.prediction          # None for planner="data-parallel"
+    decision = AutoDecision(
+        pipe, piped.pipeline_plan.total_seconds,
+        prediction.step_seconds if prediction is not None else float("nan"),
+        piped.roofline(*example_args).step_seconds,
+        compiled_roofline(flat_compiled, options.hardware, options.mesh).step_seconds)
+    keep = piped if decision.pipelined else flat
+    log.info("autoshard: %s: %s", flat.__name__, decision.summary())
+    keep.auto_decision = decision
     return keep
 
 

@@ -41,6 +41,7 @@ from autoshard.passes.lower import auto_mesh
 from autoshard.passes.stages import Slicing, slice_loss
 from autoshard.passes.trace import function_name
 from autoshard.runtime.pipeline import pipelined_value_and_grad
+from autoshard.verify import compiled_roofline, peak_memory
 
 log = logging.getLogger("autoshard")
 
@@ -238,6 +239,21 @@ def auto_pipeline_candidate(mesh: Mesh) -> tuple[Mesh, Pipeline] | None:
     return mesh, Pipeline(stages, None, "1f1b")
 
 
+@dataclass(frozen=True)
+class PipelineRoofline:
+    """``PipelinedFunction.roofline``: the simulated tick loop (matmuls and activation
+    permutes), the collectives outside it, the simulated bubble, the compiled peak memory."""
+
+    pipeline_seconds: float
+    outside_seconds: float
+    bubble_fraction: float
+    peak_bytes: int
+
+    @property
+    def step_seconds(self) -> float:
+        return self.pipeline_seconds + self.outside_seconds
+
+
 # -- compile --------------------------------------------------------------------------------------
 
 class PipelinedFunction:
@@ -296,6 +312,29 @@ class PipelinedFunction:
     def slicing(self) -> Slicing:
         """Where the loss was cut (chunks, per-chunk forward seconds and matmul FLOPs)."""
         return self._slicings[-1]
+
+    def roofline(self, *args) -> "PipelineRoofline":
+        """The plan-quality benchmark's step measure, applied to this pipeline (module
+        docstring of benchmarks/pipeline.py): a roofline of the HLO cannot see which tick
+        waits for which, so the schedule is simulated with each chunk's matmul FLOPs at the
+        profile's matmul rate (backward ``BACKWARD_FACTOR`` x forward) and one permute of
+        the crossing activation per transfer; the collectives outside the tick loop (the
+        gradient exchange) are read from the compiled HLO and priced on the profile's links.
+        Peak memory is the executable's."""
+        compiled = self.lower(*args).compile()
+        outside = compiled_roofline(compiled, self.hardware, self.mesh).collective_seconds
+        plan, slicing = self.pipeline_plan, self.slicing
+        spec = MeshSpec.from_jax(self.mesh)
+        stage = spec.index(self.pipeline.axis)
+        rate = self.hardware.matmul_rate(slicing.dtype)
+        forward = [f / rate for f in slicing.matmul_flops]
+        link = collective_time(self.hardware, spec, "collective-permute",
+                               max(slicing.crossing_bytes, default=0), (stage,))
+        sim = simulate(plan.schedule, len(plan.stages), plan.microbatches, plan.virtual_stages,
+                       forward, [BACKWARD_FACTOR * f for f in forward], link)
+        return PipelineRoofline(sim.step_seconds, sum(
+            t for kind, t in outside.items() if kind != "collective-permute"),
+            sim.bubble_fraction, peak_memory(compiled))
 
     def save_trace(self, path) -> None:
         """The simulated schedule as Chrome trace events (open in Perfetto or xprof)."""

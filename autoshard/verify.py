@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from autoshard.cost_model.hlo import KINDS, hlo_stats
+from autoshard.cost_model.hlo import KINDS, MeasuredStep, hlo_stats, measured_step
 
 
 @dataclass(frozen=True)
@@ -65,6 +65,14 @@ def peak_memory(compiled: Any) -> int:
     m = compiled.memory_analysis()
     return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
                - m.alias_size_in_bytes)
+
+
+def compiled_roofline(compiled: Any, hw: Any, mesh: Any) -> MeasuredStep:
+    """The plan-quality benchmark's step measure of an executable compiled for ``mesh``:
+    matmul FLOPs and collectives read from its HLO, priced on ``hw``'s links (a device's node
+    is decided by its position in ``mesh``)."""
+    positions = {d.id: i for i, d in enumerate(mesh.devices.flat)}
+    return measured_step(hlo_stats(compiled.as_text()), hw, positions)
 
 
 def verify(sharded_fn: Any, *args: Any) -> Verification:

@@ -36,12 +36,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import autoshard  # noqa: E402
-from autoshard.cost_model.collectives import collective_time  # noqa: E402
 from autoshard.cost_model.hardware import get_hardware  # noqa: E402
-from autoshard.cost_model.hlo import hlo_stats, measured_step  # noqa: E402
-from autoshard.cost_model.schedule import simulate  # noqa: E402
-from autoshard.ir.mesh import MeshSpec  # noqa: E402
-from autoshard.verify import peak_memory  # noqa: E402
 from benchmarks.plan_quality import abstract_args, hand_plans, load_model, measure  # noqa: E402
 
 HW = "h100-2node"
@@ -58,26 +53,11 @@ def pipelined_train_step(model):
     return train_step
 
 
-def measure_pipelined(step, args, hw, mesh):
-    """Roofline of a pipelined step (module docstring)."""
-    compiled = step.lower(*args).compile()
-    stats = hlo_stats(compiled.as_text())
-    plan, slicing = step.pipeline_plan, step.slicing
-    spec = MeshSpec.from_jax(mesh)
-    stage = spec.index(step.pipeline.axis)
-    rate = hw.matmul_rate("float32")
-    forward = [f / rate for f in slicing.matmul_flops]
-    link = collective_time(hw, spec, "collective-permute", max(slicing.crossing_bytes), (stage,))
-    sim = simulate(plan.schedule, len(plan.stages), plan.microbatches, plan.virtual_stages,
-                   forward, [3 * f for f in forward], link)
-    others = {k: v for k, v in stats.count.items() if k != "collective-permute"}
-    positions = {d.id: i for i, d in enumerate(mesh.devices.flat)}
-    seconds = measured_step(stats, hw, positions).collective_seconds
-    outside = sum(t for kind, t in seconds.items() if kind != "collective-permute")
-    return dict(step_ms=(sim.step_seconds + outside) * 1e3, bubble=sim.bubble_fraction,
-                peak_gib=peak_memory(compiled) / 2**30, microbatches=plan.microbatches,
-                other_collectives=sum(others.values()),
-                permutes=stats.count.get("collective-permute", 0))
+def measure_pipelined(step, args):
+    """Roofline of a pipelined step (module docstring; PipelinedFunction.roofline)."""
+    r = step.roofline(*args)
+    return dict(step_ms=r.step_seconds * 1e3, bubble=r.bubble_fraction,
+                peak_gib=r.peak_bytes / 2**30, microbatches=step.pipeline_plan.microbatches)
 
 
 def main():
@@ -112,7 +92,7 @@ def main():
         start = time.perf_counter()
         step = autoshard.compile(train_step, *args, mesh=pipe_mesh, hardware=hw, pipeline=pipe)
         plan_s = time.perf_counter() - start
-        result = measure_pipelined(step, args, hw, pipe_mesh)
+        result = measure_pipelined(step, args)
         label = f"pipeline {pipe.schedule} x{pipe.virtual_stages} (M={result['microbatches']})"
         rows.append((label, result, f"planned in {plan_s:.1f} s; simulated "
                      f"{step.pipeline_plan.total_seconds * 1e3:.3f} ms"))
@@ -120,10 +100,17 @@ def main():
     start = time.perf_counter()
     auto = autoshard.compile(train_step, *args, mesh=mesh, hardware=hw, pipeline="auto",
                              cache=False)
-    piped, flat = auto.auto_decision
-    chose = "pipeline" if isinstance(auto, autoshard.PipelinedFunction) else "no pipeline"
-    rows.append(("pipeline='auto'", {}, f"chose {chose}: predicted pipelined {piped * 1e3:.3f} ms "
-                 f"vs not {flat * 1e3:.3f} ms ({time.perf_counter() - start:.1f} s)"))
+    d = auto.auto_decision
+    plan_s = time.perf_counter() - start
+    if d.pipelined:
+        result = measure_pipelined(auto, args)
+        chose = f"chose the pipeline ({d.pipeline.schedule}, M={result['microbatches']})"
+    else:
+        result, chose = measure(auto, args, hw, mesh), "chose no pipeline"
+    rows.append(("pipeline='auto'", result,
+                 f"{chose}: measured {d.pipelined_measured * 1e3:.3f} ms pipelined vs "
+                 f"{d.flat_measured * 1e3:.3f} ms not (predicted {d.pipelined_predicted * 1e3:.3f}"
+                 f" vs {d.flat_predicted * 1e3:.3f}); planned and measured in {plan_s:.1f} s"))
     print(rows[-1], flush=True)
     write(rows, args_ns, pathlib.Path(args_ns.out))
 

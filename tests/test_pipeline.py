@@ -17,6 +17,7 @@ import autoshard
 from autoshard.cost_model.hardware import get_hardware
 from autoshard.passes.lift import lift_jaxpr
 from autoshard.passes.stages import slice_loss
+from autoshard.verify import compiled_roofline
 from tests.models import gpt
 
 TOL = dict(rtol=1e-5, atol=1e-5)
@@ -132,11 +133,26 @@ def test_value_and_grad_outside_a_pipeline_is_jax():
     assert_same(autoshard.grad(gpt.loss)(params, batch), want[1])
 
 
-def test_auto_does_not_pipeline_a_small_model_on_one_node():
+@pytest.mark.parametrize("hardware,pipelines", [("cpu", False), ("h100", True)])
+def test_auto_keeps_the_candidate_whose_executable_measures_faster(hardware, pipelines):
+    # On the CPU profile compute binds and the pipeline's recomputed forward and bubble lose;
+    # on H100 this small step is latency bound and the flat plan's executable runs ~30 more
+    # collectives than the pipeline's (measured 0.066 vs 0.051 ms). Either way the times
+    # weighed are the candidates' executables measured as the benchmark measures them.
     args = example(2)
-    step = autoshard.compile(train_step, *args, mesh=jax.make_mesh((2, 4), ("data", "model")),
-                             pipeline="auto", cache=False)
-    assert isinstance(step, autoshard.ShardedFunction)
-    piped, flat = step.auto_decision
-    assert piped > flat
-
+    mesh = jax.make_mesh((2, 4), ("data", "model"))
+    step = autoshard.compile(train_step, *args, mesh=mesh, pipeline="auto", cache=False,
+                             hardware=hardware)
+    decision = step.auto_decision
+    assert decision.pipelined == pipelines
+    assert isinstance(step, autoshard.PipelinedFunction) == pipelines
+    if pipelines:
+        assert step.roofline(*args).step_seconds == pytest.approx(decision.pipelined_measured)
+        assert decision.pipelined_measured < decision.flat_measured
+        assert_same(step(*args), jax.jit(train_step)(*args))
+    else:
+        compiled = step.lower(*args).compile()
+        assert decision.flat_measured == pytest.approx(
+            compiled_roofline(compiled, get_hardware(hardware), mesh).step_seconds)
+        assert decision.flat_measured < decision.pipelined_measured
+        assert decision.flat_predicted == pytest.approx(step.plan.prediction.step_seconds)

@@ -117,3 +117,30 @@ class PipelinePlan:
                             "activation_bytes": s.activation_bytes} for s in self.stages],
                 "timeline": [{"stage": d, "name": label, "start": start, "end": end}
                              for d, label, start, end in self.timeline]}
+
+
+@dataclass(frozen=True)
+class AutoDecision:
+    """What ``pipeline="auto"`` weighed: the pipelined step and the step planned without a
+    pipeline, each predicted by the cost model and measured on its compiled executable the
+    way the plan-quality benchmark measures (seconds per step). The measured times decide:
+    the flat plan's prediction can be far from what XLA compiles (it reshards where the plan
+    did not), and the pipeline's prediction prices the optimizer update the measure leaves
+    out."""
+
+    pipeline: Pipeline
+    pipelined_predicted: float
+    flat_predicted: float
+    pipelined_measured: float
+    flat_measured: float
+
+    @property
+    def pipelined(self) -> bool:
+        return self.pipelined_measured < self.flat_measured
+
+    def summary(self) -> str:
+        return (f"pipeline='auto': pipelined ({self.pipeline.schedule}, {self.pipeline.stages} "
+                f"stages over {self.pipeline.axis!r}) {self.pipelined_measured * 1e3:.3f} ms "
+                f"measured / {self.pipelined_predicted * 1e3:.3f} ms predicted; not pipelined "
+                f"{self.flat_measured * 1e3:.3f} ms measured / {self.flat_predicted * 1e3:.3f} "
+                f"ms predicted; {'pipelining' if self.pipelined else 'not pipelining'}")

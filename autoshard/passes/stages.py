@@ -24,7 +24,7 @@ import numpy as np
 from autoshard.cost_model.compute import MATMUL_OPS, compute_time, node_flops, strategy_bytes
 from autoshard.cost_model.hardware import Hardware
 from autoshard.ir.errors import PlanError
-from autoshard.ir.graph import Graph, Node, Value
+from autoshard.ir.graph import Graph, Node, Value, dtype_name
 from autoshard.ir.interpret import evaluate
 from autoshard.ir.pipeline import Chunk
 
@@ -43,6 +43,7 @@ class Slicing:
     crossing_bytes: tuple[int, ...]
     parameter_bytes: tuple[int, ...]
     chunks: tuple[Chunk, ...]
+    dtype: str = "float32"          # of the matmuls' operands (the rate matmul_flops run at)
 
 
 def slice_loss(graph: Graph, num_params: int, num_chunks: int, hw: Hardware,
@@ -72,10 +73,12 @@ def slice_loss(graph: Graph, num_params: int, num_chunks: int, hw: Hardware,
     chunks = _build_chunks(graph, work, bounds, recomputed, num_params)
     parameter_bytes = tuple(sum(graph.inputs[i].nbytes for i in c.params) for c in chunks)
     matmul = np.array([node_flops(n) if n.op in MATMUL_OPS else 0.0 for n in work])
+    heaviest = work[int(np.argmax(matmul))] if matmul.any() else None
+    dtype = dtype_name(heaviest.inputs[0].dtype) if heaviest is not None else "float32"
     spans = list(zip(bounds, bounds[1:]))
     return Slicing(bounds, tuple(float(seconds[a:b].sum()) for a, b in spans),
                    tuple(float(matmul[a:b].sum()) for a, b in spans),
-                   tuple(int(crossing[k]) for k in cuts), parameter_bytes, tuple(chunks))
+                   tuple(int(crossing[k]) for k in cuts), parameter_bytes, tuple(chunks), dtype)
 
 
 def _recomputable(graph: Graph, params: set[int]) -> set[int]:
