@@ -3,6 +3,7 @@ own compiled executable the same way.
 
     python benchmarks/plan_quality.py [--models gpt,llama,moe,conv] [--meshes 2x4,4x2,8]
                                       [--hardware h100,h100-2node] [--size small|medium]
+                                      [--pipeline 1024x512,2048x256 | none] [--pipeline-only]
 
 For each model (the test suite's GPT, LLaMA-style, MoE and conv train steps with AdamW, scaled
 up, planned from ShapeDtypeStructs), mesh and hardware profile: the hand plans (data parallel,
@@ -12,6 +13,13 @@ halfway between the leanest hand plan's peak memory and the data-parallel plan's
 and collectives read from the compiled HLO, loop trip counts applied, priced on the profile's
 links; cost_model/hlo.py), collective bytes, peak memory (memory_analysis), planning time.
 Writes benchmarks/results/plan_quality.md.
+
+Pipeline rows (``--pipeline``, one section per GPT configuration d_model x seq, 8 layers, batch
+32): on "h100-2node" with stages spanning the two nodes, the pipelined step (each schedule and
+pipeline="auto") against the hand plans (Megatron TP inside a node + data parallel across
+nodes among them) and autoshard's plan without a pipeline; rows and measures from
+benchmarks/pipeline.py. ``--pipeline-only`` runs just those and replaces that section of the
+existing table.
 """
 
 from __future__ import annotations
@@ -202,6 +210,40 @@ def write_table(rows, path, argv):
     path.write_text("\n".join(lines) + "\n")
 
 
+PIPELINE_HEADING = "## Pipeline rows (h100-2node, stages across the nodes)"
+
+
+def pipeline_section(configs: str) -> list[str]:
+    from benchmarks.pipeline import pipeline_rows, table_lines  # imports this module
+    lines = [PIPELINE_HEADING, ""]
+    for config in configs.split(","):
+        d_model, seq = (int(x) for x in config.split("x"))
+        rows = pipeline_rows(8, d_model, 32, seq)
+        command = (f"python benchmarks/plan_quality.py --pipeline-only --pipeline "
+                   f"{d_model}x{seq}")
+        lines += [f"### d={d_model}, seq {seq}", "",
+                  *table_lines(rows, 8, d_model, 32, seq, command), ""]
+    return lines
+
+
+def replace_pipeline_section(path: pathlib.Path, section: list[str]) -> None:
+    """Keep the plan-quality table, put ``section`` in place of the old pipeline section
+    (configurations not rerun keep their old subsections)."""
+    text = path.read_text() if path.exists() else "# Plan quality: autoshard vs hand plans\n"
+    head, _, old = text.partition(PIPELINE_HEADING)
+    kept = {}
+    for part in old.split("\n### ")[1:]:
+        kept[part.split("\n", 1)[0]] = "### " + part.rstrip("\n")
+    new = {}
+    for part in "\n".join(section[2:]).split("\n### "):
+        part = part if part.startswith("### ") else "### " + part
+        if part.strip() != "###":
+            new[part.split("\n", 1)[0][4:]] = part.rstrip("\n")
+    kept.update(new)
+    body = "\n\n".join(kept.values())
+    path.write_text(head.rstrip("\n") + "\n\n" + PIPELINE_HEADING + "\n\n" + body + "\n")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="gpt,llama,moe,conv")
@@ -209,7 +251,17 @@ def main():
     parser.add_argument("--hardware", default="h100,h100-2node")
     parser.add_argument("--size", default="small", choices=sorted(SIZES))
     parser.add_argument("--no-budget-runs", action="store_true")
+    parser.add_argument("--pipeline", default="1024x512,2048x256",
+                        help="GPT configurations d_model x seq for the pipeline rows, or none")
+    parser.add_argument("--pipeline-only", action="store_true",
+                        help="run only the pipeline rows; keep the rest of the table")
     args = parser.parse_args()
+    out = ROOT / "benchmarks" / "results" / "plan_quality.md"
+    section = [] if args.pipeline == "none" else None
+    if args.pipeline_only:
+        replace_pipeline_section(out, pipeline_section(args.pipeline))
+        print(f"wrote {out}")
+        return
     rows, dp_peaks = [], {}
     for name in args.models.split(","):
         model = load_model(name, args.size)
@@ -218,8 +270,9 @@ def main():
             for hw_name in args.hardware.split(","):
                 for fraction in (None,) if args.no_budget_runs else (None, 0.5):
                     run_case(name, model, shape, hw_name, fraction, rows, dp_peaks)
-    out = ROOT / "benchmarks" / "results" / "plan_quality.md"
     write_table(rows, out, sys.argv[1:])
+    if section is None:
+        replace_pipeline_section(out, pipeline_section(args.pipeline))
     print(f"wrote {out}")
 
 
