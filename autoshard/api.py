@@ -21,7 +21,8 @@ from typing import Any, Callable, Sequence
 import jax
 from jax.sharding import Mesh, NamedSharding
 
-from autoshard.ir.errors import ArgumentError, PlanInfeasibleError, SolverTimeLimitWarning
+from autoshard.ir.errors import (ArgumentError, AutoshardError, PlanInfeasibleError,
+                                 SolverTimeLimitWarning)
 from autoshard.ir.graph import Graph
 from autoshard.ir.graph import verify as verify_graph
 from autoshard.ir.mesh import MeshSpec
@@ -39,7 +40,7 @@ from autoshard.passes.plan_search import search_plan
 from autoshard.passes.state import updated_arguments
 from autoshard.passes.trace import (TracedFunction, abstract_arguments, abstractify_leaf,
                                     function_name, normalize_static_argnums, trace)
-from autoshard.pipelining import PipelinedFunction, auto_pipeline_candidate
+from autoshard.pipelining import PipelinedFunction, auto_pipeline_candidates
 from autoshard.nnx import NnxFunction, has_nnx_objects
 from autoshard.plan_cache import PlanCache, cache_enabled
 from autoshard.runtime import multihost
@@ -176,9 +177,11 @@ def compile(fn: Callable, *example_args: Any, mesh: Mesh, memory_budget: int | N
 
 
 def _compile_pipelined(fn, example_args, options: _Options, pipeline) -> Any:
-    """An explicit ``Pipeline`` is built as asked; ``"auto"`` plans the step without a pipeline
-    too, compiles both and keeps the one whose executable measures faster (``AutoDecision``
-    says why: the cost model's two predictions are not comparable enough to decide alone)."""
+    """An explicit ``Pipeline`` is built as asked. ``"auto"`` slices the step for each schedule
+    (``auto_pipeline_candidates``), keeps the one the schedule simulator predicts fastest,
+    plans the step without a pipeline too, compiles both and keeps the one whose executable
+    measures faster and fits ``memory_budget`` (``AutoDecision`` says why: the cost model's
+    flat and pipelined predictions are not comparable enough to decide alone)."""
     def build(mesh, pipe):
         return PipelinedFunction(fn, example_args, mesh=mesh, pipeline=pipe,
                                  hardware=options.hardware, donate_argnums=options.donate_argnums,
@@ -188,22 +191,38 @@ def _compile_pipelined(fn, example_args, options: _Options, pipeline) -> Any:
     if isinstance(pipeline, Pipeline):
         return build(options.mesh, pipeline)
     flat = ShardedFunction(fn, options, example_args)
-    candidate = auto_pipeline_candidate(options.mesh)
-    if candidate is None:
+    candidates = auto_pipeline_candidates(options.mesh)
+    if candidates is None:
         log.info("autoshard: pipeline='auto' for %s: no mesh axis to pipeline over (the mesh "
                  "needs an axis of size > 1); not pipelined", flat.__name__)
         return flat
-    mesh, pipe = candidate
-    piped = build(mesh, pipe)
-    log.info("autoshard: pipeline='auto' for %s: compiling both candidates to measure them",
-             flat.__name__)
+    mesh, pipes = candidates
+    built, skipped = [], []
+    for pipe in pipes:
+        try:
+            built.append(build(mesh, pipe))
+        except AutoshardError as err:   # e.g. too few places to cut for interleaved chunks
+            skipped.append(f"{pipe.schedule} x{pipe.virtual_stages}: {err}")
+    for reason in skipped:
+        log.info("autoshard: pipeline='auto' for %s: skipped %s", flat.__name__, reason)
+    if not built:
+        log.info("autoshard: pipeline='auto' for %s: no pipeline applies; not pipelined",
+                 flat.__name__)
+        return flat
+    piped = min(built, key=lambda b: b.pipeline_plan.total_seconds)
+    log.info("autoshard: pipeline='auto' for %s: compiling the %s pipeline and the flat plan "
+             "to measure them", flat.__name__, piped.pipeline.schedule)
     flat_compiled = flat.lower(*example_args).compile()
+    roofline = piped.roofline(*example_args)
     prediction = flat.plan.prediction          # None for planner="data-parallel"
     decision = AutoDecision(
-        pipe, piped.pipeline_plan.total_seconds,
+        piped.pipeline, piped.pipeline_plan.total_seconds,
         prediction.step_seconds if prediction is not None else float("nan"),
-        piped.roofline(*example_args).step_seconds,
-        compiled_roofline(flat_compiled, options.hardware, options.mesh).step_seconds)
+        roofline.step_seconds,
+        compiled_roofline(flat_compiled, options.hardware, options.mesh).step_seconds,
+        tuple((b.pipeline.schedule, b.pipeline.virtual_stages, b.pipeline_plan.microbatches,
+               b.pipeline_plan.total_seconds) for b in built),
+        roofline.peak_bytes, peak_memory(flat_compiled), options.memory_budget)
     keep = piped if decision.pipelined else flat
     log.info("autoshard: %s: %s", flat.__name__, decision.summary())
     keep.auto_decision = decision

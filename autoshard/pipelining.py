@@ -220,10 +220,11 @@ def pipeline_report(slicing: Slicing, pipe: Pipeline, microbatches: int, mesh: M
                         sim.step_seconds, sim.bubble_fraction, timeline, sync + update)
 
 
-def auto_pipeline_candidate(mesh: Mesh) -> tuple[Mesh, Pipeline] | None:
-    """The pipeline ``"auto"`` weighs: over the axis named ``"stage"`` if the mesh has one,
+def auto_pipeline_candidates(mesh: Mesh) -> tuple[Mesh, list[Pipeline]] | None:
+    """The pipelines ``"auto"`` weighs: over the axis named ``"stage"`` if the mesh has one,
     else over its first axis of size > 1 (on multi-node profiles the first axis is the one that
-    crosses nodes), renamed ``"stage"`` on the same devices; 1F1B, microbatches by simulation."""
+    crosses nodes), renamed ``"stage"`` on the same devices; each schedule (interleaved with two
+    virtual stages), microbatches by simulation."""
     names = list(mesh.axis_names)
     if "stage" in names:
         axis = "stage"
@@ -236,7 +237,8 @@ def auto_pipeline_candidate(mesh: Mesh) -> tuple[Mesh, Pipeline] | None:
     stages = int(mesh.shape["stage"])
     if stages < 2:
         return None
-    return mesh, Pipeline(stages, None, "1f1b")
+    return mesh, [Pipeline(stages, None, "1f1b"), Pipeline(stages, None, "gpipe"),
+                  Pipeline(stages, None, "interleaved", virtual_stages=2)]
 
 
 @dataclass(frozen=True)

@@ -133,26 +133,36 @@ def test_value_and_grad_outside_a_pipeline_is_jax():
     assert_same(autoshard.grad(gpt.loss)(params, batch), want[1])
 
 
-@pytest.mark.parametrize("hardware,pipelines", [("cpu", False), ("h100", True)])
-def test_auto_keeps_the_candidate_whose_executable_measures_faster(hardware, pipelines):
+@pytest.mark.parametrize("hardware,budget,pipelines", [
+    ("cpu", None, False), ("h100", None, True), ("h100", 1_500_000, False)])
+def test_auto_keeps_the_candidate_whose_executable_measures_faster(hardware, budget, pipelines):
     # On the CPU profile compute binds and the pipeline's recomputed forward and bubble lose;
     # on H100 this small step is latency bound and the flat plan's executable runs ~30 more
-    # collectives than the pipeline's (measured 0.066 vs 0.051 ms). Either way the times
-    # weighed are the candidates' executables measured as the benchmark measures them.
+    # collectives than the pipeline's (measured 0.066 vs 0.051 ms), unless the budget (1.5 MB
+    # per device; compiled peaks ~0.9 MB flat, ~2.5 MB pipelined) rules the pipeline out.
+    # Either way the times weighed are the candidates' executables, measured as the benchmark
+    # measures them.
     args = example(2)
     mesh = jax.make_mesh((2, 4), ("data", "model"))
     step = autoshard.compile(train_step, *args, mesh=mesh, pipeline="auto", cache=False,
-                             hardware=hardware)
+                             hardware=hardware, memory_budget=budget)
     decision = step.auto_decision
     assert decision.pipelined == pipelines
     assert isinstance(step, autoshard.PipelinedFunction) == pipelines
+    assert len(decision.schedules) == 3      # 1f1b, gpipe, interleaved x2 simulated
+    assert decision.pipelined_predicted == min(t for *_, t in decision.schedules)
     if pipelines:
+        assert step.pipeline == decision.pipeline
         assert step.roofline(*args).step_seconds == pytest.approx(decision.pipelined_measured)
         assert decision.pipelined_measured < decision.flat_measured
         assert_same(step(*args), jax.jit(train_step)(*args))
-    else:
-        compiled = step.lower(*args).compile()
-        assert decision.flat_measured == pytest.approx(
-            compiled_roofline(compiled, get_hardware(hardware), mesh).step_seconds)
+        return
+    compiled = step.lower(*args).compile()
+    assert decision.flat_measured == pytest.approx(
+        compiled_roofline(compiled, get_hardware(hardware), mesh).step_seconds)
+    assert decision.flat_predicted == pytest.approx(step.plan.prediction.step_seconds)
+    if budget is None:
         assert decision.flat_measured < decision.pipelined_measured
-        assert decision.flat_predicted == pytest.approx(step.plan.prediction.step_seconds)
+    else:
+        assert decision.pipelined_peak_bytes > budget >= decision.flat_peak_bytes
+        assert not decision.pipelined_fits and "exceeds the budget" in decision.summary()

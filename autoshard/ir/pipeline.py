@@ -123,24 +123,41 @@ class PipelinePlan:
 class AutoDecision:
     """What ``pipeline="auto"`` weighed: the pipelined step and the step planned without a
     pipeline, each predicted by the cost model and measured on its compiled executable the
-    way the plan-quality benchmark measures (seconds per step). The measured times decide:
-    the flat plan's prediction can be far from what XLA compiles (it reshards where the plan
-    did not), and the pipeline's prediction prices the optimizer update the measure leaves
-    out."""
+    way the plan-quality benchmark measures (seconds per step). The measured times decide,
+    among the candidates that fit ``memory_budget`` (compiled peak bytes per device): the flat
+    plan's prediction can be far from what XLA compiles (it reshards where the plan did not),
+    and the pipeline's prediction prices the optimizer update the measure leaves out.
+    ``schedules`` lists the pipelines simulated, ``(schedule, virtual_stages, microbatches,
+    predicted seconds)``; ``pipeline`` is the one predicted fastest, the one measured."""
 
     pipeline: Pipeline
     pipelined_predicted: float
     flat_predicted: float
     pipelined_measured: float
     flat_measured: float
+    schedules: tuple[tuple[str, int, int, float], ...] = ()
+    pipelined_peak_bytes: int = 0
+    flat_peak_bytes: int = 0
+    memory_budget: int | None = None
+
+    @property
+    def pipelined_fits(self) -> bool:
+        return self.memory_budget is None or self.pipelined_peak_bytes <= self.memory_budget
 
     @property
     def pipelined(self) -> bool:
-        return self.pipelined_measured < self.flat_measured
+        return self.pipelined_fits and self.pipelined_measured < self.flat_measured
 
     def summary(self) -> str:
-        return (f"pipeline='auto': pipelined ({self.pipeline.schedule}, {self.pipeline.stages} "
-                f"stages over {self.pipeline.axis!r}) {self.pipelined_measured * 1e3:.3f} ms "
-                f"measured / {self.pipelined_predicted * 1e3:.3f} ms predicted; not pipelined "
+        tried = ", ".join(f"{s} x{v} M={m} {t * 1e3:.3f} ms" for s, v, m, t in self.schedules)
+        over = "" if self.pipelined_fits else (
+            f"; the pipeline's peak {self.pipelined_peak_bytes / 2**30:.2f} GiB exceeds the "
+            f"budget {self.memory_budget / 2**30:.2f} GiB")
+        return (f"pipeline='auto': simulated {tried}; pipelined ({self.pipeline.schedule} x"
+                f"{self.pipeline.virtual_stages}, {self.pipeline.stages} stages over "
+                f"{self.pipeline.axis!r}) {self.pipelined_measured * 1e3:.3f} ms measured / "
+                f"{self.pipelined_predicted * 1e3:.3f} ms predicted, peak "
+                f"{self.pipelined_peak_bytes / 2**30:.2f} GiB; not pipelined "
                 f"{self.flat_measured * 1e3:.3f} ms measured / {self.flat_predicted * 1e3:.3f} "
-                f"ms predicted; {'pipelining' if self.pipelined else 'not pipelining'}")
+                f"ms predicted, peak {self.flat_peak_bytes / 2**30:.2f} GiB{over}; "
+                f"{'pipelining' if self.pipelined else 'not pipelining'}")
