@@ -62,6 +62,7 @@ def measure_pipelined(step, args):
 
 def pipeline_rows(layers: int, d_model: int, batch: int, seq: int) -> list:
     """(label, measures, note) rows for one GPT configuration on HW (module docstring)."""
+    jax.clear_caches()  # JAX reuses traces of the model's functions, made with other constants
     model = load_model("gpt", "medium")
     model.LAYERS, model.D, model.FF = layers, d_model, 4 * d_model
     model.BATCH, model.SEQ = batch, seq
