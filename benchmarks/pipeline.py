@@ -13,7 +13,10 @@ lifted graph, one device's share of a microbatch) at the profile's matmul rate, 
 forward (gradients 2x plus the recomputed forward), a collective-permute of the crossing
 activation over the inter-node link per transfer, placed by the schedule simulator; plus the
 gradient all-reduce inside the node read from the compiled HLO (its non-permute collectives).
-Peak memory is the compiled program's. Writes benchmarks/results/pipeline.md.
+Peak memory is the compiled program's (PipelinedFunction.roofline does all of this).
+pipeline="auto" is measured the same way; its note gives what it weighed (AutoDecision).
+Writes benchmarks/results/pipeline.md; plan_quality.py --pipeline writes the same rows into
+benchmarks/results/plan_quality.md.
 """
 
 from __future__ import annotations
