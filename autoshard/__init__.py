@@ -22,11 +22,11 @@ from autoshard.nnx import NnxFunction
 from autoshard.verify import Verification, verify
 
 __all__ = [
-    "AutoDecision",
-    "AnnotationDiff", "AnnotationReport", "NnxFunction",
-    "ArgumentError", "AutoshardError", "B", "Hardware", "Link", "MeshSpec", "PARTIAL",
-    "PROFILES", "Pipeline", "PipelinePlan", "PipelineRoofline", "PipelinedFunction", "Plan", "PlanAgreementError", "PlanDump", "PlanError", "PlanInfeasibleError",
-    "Prediction", "S", "ShardedFunction", "ShardingError", "ShardingSpec", "SolverStats",
-    "SolverTimeLimitWarning", "UnsupportedPrimitiveError", "Verification", "compile", "dump", "grad",
-    "hint", "load_plan", "shard_batch", "value_and_grad", "verify", "__version__",
+    "AnnotationDiff", "AnnotationReport", "ArgumentError", "AutoDecision", "AutoshardError",
+    "B", "compile", "dump", "grad", "Hardware", "hint", "Link", "load_plan", "MeshSpec",
+    "NnxFunction", "PARTIAL", "Pipeline", "PipelinedFunction", "PipelinePlan",
+    "PipelineRoofline", "Plan", "PlanAgreementError", "PlanDump", "PlanError",
+    "PlanInfeasibleError", "Prediction", "PROFILES", "S", "shard_batch", "ShardedFunction",
+    "ShardingError", "ShardingSpec", "SolverStats", "SolverTimeLimitWarning",
+    "UnsupportedPrimitiveError", "value_and_grad", "Verification", "verify", "__version__",
 ]

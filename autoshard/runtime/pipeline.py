@@ -17,9 +17,10 @@ tick's ``lax.switch`` and only a backward touches it, with the gradient taken wi
 the unpacked parameter leaves: on the benchmark's 8-layer d=1024 GPT (2 stages x 4, 1F1B,
 M=8) that cut the compiled temporaries from 4.42 to 0.88 GiB per device (peak 7.06 -> 3.52
 GiB), against branches that each returned a gradient vector (zeros but for a backward) and
-a vjp through the unpack (one zero-padded vector per leaf). Loss and gradients are averaged over microbatches
-(the loss function is taken to be a mean over its batch, as ``jax.value_and_grad`` of a mean
-loss on the whole batch gives); the optimizer update runs after the pipeline, outside it.
+a vjp through the unpack (one zero-padded vector per leaf). Loss and gradients are averaged
+over microbatches (the loss function is taken to be a mean over its batch, as
+``jax.value_and_grad`` of a mean loss on the whole batch gives); the optimizer update runs after
+the pipeline, outside it.
 
 Parameters travel packed: each device flattens the parameters of the chunks it holds into one
 float32 vector per chunk (``[virtual, size]``), from the replicated parameters it already has.
