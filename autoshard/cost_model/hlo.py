@@ -141,10 +141,24 @@ def device_groups(attrs: str) -> tuple[tuple[int, ...], ...]:
         if d := re.search(r"device_ids=\(\[([\d,]+)\](T\([\d,]+\))?\)", m.group(2)):
             ids = np.asarray(_iota_groups(d.group(1), f"[{d.group(1)}]{d.group(2) or ''}")
                              ).reshape(-1)
-        grid = ids.reshape(sizes)
-        axes = [names.index(a.strip("' ")) for a in m.group(3).split(",") if a.strip()]
+        # a group axis may be a sub-axis, 'name':(pre)size: axis ``name`` viewed as
+        # [pre, size, rest] (row-major), the groups run along its ``size`` part
+        chosen = [(name, int(pre) if pre else None, int(size) if size else None) for name, pre,
+                  size in re.findall(r"'([^']+)'(?::\((\d+)\)(\d+))?", m.group(3))]
+        subs = {name: (pre, size) for name, pre, size in chosen if pre is not None}
+        shape, where = [], {}
+        for name, n in zip(names, sizes):
+            if name in subs:
+                pre, size = subs[name]
+                where[name] = len(shape) + 1
+                shape += [pre, size, n // (pre * size)]
+            else:
+                where[name] = len(shape)
+                shape.append(n)
+        grid = ids.reshape(shape)
+        axes = [where[name] for name, _, _ in chosen]
         moved = np.moveaxis(grid, axes, list(range(-len(axes), 0)))
-        size = math.prod(sizes[a] for a in axes)
+        size = math.prod(shape[a] for a in axes)
         return tuple(tuple(int(x) for x in g) for g in moved.reshape(-1, size))
     if m := re.search(r"source_target_pairs=\{(.*?)\}\}", attrs):
         pairs = re.findall(r"\{(\d+),(\d+)", m.group(0))

@@ -7,7 +7,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from autoshard.cost_model.collectives import group_collective_latency, group_collective_time
 from autoshard.cost_model.hardware import H100
-from autoshard.cost_model.hlo import Collective, HloStats, hlo_stats, measured_step
+from autoshard.cost_model.hlo import (Collective, HloStats, device_groups, hlo_stats,
+                                      measured_step)
 
 
 def _compiled(fn, in_specs, out_specs, *shapes):
@@ -47,3 +48,28 @@ def test_combinable_collectives_pay_one_latency():
     latency = group_collective_latency(H100, "all-gather", 8, 1)
     assert latency == pytest.approx(5e-6)
     assert step.collective_seconds["all-gather"] == pytest.approx(5 * one - 2 * latency)
+
+
+def test_device_groups_of_a_sub_axis():
+    # XLA prints a collective over part of a mesh axis as 'name':(pre)size: the axis viewed
+    # as [pre, size, rest], the groups running along its size part
+    mesh = "replica_groups=mesh['axis_0'=2,'axis_1'=4] "
+    assert device_groups(mesh + "{'axis_1'}, dimensions={0}") == (
+        (0, 1, 2, 3), (4, 5, 6, 7))
+    assert device_groups(mesh + "{'axis_1':(2)2}, dimensions={0}") == (
+        (0, 1), (2, 3), (4, 5), (6, 7))
+    assert device_groups(mesh + "{'axis_1':(1)2}, dimensions={0}") == (
+        (0, 2), (1, 3), (4, 6), (5, 7))
+    assert device_groups(mesh + "{'axis_0','axis_1':(1)2}, dimensions={0}") == (
+        (0, 2, 4, 6), (1, 3, 5, 7))
+
+
+def test_a_compiled_all_to_all_over_half_an_axis_is_read():
+    # (data, model) -> (model, data) on a 2-D value: the partitioner runs an all-to-all over
+    # half of "model" (2 devices), printed with a sub-axis, then a permute
+    mesh = jax.make_mesh((2, 4), ("data", "model"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+    src, dst = NamedSharding(mesh, P("data", "model")), NamedSharding(mesh, P("model", "data"))
+    f = jax.jit(lambda x: jax.lax.with_sharding_constraint(x * 2.0, dst), in_shardings=src)
+    stats = hlo_stats(f.lower(jax.ShapeDtypeStruct((64, 128), jnp.float32)).compile().as_text())
+    sizes = {len(c.groups[0]) for c, _ in stats.collectives if c.kind == "all-to-all"}
+    assert sizes == {2}
