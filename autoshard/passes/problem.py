@@ -217,7 +217,11 @@ class _Builder:
         for position, node in enumerate(g.nodes, start=1):
             ends = [self.end if v.id in outputs else last_use.get(v.id, position) + 1
                     for v in node.outputs]
-            self.node(node, (position, max(ends)), 1.0, g)
+            # the runtime allocates the step's results before it runs (memory_analysis counts
+            # them apart from the temporaries), so a result holds its memory from the start
+            start = 0 if node.outputs and all(v.id in outputs for v in node.outputs) \
+                else position
+            self.node(node, (start, max(ends)), 1.0, g)
         self.sinks()
 
     @staticmethod

@@ -76,6 +76,21 @@ def test_memory_usage_and_liveness():
     assert arg_slot.interval[0] == 0 and arg_slot.interval[1] > 3  # arguments live throughout
 
 
+def test_results_hold_memory_from_the_start():
+    # the runtime allocates a step's results before it runs (memory_analysis counts them
+    # beside the temporaries), so a result produced last is live from step 0, like an argument
+    def fn(x):
+        h = jnp.tanh(x @ x)
+        return h @ x, x.sum()
+
+    graph, pp = problem_of(fn, jnp.ones((64, 64)))
+    last = pp.slots[pp.value_slot[graph.outputs[0].id][0]]
+    first_dot = next(s for s in pp.slots if s.kind == "op" and s.node.op == "dot_general")
+    assert last.node.op == "dot_general" and last is not first_dot
+    assert last.interval == (0, pp.slots[pp.value_slot[graph.inputs[0].id][0]].interval[1])
+    assert first_dot.interval[0] == 1                 # an intermediate: from when it is made
+
+
 def test_scan_body_ports_and_stacked_operands():
     def stacked(ws, x):
         return jax.lax.scan(lambda h, w: (jnp.tanh(h @ w), None), x, ws)[0]
