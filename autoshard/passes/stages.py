@@ -4,9 +4,10 @@ Layer clustering works on the forward graph in program order. Ops computed from 
 constants alone (masks, positions, one-hot labels) are *recomputed* in every chunk that needs
 them rather than passed down the pipeline, so what crosses a cut is the model's own state
 (the residual stream of a transformer). A cut between two ops is a *candidate* when what crosses
-it is as small as the narrowest interior cut (within ``CUT_SLACK``): in a layered model those
-are the layer boundaries and the points between a layer's sub-blocks, so repeated structure is
-found without matching names. Scan and while loops stay whole (a scanned layer stack is one
+it is as small as the narrowest interior cut (within ``CUT_SLACK``, widened while that leaves
+the chunks unbalanced: ``BALANCE_TOLERANCE``): in a layered model those are the layer
+boundaries and the points between a layer's sub-blocks, so repeated structure is found
+without matching names. Scan and while loops stay whole (a scanned layer stack is one
 op; unroll it to pipeline it).
 
 Among candidates, a dynamic program picks the cuts that minimise the slowest chunk's forward
@@ -29,6 +30,11 @@ from autoshard.ir.interpret import evaluate
 from autoshard.ir.pipeline import Chunk
 
 CUT_SLACK = 1.5
+#: When the best cuts among candidates leave the slowest chunk this much above an even split,
+#: the slack doubles (a long skip connection makes every between-layer cut carry two arrays,
+#: so only the cuts before it are narrowest) until balance is reached or every cut is a
+#: candidate.
+BALANCE_TOLERANCE = 1.3
 
 
 @dataclass(frozen=True)
@@ -62,13 +68,29 @@ def slice_loss(graph: Graph, num_params: int, num_chunks: int, hw: Hardware,
                         "fewer stages or virtual stages")
     seconds = np.array([_forward_seconds(hw, n) for n in work])
     crossing = _crossing_bytes(graph, work)
+    prefix = np.concatenate([[0.0], np.cumsum(seconds)])
+    even = prefix[-1] / num_chunks
     candidates = _candidates(crossing, seconds)
     if len(candidates) < num_chunks - 1:
         raise PlanError(f"{what} has {len(candidates)} places to cut at its narrowest (between "
                         f"layers), fewer than the {num_chunks - 1} cuts {num_chunks} chunks need; "
                         "use fewer stages or virtual stages (a scanned layer stack is one op)")
-    cuts = _balance(candidates, np.concatenate([[0.0], np.cumsum(seconds)]), crossing,
-                    num_chunks)
+
+    def slowest(cuts):
+        bounds = (0, *cuts, len(work))
+        return max(prefix[b] - prefix[a] for a, b in zip(bounds, bounds[1:]))
+
+    cuts = _balance(candidates, prefix, crossing, num_chunks)
+    slack = CUT_SLACK
+    # widen the candidates while the chunks stay unbalanced; a wider cut is taken only if it
+    # shortens the slowest chunk by more than 10%
+    while slowest(cuts) > BALANCE_TOLERANCE * even and len(candidates) < len(work) - 1 \
+            and slack < 2 ** 20:
+        slack *= 2
+        candidates = _candidates(crossing, seconds, slack)
+        wider = _balance(candidates, prefix, crossing, num_chunks)
+        if slowest(wider) < 0.9 * slowest(cuts):
+            cuts = wider
     bounds = (0, *cuts, len(work))
     chunks = _build_chunks(graph, work, bounds, recomputed, num_params)
     parameter_bytes = tuple(sum(graph.inputs[i].nbytes for i in c.params) for c in chunks)
@@ -127,7 +149,8 @@ def _crossing_bytes(graph: Graph, work: list[Node]) -> np.ndarray:
     return np.cumsum(diff)[: len(work) + 1]
 
 
-def _candidates(crossing: np.ndarray, seconds: np.ndarray) -> list[int]:
+def _candidates(crossing: np.ndarray, seconds: np.ndarray, slack: float = CUT_SLACK
+                ) -> list[int]:
     total = float(seconds.sum()) or 1.0
     before = np.concatenate([[0.0], np.cumsum(seconds)]) / total
     interior = [k for k in range(1, len(seconds)) if 0.05 <= before[k] <= 0.95] or \
@@ -135,7 +158,7 @@ def _candidates(crossing: np.ndarray, seconds: np.ndarray) -> list[int]:
     if not interior:
         return []
     narrowest = min(crossing[k] for k in interior)
-    return [k for k in range(1, len(seconds)) if crossing[k] <= CUT_SLACK * narrowest]
+    return [k for k in range(1, len(seconds)) if crossing[k] <= slack * narrowest]
 
 
 def _balance(candidates: list[int], prefix: np.ndarray, crossing: np.ndarray,

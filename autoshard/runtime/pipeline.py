@@ -147,6 +147,7 @@ def pipelined_value_and_grad(chunks: Sequence[Chunk], params: Sequence, batch: S
     param_avals = [jax.ShapeDtypeStruct(jnp.shape(p), jnp.result_type(p)) for p in params]
     crossings = _crossing_avals(chunks, param_avals, micro_avals)
     carrier = _Carrier.of(crossings[:-1])
+    loss_dtype = crossings[-1][0].dtype
     chunk_param_avals = [[param_avals[i] for i in c.params] for c in chunks]
     psize = max([sum(math.prod(a.shape) for a in avals) for avals in chunk_param_avals] + [1])
     psize = -(-psize // replicas) * replicas  # slices of equal size within a stage
@@ -176,8 +177,9 @@ def pipelined_value_and_grad(chunks: Sequence[Chunk], params: Sequence, batch: S
             v = c // stages
             x = act[v, m] if c > 0 else carrier.zeros()
             outs = chunk_call(c, unpack(pk[v], chunk_param_avals[c]), x, m, mb)
-            if c == n_chunks - 1:
-                return carrier.zeros(), carrier.zeros(), grads, outs[0] / microbatches
+            if c == n_chunks - 1:   # accumulated in float32 whatever the loss's dtype
+                return (carrier.zeros(), carrier.zeros(), grads,
+                        outs[0].astype(jnp.float32) / microbatches)
             return carrier.put(outs), carrier.zeros(), grads, jnp.zeros(())
         return run
 
@@ -190,7 +192,7 @@ def pipelined_value_and_grad(chunks: Sequence[Chunk], params: Sequence, batch: S
             ps = unpack(state["params"][v], chunk_param_avals[c])
             _, pullback = jax.vjp(lambda p, xb: chunk_call(c, p, xb, m, mb), ps, x)
             if c == n_chunks - 1:
-                seed = [jnp.full((), 1.0 / microbatches, jnp.float32)]
+                seed = [jnp.full((), 1.0 / microbatches, loss_dtype)]
             else:
                 seed = carrier.take(state["cot"][v, m], crossings[c])
                 seed = [s if jnp.issubdtype(s.dtype, jnp.floating)
@@ -257,7 +259,7 @@ def pipelined_value_and_grad(chunks: Sequence[Chunk], params: Sequence, batch: S
         d, v = c % stages, c // stages
         for i, g in zip(chunk.params, unpack(grads_packed[d, v], chunk_param_avals[c])):
             grads[i] = grads[i] + g.astype(jnp.float32)
-    return loss, [g.astype(a.dtype) for g, a in zip(grads, param_avals)]
+    return loss.astype(loss_dtype), [g.astype(a.dtype) for g, a in zip(grads, param_avals)]
 
 
 def _stash(stash, valid, v, m, incoming):
