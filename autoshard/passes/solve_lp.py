@@ -149,8 +149,9 @@ def solve_lagrangian(problem: Problem, lp: LPResult, *, time_limit: float = 60.0
     """A plan within ``problem.usage_limit`` from the priced problem (module docstring), or
     None. Prices are the LP's duals (or, where those are all zero, the LP's cost per byte of
     the limit) times a scale: the smallest scale whose plan fits is searched for (factors of 4
-    until one scale fits and another does not, then three bisection steps in log space); lower
-    prices give cheaper plans. Returns (choice, LP solves)."""
+    until one scale fits and another does not or does not solve in ``time_limit``, then three
+    bisection steps in log space); lower prices give cheaper plans. Returns (choice, LP
+    solves)."""
     limit = problem.usage_limit
     if limit is None or lp.status != "optimal":      # no limit, or not even the LP fits
         return None
@@ -177,11 +178,13 @@ def solve_lagrangian(problem: Problem, lp: LPResult, *, time_limit: float = 60.0
     while solves < rounds + 3:
         choice = priced(scale)
         solves += 1
-        if choice is None:
+        if choice is None and fitting_scale is None:
             break
-        if usage_profile(problem, choice).max() <= limit:
+        if choice is not None and usage_profile(problem, choice).max() <= limit:
             fitting, fitting_scale = choice, scale
         else:
+            # over the limit, or a solve that did not finish below a fitting scale: lower
+            # prices only get closer to the unpriced LP, so bisect back towards the fitting one
             failing_scale = scale
         if fitting_scale is None:
             scale *= 4.0
