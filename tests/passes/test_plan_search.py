@@ -159,3 +159,40 @@ def test_prediction_agrees_with_the_compiled_program():
     for kind in report.collective_bytes:       # by kind too (CPU reduce-scatters read back)
         assert kind.difference is not None and kind.difference < 0.10, report.summary()
     assert " count " in report.summary()
+
+
+def test_a_priced_plan_far_above_the_bound_is_checked_by_the_search(monkeypatch):
+    # Memory prices can jump from over-budget plans to very lean, slow ones; when the priced
+    # plan is more than PRICED_GAP above the LP bound the search runs too and the cheaper plan
+    # is kept. Simulated here: the LP reported fractional, the prices returning the leanest
+    # (slowest) plan that fits.
+    import dataclasses
+
+    import autoshard.passes.plan_search as plan_search
+    from autoshard.passes.problem import NS
+    from autoshard.passes.solve_problem import evaluate as evaluate_choice
+
+    real_lp = plan_search.solve_local_polytope
+    leanest = {}
+
+    def fractional_lp(problem, **kwargs):
+        result = real_lp(problem, **kwargs)
+        return dataclasses.replace(result, integral=False)
+
+    def lean_prices(problem, lp, **kwargs):
+        choice = np.array([int(np.argmin(problem.usages[a:b]))
+                           for a, b in zip(problem.offsets[:-1], problem.offsets[1:])])
+        leanest["cost"] = evaluate_choice(problem, choice).cost
+        return choice, 1
+
+    monkeypatch.setattr(plan_search, "solve_local_polytope", fractional_lp)
+    monkeypatch.setattr(plan_search, "solve_lagrangian", lean_prices)
+    budget = 2 * 1024 * 4096 * 4 // 2
+    step = autoshard.compile(mlp_forward, *mlp_args(), mesh=make_mesh((8,)), hardware="h100",
+                             memory_budget=budget, out_specs=P(), cache=False)
+    solver = step.plan.solver
+    assert solver.engine != "lp + memory prices (highs)"
+    assert solver.objective * NS < leanest["cost"]
+    assert step.plan.prediction.peak_memory_bytes <= budget
+    specs = step.plan.in_specs[0]
+    assert specs["w1"] == P(None, "data") and specs["w2"] == P("data")   # the known optimum
