@@ -252,7 +252,8 @@ def main():
     parser.add_argument("--size", default="small", choices=sorted(SIZES))
     parser.add_argument("--no-budget-runs", action="store_true")
     parser.add_argument("--pipeline", default="1024x512,2048x256",
-                        help="GPT configurations d_model x seq for the pipeline rows, or none")
+                        help="GPT configurations d_model x seq for the pipeline rows, or none "
+                             "(keep the rows the table has)")
     parser.add_argument("--pipeline-only", action="store_true",
                         help="run only the pipeline rows; keep the rest of the table")
     args = parser.parse_args()
@@ -270,9 +271,12 @@ def main():
             for hw_name in args.hardware.split(","):
                 for fraction in (None,) if args.no_budget_runs else (None, 0.5):
                     run_case(name, model, shape, hw_name, fraction, rows, dp_peaks)
+    old = out.read_text() if out.exists() else ""
     write_table(rows, out, sys.argv[1:])
     if section is None:
         replace_pipeline_section(out, pipeline_section(args.pipeline))
+    elif PIPELINE_HEADING in old:      # --pipeline none keeps the rows already there
+        out.write_text(out.read_text() + "\n" + old[old.index(PIPELINE_HEADING):])
     print(f"wrote {out}")
 
 
