@@ -127,15 +127,16 @@ class AutoDecision:
     among the candidates that fit ``memory_budget`` (compiled peak bytes per device): the flat
     plan's prediction can be far from what XLA compiles (it reshards where the plan did not),
     and the pipeline's prediction prices the optimizer update the measure leaves out.
-    ``schedules`` lists the pipelines simulated, ``(schedule, virtual_stages, microbatches,
-    predicted seconds)``; ``pipeline`` is the one predicted fastest, the one measured."""
+    ``schedules`` lists the pipelines weighed, ``(schedule, virtual_stages, microbatches,
+    predicted seconds, measured seconds)``; ``pipeline`` is the one measured fastest among
+    those that fit."""
 
     pipeline: Pipeline
     pipelined_predicted: float
     flat_predicted: float
     pipelined_measured: float
     flat_measured: float
-    schedules: tuple[tuple[str, int, int, float], ...] = ()
+    schedules: tuple[tuple[str, int, int, float, float], ...] = ()
     pipelined_peak_bytes: int = 0
     flat_peak_bytes: int = 0
     memory_budget: int | None = None
@@ -149,11 +150,12 @@ class AutoDecision:
         return self.pipelined_fits and self.pipelined_measured < self.flat_measured
 
     def summary(self) -> str:
-        tried = ", ".join(f"{s} x{v} M={m} {t * 1e3:.3f} ms" for s, v, m, t in self.schedules)
+        tried = ", ".join(f"{s} x{v} M={m} {measured * 1e3:.3f} ms ({t * 1e3:.3f} predicted)"
+                          for s, v, m, t, measured in self.schedules)
         over = "" if self.pipelined_fits else (
             f"; the pipeline's peak {self.pipelined_peak_bytes / 2**30:.2f} GiB exceeds the "
             f"budget {self.memory_budget / 2**30:.2f} GiB")
-        return (f"pipeline='auto': simulated {tried}; pipelined ({self.pipeline.schedule} x"
+        return (f"pipeline='auto': measured {tried}; pipelined ({self.pipeline.schedule} x"
                 f"{self.pipeline.virtual_stages}, {self.pipeline.stages} stages over "
                 f"{self.pipeline.axis!r}) {self.pipelined_measured * 1e3:.3f} ms measured / "
                 f"{self.pipelined_predicted * 1e3:.3f} ms predicted, peak "
