@@ -178,8 +178,9 @@ def compile(fn: Callable, *example_args: Any, mesh: Mesh, memory_budget: int | N
 
 def _compile_pipelined(fn, example_args, options: _Options, pipeline) -> Any:
     """An explicit ``Pipeline`` is built as asked. ``"auto"`` slices the step for each schedule
-    (``auto_pipeline_candidates``), plans it without a pipeline too, compiles them all and keeps
-    the one whose executable measures fastest among those that fit ``memory_budget``
+    (``auto_pipeline_candidates``), plans it without a pipeline too (searched, and by the
+    data-parallel rule), compiles them all and keeps the one whose executable measures fastest
+    among those that fit ``memory_budget``
     (``AutoDecision`` says why: the cost model's flat and pipelined predictions are not
     comparable enough to decide alone, and the simulator's ranking of schedules was not the
     measured one: interleaved first at d=2048, measured 2% slower than GPipe)."""
@@ -210,23 +211,44 @@ def _compile_pipelined(fn, example_args, options: _Options, pipeline) -> Any:
         log.info("autoshard: pipeline='auto' for %s: no pipeline applies; not pipelined",
                  flat.__name__)
         return flat
-    log.info("autoshard: pipeline='auto' for %s: compiling %d pipelines and the flat plan to "
-             "measure them", flat.__name__, len(built))
-    rooflines = [b.roofline(*example_args) for b in built]
+    flats = [flat]
+    if options.planner == "search":
+        # the data-parallel rule too: the searched plan's prediction can miss what XLA
+        # compiles, and a measuring mode should not lose to the simplest plan it can build
+        try:
+            flats.append(ShardedFunction(fn, replace(options, planner="data-parallel",
+                                                     memory_budget=None), example_args))
+        except AutoshardError as err:
+            log.info("autoshard: pipeline='auto' for %s: no data-parallel candidate: %s",
+                     flat.__name__, err)
+    log.info("autoshard: pipeline='auto' for %s: compiling %d pipelines and %d flat plans to "
+             "measure them", flat.__name__, len(built), len(flats))
     budget = options.memory_budget
-    fits = [k for k, r in enumerate(rooflines) if budget is None or r.peak_bytes <= budget]
-    best = min(fits or range(len(built)), key=lambda k: rooflines[k].step_seconds)
+
+    def fastest(measures):
+        fits = [k for k, (t, peak) in enumerate(measures) if budget is None or peak <= budget]
+        return min(fits or range(len(measures)), key=lambda k: measures[k][0])
+
+    rooflines = [b.roofline(*example_args) for b in built]
+    best = fastest([(r.step_seconds, r.peak_bytes) for r in rooflines])
     piped, roofline = built[best], rooflines[best]
-    flat_compiled = flat.lower(*example_args).compile()
+    flat_measures = []
+    for f in flats:
+        compiled = f.lower(*example_args).compile()
+        flat_measures.append((compiled_roofline(compiled, options.hardware,
+                                                options.mesh).step_seconds,
+                              peak_memory(compiled)))
+    flat = flats[fastest(flat_measures)]
+    flat_seconds, flat_peak = flat_measures[flats.index(flat)]
     prediction = flat.plan.prediction          # None for planner="data-parallel"
     decision = AutoDecision(
         piped.pipeline, piped.pipeline_plan.total_seconds,
         prediction.step_seconds if prediction is not None else float("nan"),
-        roofline.step_seconds,
-        compiled_roofline(flat_compiled, options.hardware, options.mesh).step_seconds,
+        roofline.step_seconds, flat_seconds,
         tuple((b.pipeline.schedule, b.pipeline.virtual_stages, b.pipeline_plan.microbatches,
                b.pipeline_plan.total_seconds, r.step_seconds) for b, r in zip(built, rooflines)),
-        roofline.peak_bytes, peak_memory(flat_compiled), budget)
+        roofline.peak_bytes, flat_peak, budget, flat.plan.method,
+        tuple((f.plan.method, t, peak) for f, (t, peak) in zip(flats, flat_measures)))
     keep = piped if decision.pipelined else flat
     log.info("autoshard: %s: %s", flat.__name__, decision.summary())
     keep.auto_decision = decision

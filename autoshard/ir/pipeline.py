@@ -129,7 +129,9 @@ class AutoDecision:
     and the pipeline's prediction prices the optimizer update the measure leaves out.
     ``schedules`` lists the pipelines weighed, ``(schedule, virtual_stages, microbatches,
     predicted seconds, measured seconds)``; ``pipeline`` is the one measured fastest among
-    those that fit."""
+    those that fit. ``flat_candidates`` are the plans without a pipeline, ``(plan method,
+    measured seconds, peak bytes)``; the ``flat_*`` fields describe the fastest that fits
+    (``flat_method``), ``flat_predicted`` is NaN when it has no cost-model prediction."""
 
     pipeline: Pipeline
     pipelined_predicted: float
@@ -140,6 +142,8 @@ class AutoDecision:
     pipelined_peak_bytes: int = 0
     flat_peak_bytes: int = 0
     memory_budget: int | None = None
+    flat_method: str = ""
+    flat_candidates: tuple[tuple[str, float, int], ...] = ()
 
     @property
     def pipelined_fits(self) -> bool:
@@ -150,6 +154,8 @@ class AutoDecision:
         return self.pipelined_fits and self.pipelined_measured < self.flat_measured
 
     def summary(self) -> str:
+        flats = ", ".join(f"{method} {t * 1e3:.3f} ms" for method, t, _ in
+                          self.flat_candidates) or self.flat_method
         tried = ", ".join(f"{s} x{v} M={m} {measured * 1e3:.3f} ms ({t * 1e3:.3f} predicted)"
                           for s, v, m, t, measured in self.schedules)
         over = "" if self.pipelined_fits else (
@@ -160,6 +166,7 @@ class AutoDecision:
                 f"{self.pipeline.axis!r}) {self.pipelined_measured * 1e3:.3f} ms measured / "
                 f"{self.pipelined_predicted * 1e3:.3f} ms predicted, peak "
                 f"{self.pipelined_peak_bytes / 2**30:.2f} GiB; not pipelined "
-                f"{self.flat_measured * 1e3:.3f} ms measured / {self.flat_predicted * 1e3:.3f} "
-                f"ms predicted, peak {self.flat_peak_bytes / 2**30:.2f} GiB{over}; "
+                f"({flats}) {self.flat_measured * 1e3:.3f} ms measured / "
+                f"{self.flat_predicted * 1e3:.3f} ms predicted, peak "
+                f"{self.flat_peak_bytes / 2**30:.2f} GiB{over}; "
                 f"{'pipelining' if self.pipelined else 'not pipelining'}")
