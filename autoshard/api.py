@@ -238,8 +238,8 @@ def _compile_pipelined(fn, example_args, options: _Options, pipeline) -> Any:
         flat_measures.append((compiled_roofline(compiled, options.hardware,
                                                 options.mesh).step_seconds,
                               peak_memory(compiled)))
-    flat = flats[fastest(flat_measures)]
-    flat_seconds, flat_peak = flat_measures[flats.index(flat)]
+    kept = fastest(flat_measures)
+    flat, (flat_seconds, flat_peak) = flats[kept], flat_measures[kept]
     prediction = flat.plan.prediction          # None for planner="data-parallel"
     decision = AutoDecision(
         piped.pipeline, piped.pipeline_plan.total_seconds,

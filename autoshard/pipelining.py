@@ -194,9 +194,7 @@ def pipeline_report(slicing: Slicing, pipe: Pipeline, microbatches: int, mesh: M
     forward = list(slicing.forward_seconds)
     backward = [BACKWARD_FACTOR * f for f in forward]
     crossing = max(slicing.crossing_bytes, default=0)
-    link = collective_time(hw, spec, "collective-permute", crossing, (stage_index,))
-    sim = simulate(pipe.schedule, pipe.stages, microbatches, pipe.virtual_stages, forward,
-                   backward, link + TICK_OVERHEAD)
+    sim = _simulated(slicing, pipe, microbatches, spec, hw, forward, TICK_OVERHEAD)
     stages = []
     for d in range(pipe.stages):
         chunks = [c for c in range(pipe.chunks) if c % pipe.stages == d]
@@ -218,6 +216,17 @@ def pipeline_report(slicing: Slicing, pipe: Pipeline, microbatches: int, mesh: M
     update = OPTIMIZER_BYTES_PER_PARAMETER_BYTE * total_bytes / hw.memory_rate
     return PipelinePlan(tuple(stages), pipe.schedule, microbatches, pipe.virtual_stages,
                         sim.step_seconds, sim.bubble_fraction, timeline, sync + update)
+
+
+def _simulated(slicing: Slicing, pipe: Pipeline, microbatches: int, spec: MeshSpec,
+               hw: Hardware, forward: list[float], tick_overhead: float):
+    """The schedule with chunk forward times ``forward`` (backward ``BACKWARD_FACTOR`` x),
+    each transfer a permute of the widest crossing over the stage axis plus
+    ``tick_overhead``."""
+    link = collective_time(hw, spec, "collective-permute",
+                           max(slicing.crossing_bytes, default=0), (spec.index(pipe.axis),))
+    return simulate(pipe.schedule, pipe.stages, microbatches, pipe.virtual_stages, forward,
+                    [BACKWARD_FACTOR * f for f in forward], link + tick_overhead)
 
 
 def auto_pipeline_candidates(mesh: Mesh) -> tuple[Mesh, list[Pipeline]] | None:
@@ -325,15 +334,11 @@ class PipelinedFunction:
         Peak memory is the executable's."""
         compiled = self.lower(*args).compile()
         outside = compiled_roofline(compiled, self.hardware, self.mesh).collective_seconds
-        plan, slicing = self.pipeline_plan, self.slicing
-        spec = MeshSpec.from_jax(self.mesh)
-        stage = spec.index(self.pipeline.axis)
+        slicing = self.slicing
         rate = self.hardware.matmul_rate(slicing.dtype)
-        forward = [f / rate for f in slicing.matmul_flops]
-        link = collective_time(self.hardware, spec, "collective-permute",
-                               max(slicing.crossing_bytes, default=0), (stage,))
-        sim = simulate(plan.schedule, len(plan.stages), plan.microbatches, plan.virtual_stages,
-                       forward, [BACKWARD_FACTOR * f for f in forward], link)
+        sim = _simulated(slicing, self.pipeline, self.pipeline_plan.microbatches,
+                         MeshSpec.from_jax(self.mesh), self.hardware,
+                         [f / rate for f in slicing.matmul_flops], 0.0)
         return PipelineRoofline(sim.step_seconds, sum(
             t for kind, t in outside.items() if kind != "collective-permute"),
             sim.bubble_fraction, peak_memory(compiled))

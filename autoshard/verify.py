@@ -67,12 +67,16 @@ def peak_memory(compiled: Any) -> int:
                - m.alias_size_in_bytes)
 
 
+def device_positions(mesh: Any) -> dict[int, int]:
+    """Device id -> its row-major position in ``mesh`` (which decides its node on multi-node
+    hardware profiles)."""
+    return {d.id: i for i, d in enumerate(mesh.devices.flat)}
+
+
 def compiled_roofline(compiled: Any, hw: Any, mesh: Any) -> MeasuredStep:
     """The plan-quality benchmark's step measure of an executable compiled for ``mesh``:
-    matmul FLOPs and collectives read from its HLO, priced on ``hw``'s links (a device's node
-    is decided by its position in ``mesh``)."""
-    positions = {d.id: i for i, d in enumerate(mesh.devices.flat)}
-    return measured_step(hlo_stats(compiled.as_text()), hw, positions)
+    matmul FLOPs and collectives read from its HLO, priced on ``hw``'s links."""
+    return measured_step(hlo_stats(compiled.as_text()), hw, device_positions(mesh))
 
 
 def verify(sharded_fn: Any, *args: Any) -> Verification:

@@ -45,7 +45,7 @@ sys.path.insert(0, str(ROOT))
 import autoshard  # noqa: E402
 from autoshard.cost_model.hardware import get_hardware  # noqa: E402
 from autoshard.cost_model.hlo import hlo_stats, measured_step  # noqa: E402
-from autoshard.verify import peak_memory  # noqa: E402
+from autoshard.verify import device_positions, peak_memory  # noqa: E402
 from tests.models import plans  # noqa: E402
 
 # Sizes the test models are scaled to (module constants the model functions read at call time).
@@ -117,8 +117,7 @@ def measure(step, args, hw, mesh, key=None):
         if key is not None:
             _COMPILED[key] = cached
     stats, peak, compile_s = cached
-    positions = {d.id: i for i, d in enumerate(mesh.devices.flat)}
-    roofline = measured_step(stats, hw, positions)
+    roofline = measured_step(stats, hw, device_positions(mesh))
     return dict(step_ms=roofline.step_seconds * 1e3,
                 compute_ms=roofline.compute_seconds * 1e3,
                 full_ms=roofline.full_step_seconds * 1e3,
