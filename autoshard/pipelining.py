@@ -11,9 +11,12 @@ partitioned by XLA. The arguments a wrapper differentiates are the parameters; i
 arguments are the batch, split into microbatches along their leading dim, and the loss must be
 a mean over the batch (the pipeline averages the microbatch losses and gradients).
 
-Inside a stage the batch is split over the mesh's other axes (data parallel within the stage,
-parameters replicated over those axes); choosing an intra-stage plan per stage with the ILP is
-not done yet.
+Inside a stage, the intra-operator ILP decides how the mesh's other axes are used
+(passes/intra_stage.py): the axes it splits the batch over are data parallel (explicit in the
+runtime, gradients reduced once per step), and its parameter layouts over the remaining axes
+(e.g. Megatron's column/row split) are applied as sharding constraints that XLA propagates
+through each chunk. One plan serves every stage (it is made for the whole loss), and only
+parameter layouts carry over: the rest of a stage's layout is XLA's propagation.
 """
 
 from __future__ import annotations
@@ -36,12 +39,14 @@ from autoshard.dump import trace_events
 from autoshard.ir.errors import ArgumentError, PlanError
 from autoshard.ir.mesh import MeshSpec
 from autoshard.ir.pipeline import Pipeline, PipelinePlan, StageReport
+from autoshard.passes.intra_stage import IntraStagePlan, data_parallel_plan, plan_intra_stage
 from autoshard.passes.lift import lift_jaxpr
 from autoshard.passes.lower import auto_mesh
 from autoshard.passes.stages import Slicing, slice_loss
 from autoshard.passes.trace import function_name
-from autoshard.runtime.pipeline import pipelined_value_and_grad
-from autoshard.verify import compiled_roofline, peak_memory
+from autoshard.cost_model.hlo import hlo_stats, measured_step
+from autoshard.runtime.pipeline import crossing_avals, pipelined_value_and_grad
+from autoshard.verify import device_positions, peak_memory
 
 log = logging.getLogger("autoshard")
 
@@ -61,6 +66,9 @@ class _PipelineContext:
     hardware: Hardware
     plans: list = field(default_factory=list)
     slicings: list = field(default_factory=list)
+    intra_plans: dict = field(default_factory=dict)   # (shapes of params, batch) -> plan
+    stages_inside: list = field(default_factory=list)  # _Inside of each traced pipeline
+    solver_time_limit: float = 30.0
 
 
 _context: contextvars.ContextVar[_PipelineContext | None] = contextvars.ContextVar(
@@ -118,8 +126,11 @@ def _pipelined(fun: Callable, argnums, args: Sequence[Any], context: _PipelineCo
         call = [inner[nums.index(i)] if i in nums else next(others) for i in range(len(args))]
         return fun(*call)
 
+    intra = _intra_stage_plan(flat_loss, params, batch, mesh, pipe, context,
+                              function_name(fun))
+
     def sliced(microbatches: int) -> tuple[Slicing, tuple[str, ...]]:
-        data_axes = data_parallel_axes(mesh, pipe.axis, size // microbatches)
+        data_axes = intra.data_axes_for(mesh, size // microbatches)
         replicas = int(np.prod([mesh.shape[a] for a in data_axes])) if data_axes else 1
         micro = [jax.ShapeDtypeStruct((size // microbatches // replicas, *x.shape[1:]), x.dtype)
                  for x in batch]
@@ -131,7 +142,7 @@ def _pipelined(fun: Callable, argnums, args: Sequence[Any], context: _PipelineCo
     candidates = [m for m in range(1, size + 1) if size % m == 0 and (
         pipe.schedule != "interleaved" or m % pipe.stages == 0)]
     # microbatches that still split over every other axis keep the stages data parallel
-    full = int(np.prod([mesh.shape[a] for a in mesh.axis_names if a != pipe.axis]))
+    full = int(np.prod([mesh.shape[a] for a in intra.data_axes]))
     parallel = [m for m in candidates if (size // m) % full == 0]
     if pipe.microbatches is not None:
         microbatches = pipe.microbatches
@@ -151,18 +162,54 @@ def _pipelined(fun: Callable, argnums, args: Sequence[Any], context: _PipelineCo
         first = choices[0]
         slicing, data_axes = sliced(first)
         microbatches = min(choices, key=lambda m: pipeline_report(
-            _rescaled(slicing, first / m), pipe, m, mesh, context.hardware).total_seconds)
+            _rescaled(slicing, first / m), pipe, m, mesh, context.hardware,
+            intra).total_seconds)
         if microbatches != first:
             slicing, data_axes = sliced(microbatches)
     context.slicings.append(slicing)
     context.plans.append(pipeline_report(slicing, pipe, microbatches, context.mesh,
-                                         context.hardware))
-    loss, grads = pipelined_value_and_grad(slicing.chunks, params, batch, mesh=mesh,
-                                           stage_axis=pipe.axis, schedule=pipe.schedule,
-                                           microbatches=microbatches,
-                                           virtual=pipe.virtual_stages, data_axes=data_axes)
+                                         context.hardware, intra))
+    replicas = int(np.prod([mesh.shape[a] for a in data_axes]))
+    context.stages_inside.append(_Inside(
+        intra, data_axes,
+        tuple(jax.ShapeDtypeStruct(np.shape(p), p.dtype) for p in params),
+        tuple(jax.ShapeDtypeStruct((size // microbatches // replicas, *x.shape[1:]), x.dtype)
+              for x in batch)))
+    loss, grads = pipelined_value_and_grad(
+        slicing.chunks, params, batch, mesh=mesh, stage_axis=pipe.axis, schedule=pipe.schedule,
+        microbatches=microbatches, virtual=pipe.virtual_stages, data_axes=data_axes,
+        param_specs=intra.param_specs)
     grads = jax.tree.unflatten(ptree, grads)
     return loss, (grads[0] if isinstance(argnums, int) else tuple(grads))
+
+
+@dataclass(frozen=True)
+class _Inside:
+    """What a traced pipeline runs inside each stage: the intra-stage plan, the data axes used
+    at its microbatch size, and the avals of the parameters and of one device's microbatch."""
+
+    intra: IntraStagePlan
+    data_axes: tuple[str, ...]
+    param_avals: tuple[jax.ShapeDtypeStruct, ...]
+    micro_avals: tuple[jax.ShapeDtypeStruct, ...]
+
+
+def _intra_stage_plan(flat_loss, params, batch, mesh: Mesh, pipe: Pipeline,
+                      context: _PipelineContext, what: str) -> IntraStagePlan:
+    """The ILP's intra-stage plan, once per parameter and batch shapes (a step is traced again
+    when it is lowered again)."""
+    if pipe.intra_stage == "data":
+        return data_parallel_plan(mesh, pipe.axis)
+    key = tuple((np.shape(x), str(x.dtype)) for x in (*params, *batch))
+    if key not in context.intra_plans:
+        start = time.perf_counter()
+        plan = plan_intra_stage(flat_loss, params, batch, mesh, pipe.axis, context.hardware,
+                                data_axes=pipe.data_axes,
+                                time_limit=context.solver_time_limit)
+        log.info("autoshard: pipeline %s: intra-stage plan in %.2fs: %s", what,
+                 time.perf_counter() - start, plan.describe())
+        context.intra_plans[key] = plan
+    return context.intra_plans[key]
 
 
 def data_parallel_axes(mesh: Mesh, stage_axis: str, microbatch: int) -> tuple[str, ...]:
@@ -185,13 +232,19 @@ def _rescaled(slicing: Slicing, factor: float) -> Slicing:
 
 
 def pipeline_report(slicing: Slicing, pipe: Pipeline, microbatches: int, mesh: Mesh,
-                    hw: Hardware) -> PipelinePlan:
+                    hw: Hardware, intra: IntraStagePlan | None = None) -> PipelinePlan:
     """Simulate the sliced loss (sliced at one device's share of a microbatch, so its chunk
-    times are per device and microbatch); permutes cross the stage axis."""
+    times are per device and microbatch); permutes cross the stage axis. With a
+    tensor-parallel ``intra`` plan a chunk's time is divided over its model axes' devices,
+    and the collectives that layout costs inside the chunk are left out: the report is a
+    prediction, ``PipelinedFunction.roofline`` measures them."""
     spec = MeshSpec.from_jax(mesh)
     stage_index = spec.index(pipe.axis)
     others = spec.num_devices // spec.axis_sizes[stage_index]
-    forward = list(slicing.forward_seconds)
+    model_devices = 1
+    if intra is not None and intra.tensor_parallel:
+        model_devices = int(np.prod([mesh.shape[a] for a in intra.model_axes]))
+    forward = [t / model_devices for t in slicing.forward_seconds]
     backward = [BACKWARD_FACTOR * f for f in forward]
     crossing = max(slicing.crossing_bytes, default=0)
     sim = _simulated(slicing, pipe, microbatches, spec, hw, forward, TICK_OVERHEAD)
@@ -215,7 +268,8 @@ def pipeline_report(slicing: Slicing, pipe: Pipeline, microbatches: int, mesh: M
             + collective_time(hw, spec, "all-gather", total_bytes, other_axes))
     update = OPTIMIZER_BYTES_PER_PARAMETER_BYTE * total_bytes / hw.memory_rate
     return PipelinePlan(tuple(stages), pipe.schedule, microbatches, pipe.virtual_stages,
-                        sim.step_seconds, sim.bubble_fraction, timeline, sync + update)
+                        sim.step_seconds, sim.bubble_fraction, timeline, sync + update,
+                        intra.describe() if intra is not None else "")
 
 
 def _simulated(slicing: Slicing, pipe: Pipeline, microbatches: int, spec: MeshSpec,
@@ -274,7 +328,8 @@ class PipelinedFunction:
 
     def __init__(self, fn: Callable, example_args: Sequence[Any], *, mesh: Mesh,
                  pipeline: Pipeline, hardware: Hardware, donate_argnums: tuple[int, ...],
-                 static_argnums: tuple[int, ...], batch_argnums: tuple[int, ...] | None):
+                 static_argnums: tuple[int, ...], batch_argnums: tuple[int, ...] | None,
+                 solver_time_limit: float = 30.0, intra_plans: dict | None = None):
         self._fn = fn
         self.__name__ = function_name(fn)
         if pipeline.axis not in mesh.axis_names:
@@ -287,7 +342,13 @@ class PipelinedFunction:
             raise ArgumentError(f"autoshard.compile({self.__name__}): mesh axis "
                                 f"{pipeline.axis!r} has size {mesh.shape[pipeline.axis]}, the "
                                 f"pipeline asks for {pipeline.stages} stages")
+        unknown = [a for a in pipeline.data_axes or () if a not in mesh.axis_names]
+        if unknown:
+            raise ArgumentError(f"autoshard.compile({self.__name__}, pipeline={pipeline}): "
+                                f"data_axes {unknown} are not axes of the mesh "
+                                f"{tuple(mesh.axis_names)}")
         self.mesh, self.pipeline, self.hardware = mesh, pipeline, hardware
+        self._solver_time_limit = solver_time_limit
         self._statics = static_argnums
         dynamic = [i for i in range(len(example_args)) if i not in static_argnums]
         batch = batch_argnums if batch_argnums is not None else dynamic[-1:]
@@ -306,6 +367,10 @@ class PipelinedFunction:
         start = time.perf_counter()
         self._plans: list[PipelinePlan] = []
         self._slicings: list[Slicing] = []
+        # intra-stage plans by shapes; a dict shared between pipelines of one step is planned
+        # once for all of them
+        self._intra_plans: dict = {} if intra_plans is None else intra_plans
+        self._inside: list[_Inside] = []
         self.lower(*example_args)
         self.planning_seconds = time.perf_counter() - start
         if not self._plans:
@@ -333,15 +398,49 @@ class PipelinedFunction:
         gradient exchange) are read from the compiled HLO and priced on the profile's links.
         Peak memory is the executable's."""
         compiled = self.lower(*args).compile()
-        outside = compiled_roofline(compiled, self.hardware, self.mesh).collective_seconds
-        slicing = self.slicing
-        rate = self.hardware.matmul_rate(slicing.dtype)
+        slicing, inside = self.slicing, self._inside[-1]
+        stats = hlo_stats(compiled.as_text())
+        if inside.intra.tensor_parallel:
+            # the model-axis collectives run inside the chunks, priced with them below
+            model_only = _model_axis_groups(self.mesh, inside.intra.model_axes)
+            stats.collectives = [(c, n) for c, n in stats.collectives if not model_only(c)]
+            forward = self._chunk_forward_seconds(inside)
+        else:
+            rate = self.hardware.matmul_rate(slicing.dtype)
+            forward = [f / rate for f in slicing.matmul_flops]
+        outside = measured_step(stats, self.hardware, device_positions(self.mesh))
         sim = _simulated(slicing, self.pipeline, self.pipeline_plan.microbatches,
-                         MeshSpec.from_jax(self.mesh), self.hardware,
-                         [f / rate for f in slicing.matmul_flops], 0.0)
+                         MeshSpec.from_jax(self.mesh), self.hardware, forward, 0.0)
         return PipelineRoofline(sim.step_seconds, sum(
-            t for kind, t in outside.items() if kind != "collective-permute"),
-            sim.bubble_fraction, peak_memory(compiled))
+            t for kind, t in outside.collective_seconds.items()
+            if kind != "collective-permute"), sim.bubble_fraction, peak_memory(compiled))
+
+    def _chunk_forward_seconds(self, inside: "_Inside") -> list[float]:
+        """Each chunk's forward compiled alone on one model-axis group with the intra-stage
+        parameter layouts, measured like a flat plan (matmul FLOPs + collectives)."""
+        names = self.mesh.axis_names
+        model = inside.intra.model_axes
+        devices = self.mesh.devices[tuple(slice(None) if n in model else 0 for n in names)]
+        group = Mesh(devices, tuple(n for n in names if n in model))
+        positions = device_positions(self.mesh)
+        specs = inside.intra.param_specs
+        crossing = crossing_avals(self.slicing.chunks, list(inside.param_avals),
+                                   list(inside.micro_avals))
+        replicated = NamedSharding(group, PartitionSpec())
+        seconds = []
+        for c, chunk in enumerate(self.slicing.chunks):
+            ps = [jax.ShapeDtypeStruct(inside.param_avals[i].shape, inside.param_avals[i].dtype,
+                                       sharding=NamedSharding(group, specs[i]))
+                  for i in chunk.params]
+            data = [jax.ShapeDtypeStruct(inside.micro_avals[i].shape,
+                                         inside.micro_avals[i].dtype, sharding=replicated)
+                    for i in chunk.batch]
+            xs = [jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated)
+                  for a in (crossing[c - 1] if c else [])]
+            compiled = jax.jit(chunk.fn).lower(ps, data, xs).compile()
+            seconds.append(measured_step(hlo_stats(compiled.as_text()), self.hardware,
+                                         positions).step_seconds)
+        return seconds
 
     def save_trace(self, path) -> None:
         """The simulated schedule as Chrome trace events (open in Perfetto or xprof)."""
@@ -350,7 +449,8 @@ class PipelinedFunction:
 
     def _traced_step(self, *args):
         context = _PipelineContext(self.mesh, self.pipeline, self.hardware, self._plans,
-                                   self._slicings)
+                                   self._slicings, self._intra_plans, self._inside,
+                                   self._solver_time_limit)
         token = _context.set(context)
         try:
             return self._fn(*args)
@@ -373,6 +473,18 @@ class PipelinedFunction:
 
     def __repr__(self):
         return f"<autoshard.PipelinedFunction {self.__name__} {self.pipeline}>"
+
+
+def _model_axis_groups(mesh: Mesh, model_axes: tuple[str, ...]):
+    """A predicate: does a collective run over model axes only (its groups' devices differ
+    in no other mesh coordinate)?"""
+    coords = {d.id: np.array(i) for i, d in np.ndenumerate(mesh.devices)}
+    other = np.array([n not in model_axes for n in mesh.axis_names])
+
+    def model_only(collective) -> bool:
+        return all(len({tuple(coords[d][other]) for d in group if d in coords}) <= 1
+                   for group in collective.groups)
+    return model_only
 
 
 def _placed_leaf(x, sharding: NamedSharding):

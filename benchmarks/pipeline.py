@@ -93,7 +93,8 @@ def pipeline_rows(layers: int, d_model: int, batch: int, seq: int) -> list:
         result = measure_pipelined(step, args)
         label = f"pipeline {pipe.schedule} x{pipe.virtual_stages} (M={result['microbatches']})"
         rows.append((label, result, f"planned in {plan_s:.1f} s; simulated "
-                     f"{step.pipeline_plan.total_seconds * 1e3:.3f} ms"))
+                     f"{step.pipeline_plan.total_seconds * 1e3:.3f} ms; inside a stage: "
+                     f"{step.pipeline_plan.intra_stage}"))
         print(rows[-1], flush=True)
     start = time.perf_counter()
     auto = autoshard.compile(train_step, *args, mesh=mesh, hardware=hw, pipeline="auto",

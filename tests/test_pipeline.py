@@ -14,9 +14,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from jax.sharding import PartitionSpec as P
 
 import autoshard
-from autoshard.cost_model.hardware import get_hardware
+from autoshard.cost_model.hardware import Link, get_hardware
+from autoshard.cost_model.hlo import hlo_stats
 from autoshard.passes.lift import lift_jaxpr
 from autoshard.passes.stages import slice_loss
 from autoshard.verify import compiled_roofline
@@ -229,3 +231,78 @@ def test_a_bfloat16_loss_pipelines():
     assert got[1].dtype == jnp.bfloat16
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
         np.testing.assert_allclose(np.float32(a), np.float32(b), rtol=1e-2, atol=1e-2)
+
+
+def _wide_mlp():
+    """Residual MLP blocks whose weights (128x512) dwarf a 16-row batch: on links without
+    latency, Megatron's column/row split (one activation all-reduce per block) moves far fewer
+    bytes than data parallel's gradient all-reduce."""
+    keys = jax.random.split(jax.random.key(0), 9)
+    params = {"blocks": [{"w1": jax.random.normal(keys[2 * i], (128, 512)) * 0.05,
+                          "w2": jax.random.normal(keys[2 * i + 1], (512, 128)) * 0.05}
+                         for i in range(4)],
+              "out": jax.random.normal(keys[8], (128, 8)) * 0.05}
+
+    def loss(p, batch):
+        x, y = batch
+        for b in p["blocks"]:
+            x = x + jax.nn.gelu(x @ b["w1"]) @ b["w2"]
+        return jnp.mean((x @ p["out"] - y) ** 2)
+
+    def step(p, opt_state, batch):
+        value, grads = autoshard.value_and_grad(loss)(p, batch)
+        updates, opt_state = tx.update(grads, opt_state, p)
+        return optax.apply_updates(p, updates), opt_state, value
+
+    batch = (jax.random.normal(jax.random.key(1), (16, 128)),
+             jax.random.normal(jax.random.key(2), (16, 8)))
+    return step, (params, tx.init(params), batch)
+
+
+def _no_latency_h100():
+    h100 = get_hardware("h100")
+    return replace(h100, name="h100, links without latency",
+                   intra_node=Link(h100.intra_node.bandwidth, 0.0),
+                   inter_node=Link(h100.inter_node.bandwidth, 0.0))
+
+
+@pytest.mark.parametrize("pipeline", [
+    autoshard.Pipeline(2, 2, "1f1b", data_axes=("data",)),
+    autoshard.Pipeline(2, 2, "interleaved", virtual_stages=2, data_axes=("data",))],
+    ids=["1f1b", "interleaved"])
+def test_tensor_parallel_inside_the_stages_equals_unpipelined(pipeline):
+    step, args = _wide_mlp()
+    mesh = jax.make_mesh((2, 2, 2), ("stage", "data", "model"))
+    piped = autoshard.compile(step, *args, mesh=mesh, pipeline=pipeline,
+                              hardware=_no_latency_h100())
+    intra = piped._inside[-1].intra
+    assert intra.data_axes == ("data",) and intra.model_axes == ("model",)
+    # the ILP's layout is Megatron's: w1 split by columns, w2 by rows, the head replicated
+    assert intra.param_specs == (P(None, "model"), P("model"),) * 4 + (P(),)
+    assert "8 of 9 parameters laid out over ('model',)" in piped.pipeline_plan.summary()
+    assert_same(piped(*args), jax.jit(step)(*args))
+    # the activation all-reduces run over the model axis inside the tick loop's branches
+    text = piped.lower(*args).compile().as_text()
+    model_groups = {(0, 1), (2, 3), (4, 5), (6, 7)}
+    inside = [c for c, times in hlo_stats(text).collectives if c.kind == "all-reduce"
+              and times > 1 and set(c.groups) == model_groups]
+    assert inside
+
+
+def test_the_ilp_chooses_the_data_axes_of_a_stage():
+    # without data_axes the ILP decides: on H100's links (latency per collective) this small
+    # step is cheapest data parallel over both other axes, so the packed runtime runs it
+    step, args = _wide_mlp()
+    mesh = jax.make_mesh((2, 2, 2), ("stage", "data", "model"))
+    piped = autoshard.compile(step, *args, mesh=mesh,
+                              pipeline=autoshard.Pipeline(2, 2, "gpipe"), hardware="h100")
+    intra = piped._inside[-1].intra
+    assert not intra.tensor_parallel and intra.data_axes == ("data", "model")
+    assert_same(piped(*args), jax.jit(step)(*args))
+    with pytest.raises(autoshard.ArgumentError, match="not axes of the mesh"):
+        autoshard.compile(step, *args, mesh=mesh,
+                          pipeline=autoshard.Pipeline(2, 2, "gpipe", data_axes=("batch",)))
+    with pytest.raises(autoshard.ArgumentError, match="needs intra_stage='plan'"):
+        autoshard.Pipeline(2, 2, data_axes=("data",), intra_stage="data")
+    with pytest.raises(autoshard.ArgumentError, match="includes the stage axis"):
+        autoshard.Pipeline(2, 2, data_axes=("stage",))

@@ -11,6 +11,8 @@ from autoshard.ir.errors import ArgumentError
 from autoshard.ir.schedule import SCHEDULES
 
 ChunkFn = Callable[[list, list, list], list]
+#: How the mesh axes other than the stage axis are used inside a stage.
+INTRA_STAGE = ("plan", "data")
 
 
 @dataclass(frozen=True)
@@ -20,13 +22,18 @@ class Pipeline:
     The mesh needs an axis named ``axis`` (default ``"stage"``) of size ``stages``; the loss
     wrapped in ``autoshard.value_and_grad`` / ``autoshard.grad`` is cut into ``stages *
     virtual_stages`` chunks, chunk ``c`` on stage ``c % stages``, and runs per microbatch.
-    ``microbatches=None`` lets the planner choose."""
+    ``microbatches=None`` lets the planner choose. ``intra_stage="plan"`` lets the ILP split
+    the mesh's other axes into data axes and model axes with a parameter layout
+    (passes/intra_stage.py), or only lay out the parameters over the axes not in
+    ``data_axes`` when those are given; ``"data"`` keeps every other axis data parallel."""
 
     stages: int
     microbatches: int | None = None
     schedule: str = "1f1b"
     virtual_stages: int = 1
     axis: str = "stage"
+    intra_stage: str = "plan"
+    data_axes: tuple[str, ...] | None = None
 
     def __post_init__(self):
         if not isinstance(self.stages, int) or self.stages < 1:
@@ -39,6 +46,21 @@ class Pipeline:
             raise ArgumentError(f"Pipeline(schedule={self.schedule!r}): one of {SCHEDULES}")
         if not isinstance(self.virtual_stages, int) or self.virtual_stages < 1:
             raise ArgumentError(f"Pipeline(virtual_stages={self.virtual_stages!r}): an int >= 1")
+        if self.intra_stage not in INTRA_STAGE:
+            raise ArgumentError(f"Pipeline(intra_stage={self.intra_stage!r}): one of "
+                                f"{INTRA_STAGE}")
+        if self.data_axes is not None:
+            if isinstance(self.data_axes, str) or not all(
+                    isinstance(a, str) for a in self.data_axes):
+                raise ArgumentError(f"Pipeline(data_axes={self.data_axes!r}): a tuple of mesh "
+                                    "axis names, e.g. ('data',)")
+            if self.intra_stage != "plan":
+                raise ArgumentError("Pipeline(data_axes=...) names the data axes of an "
+                                    "intra-stage plan; it needs intra_stage='plan'")
+            if self.axis in self.data_axes:
+                raise ArgumentError(f"Pipeline(data_axes={self.data_axes!r}) includes the "
+                                    f"stage axis {self.axis!r}")
+            object.__setattr__(self, "data_axes", tuple(self.data_axes))
         if self.virtual_stages > 1 and self.schedule != "interleaved":
             raise ArgumentError(f"Pipeline(virtual_stages={self.virtual_stages}) needs "
                                 "schedule='interleaved'")
@@ -86,6 +108,7 @@ class PipelinePlan:
     bubble_fraction: float
     timeline: tuple[tuple[int, str, float, float], ...] = ()
     outside_seconds: float = 0.0
+    intra_stage: str = ""
 
     @property
     def total_seconds(self) -> float:
@@ -98,6 +121,8 @@ class PipelinePlan:
                  f"{self.microbatches} microbatches, {self.schedule}; simulated step "
                  f"{self.step_seconds * 1e3:.3f} ms, bubble {self.bubble_fraction:.1%}, "
                  f"+ {self.outside_seconds * 1e3:.3f} ms outside the pipeline"]
+        if self.intra_stage:
+            lines.append(f"  inside each stage: {self.intra_stage}")
         for s in self.stages:
             lines.append(f"  {s.name}: {', '.join(s.chunks)}; fwd {s.forward_seconds * 1e6:.1f} "
                          f"us, bwd {s.backward_seconds * 1e6:.1f} us per microbatch; params "
@@ -110,6 +135,7 @@ class PipelinePlan:
         return {"schedule": self.schedule, "microbatches": self.microbatches,
                 "virtual_stages": self.virtual_stages, "step_seconds": self.step_seconds,
                 "bubble_fraction": self.bubble_fraction, "outside_seconds": self.outside_seconds,
+                "intra_stage": self.intra_stage,
                 "stages": [{"name": s.name, "chunks": list(s.chunks),
                             "forward_seconds": s.forward_seconds,
                             "backward_seconds": s.backward_seconds,

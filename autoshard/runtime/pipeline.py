@@ -22,11 +22,12 @@ over microbatches (the loss function is taken to be a mean over its batch, as
 ``jax.value_and_grad`` of a mean loss on the whole batch gives); the optimizer update runs after
 the pipeline, outside it.
 
-Parameters travel packed: each device flattens the parameters of the chunks it holds into one
-float32 vector per chunk (``[virtual, size]``), from the replicated parameters it already has.
-Gradients leave it replicated (every device runs the optimizer update on replicated
-parameters), gathered hierarchically so that only 1/replicas of a stage's gradients crosses the
-stage axis per device.
+Parameters travel packed when every non-stage axis is a data axis: each device flattens the
+parameters of the chunks it holds into one float32 vector per chunk (``[virtual, size]``), from
+the replicated parameters it already has. Gradients leave it replicated (every device runs the
+optimizer update on replicated parameters), gathered hierarchically so that only 1/replicas of
+a stage's gradients crosses the stage axis per device. With an intra-stage parameter layout
+over model axes, parameters and gradients travel as leaves in that layout instead (``_Leaves``).
 Activations crossing a cut travel in their own shape when every cut carries one array of the
 same shape and dtype (the residual stream of a transformer), else packed into float32 (exact:
 narrower floats widen, 32-bit integers are bit-cast).
@@ -118,17 +119,24 @@ class _Carrier:
 
 def pipelined_value_and_grad(chunks: Sequence[Chunk], params: Sequence, batch: Sequence, *,
                              mesh, stage_axis: str, schedule: str, microbatches: int,
-                             virtual: int = 1, data_axes: tuple[str, ...] = ()) -> tuple:
+                             virtual: int = 1, data_axes: tuple[str, ...] = (),
+                             param_specs: Sequence[PartitionSpec] | None = None) -> tuple:
     """Mean loss and gradients (one per parameter leaf) of the chunked loss over ``batch``
     (leaves with the batch as leading dim), pipelined over mesh axis ``stage_axis`` and data
     parallel over ``data_axes``: each microbatch is split over them, and the chunks take the
     shapes of one device's part.
 
-    Every mesh axis is manual inside the pipeline: a collective the partitioner placed inside
-    one branch of the tick's ``lax.switch`` would be reached by some devices and not others,
-    which deadlocks (seen on the CPU runtime). Data parallelism is therefore explicit: gradients
-    and loss are averaged over ``data_axes`` after the tick loop, where every device runs the
-    same collectives."""
+    The stage and data axes are manual inside the pipeline. Data parallelism is explicit:
+    every device accumulates its own gradients over the microbatches and they are averaged over
+    ``data_axes`` once, after the tick loop (a partitioner placing that reduction would do it
+    in every backward). Without ``param_specs`` every mesh axis is a stage or data axis and
+    parameters travel packed. With ``param_specs`` (one PartitionSpec per leaf, naming only
+    the mesh's other axes, passes/intra_stage.py) those other axes stay automatic: parameters
+    and their gradient accumulators travel as leaves constrained to the specs, and the
+    partitioner lays out each chunk from them. Its collectives sit inside one branch of the
+    tick's ``lax.switch``, which is safe because they run over model axes only, and every
+    device of a model-axis group runs the same tick row (a collective reached by some devices
+    of its group and not others deadlocks, as seen on the CPU runtime)."""
     stages = int(mesh.shape[stage_axis])
     replicas = int(np.prod([mesh.shape[a] for a in data_axes])) if data_axes else 1
     if len(chunks) != stages * virtual:
@@ -145,20 +153,11 @@ def pipelined_value_and_grad(chunks: Sequence[Chunk], params: Sequence, batch: S
     micro_avals = [jax.ShapeDtypeStruct((x.shape[1] // replicas, *x.shape[2:]), x.dtype)
                    for x in micro]
     param_avals = [jax.ShapeDtypeStruct(jnp.shape(p), jnp.result_type(p)) for p in params]
-    crossings = _crossing_avals(chunks, param_avals, micro_avals)
+    crossings = crossing_avals(chunks, param_avals, micro_avals)
     carrier = _Carrier.of(crossings[:-1])
     loss_dtype = crossings[-1][0].dtype
-    chunk_param_avals = [[param_avals[i] for i in c.params] for c in chunks]
-    psize = max([sum(math.prod(a.shape) for a in avals) for avals in chunk_param_avals] + [1])
-    psize = -(-psize // replicas) * replicas  # slices of equal size within a stage
-
-    def packer(d):
-        # packed on the device that holds the chunks: every device has the parameters
-        # (replicated), so no collective moves them into the pipeline
-        def run(leaves):
-            return jnp.stack([pack([leaves[i] for i in chunks[v * stages + d].params], psize)
-                              for v in range(virtual)])
-        return run
+    store = (_Packed(chunks, param_avals, stages, virtual, replicas) if param_specs is None
+             else _Leaves(chunks, param_avals, tuple(param_specs)))
     tables = _tables(schedule, stages, microbatches, virtual)
     n_chunks = len(chunks)
 
@@ -173,10 +172,10 @@ def pipelined_value_and_grad(chunks: Sequence[Chunk], params: Sequence, batch: S
     # see the module docstring).
     def forward_branch(c):
         def run(state, grads, m, mb):
-            act, pk = state["act"], state["params"]
+            act = state["act"]
             v = c // stages
             x = act[v, m] if c > 0 else carrier.zeros()
-            outs = chunk_call(c, unpack(pk[v], chunk_param_avals[c]), x, m, mb)
+            outs = chunk_call(c, store.chunk_params(state["params"], c), x, m, mb)
             if c == n_chunks - 1:   # accumulated in float32 whatever the loss's dtype
                 return (carrier.zeros(), carrier.zeros(), grads,
                         outs[0].astype(jnp.float32) / microbatches)
@@ -189,7 +188,7 @@ def pipelined_value_and_grad(chunks: Sequence[Chunk], params: Sequence, batch: S
             x = state["act"][v, m] if c > 0 else carrier.zeros()
             # differentiate with respect to the unpacked leaves: the gradient of an unpack
             # would be one zero-padded packed vector per leaf
-            ps = unpack(state["params"][v], chunk_param_avals[c])
+            ps = store.chunk_params(state["params"], c)
             _, pullback = jax.vjp(lambda p, xb: chunk_call(c, p, xb, m, mb), ps, x)
             if c == n_chunks - 1:
                 seed = [jnp.full((), 1.0 / microbatches, loss_dtype)]
@@ -201,7 +200,7 @@ def pipelined_value_and_grad(chunks: Sequence[Chunk], params: Sequence, batch: S
             gp = [g if g.dtype != jax.dtypes.float0 else np.zeros(g.shape, np.float32)
                   for g in gp]
             send_b = gx if c > 0 else carrier.zeros()
-            grads = grads.at[v].add(pack(gp, psize))
+            grads = store.add_gradients(grads, c, gp)
             return carrier.zeros(), send_b.astype(carrier.dtype), grads, jnp.zeros(())
         return run
 
@@ -215,10 +214,12 @@ def pipelined_value_and_grad(chunks: Sequence[Chunk], params: Sequence, batch: S
 
     def body(leaves, mb, table):
         d = lax.axis_index(stage_axis)
-        pk = lax.switch(d, [packer(i) for i in range(stages)], list(leaves))
+        pk = store.enter(d, list(leaves))
+        if param_specs is not None:   # one copy of the microbatch per model-axis group
+            mb = [lax.with_sharding_constraint(x, PartitionSpec()) for x in mb]
         state0 = {"act": jnp.zeros((virtual, microbatches, *carrier.shape), carrier.dtype),
                   "cot": jnp.zeros((virtual, microbatches, *carrier.shape), carrier.dtype),
-                  "grads": jnp.zeros((virtual, psize), jnp.float32),
+                  "grads": store.zero_gradients(),
                   "loss": jnp.zeros((), jnp.float32),
                   "send_f": carrier.zeros(), "send_b": carrier.zeros()}
 
@@ -235,31 +236,109 @@ def pipelined_value_and_grad(chunks: Sequence[Chunk], params: Sequence, batch: S
                     "send_f": send_f, "send_b": send_b}, None
 
         final, _ = lax.scan(tick, state0, table)
-        grads, loss = final["grads"], lax.psum(final["loss"], stage_axis)
+        loss = lax.psum(final["loss"], stage_axis)
         if data_axes:
-            # hierarchical: average within the stage into slices, exchange only the slices
-            # across stages (the link between nodes carries psize / replicas per device, not
-            # psize), then gather the slices back within the stage
-            grads = lax.psum_scatter(grads, data_axes, scatter_dimension=1, tiled=True)
-            grads = grads / replicas
             loss = lax.pmean(loss, data_axes)
-        grads = lax.all_gather(grads, stage_axis, axis=0)
-        if data_axes:
-            grads = lax.all_gather(grads, data_axes, axis=2, tiled=True)
-        return grads, loss
+        return store.exchange(final["grads"], stage_axis, data_axes), loss
 
     batch_spec = PartitionSpec(None, tuple(data_axes)) if data_axes else PartitionSpec()
-    run = jax.shard_map(body, mesh=mesh, axis_names=set(mesh.axis_names), check_vma=False,
+    manual = set(mesh.axis_names) if param_specs is None else {stage_axis, *data_axes}
+    run = jax.shard_map(body, mesh=mesh, axis_names=manual, check_vma=False,
                         in_specs=([PartitionSpec()] * len(params), [batch_spec] * len(micro),
                                   PartitionSpec()),
                         out_specs=(PartitionSpec(), PartitionSpec()))
-    grads_packed, loss = run(list(params), micro, tables)
-    grads = [jnp.zeros(a.shape, jnp.float32) for a in param_avals]
-    for c, chunk in enumerate(chunks):
-        d, v = c % stages, c // stages
-        for i, g in zip(chunk.params, unpack(grads_packed[d, v], chunk_param_avals[c])):
-            grads[i] = grads[i] + g.astype(jnp.float32)
+    exchanged, loss = run(list(params), micro, tables)
+    grads = store.leave(exchanged)
     return loss.astype(loss_dtype), [g.astype(a.dtype) for g, a in zip(grads, param_avals)]
+
+
+class _Packed:
+    """Parameters and gradients as one float32 vector per chunk slot (``[virtual, size]``):
+    the accumulator holds only the chunks a device runs. Gradients leave replicated, gathered
+    hierarchically so that only 1/replicas of a stage's gradients crosses the stage axis per
+    device."""
+
+    def __init__(self, chunks, param_avals, stages: int, virtual: int, replicas: int):
+        self.chunks, self.stages, self.virtual, self.replicas = chunks, stages, virtual, replicas
+        self.avals = [[param_avals[i] for i in c.params] for c in chunks]
+        self.param_avals = param_avals
+        size = max([sum(math.prod(a.shape) for a in avals) for avals in self.avals] + [1])
+        self.size = -(-size // replicas) * replicas  # slices of equal size within a stage
+
+    def enter(self, d, leaves):
+        # packed on the device that holds the chunks: every device has the parameters
+        # (replicated), so no collective moves them into the pipeline
+        def packer(stage):
+            def run(leaves):
+                return jnp.stack([pack([leaves[i] for i in
+                                        self.chunks[v * self.stages + stage].params], self.size)
+                                  for v in range(self.virtual)])
+            return run
+        return lax.switch(d, [packer(i) for i in range(self.stages)], leaves)
+
+    def chunk_params(self, packed, c) -> list:
+        return unpack(packed[c // self.stages], self.avals[c])
+
+    def zero_gradients(self):
+        return jnp.zeros((self.virtual, self.size), jnp.float32)
+
+    def add_gradients(self, grads, c, gp):
+        return grads.at[c // self.stages].add(pack(gp, self.size))
+
+    def exchange(self, grads, stage_axis, data_axes):
+        if data_axes:
+            # hierarchical: average within the stage into slices, exchange only the slices
+            # across stages (the link between nodes carries size / replicas per device, not
+            # size), then gather the slices back within the stage
+            grads = lax.psum_scatter(grads, data_axes, scatter_dimension=1, tiled=True)
+            grads = grads / self.replicas
+        grads = lax.all_gather(grads, stage_axis, axis=0)
+        if data_axes:
+            grads = lax.all_gather(grads, data_axes, axis=2, tiled=True)
+        return grads
+
+    def leave(self, packed) -> list:
+        grads = [jnp.zeros(a.shape, jnp.float32) for a in self.param_avals]
+        for c, chunk in enumerate(self.chunks):
+            d, v = c % self.stages, c // self.stages
+            for i, g in zip(chunk.params, unpack(packed[d, v], self.avals[c])):
+                grads[i] = grads[i] + g.astype(jnp.float32)
+        return grads
+
+
+class _Leaves:
+    """Parameters and float32 gradient accumulators as leaves laid out by ``specs`` over the
+    automatic axes. Every device accumulates every leaf (zero for chunks it does not run),
+    so gradients cost a full set per device, not the packed store's stage share; they are
+    summed over the stage axis once at the end."""
+
+    def __init__(self, chunks, param_avals, specs: tuple[PartitionSpec, ...]):
+        self.chunks, self.param_avals, self.specs = chunks, param_avals, specs
+
+    def _laid(self, leaves):
+        return [lax.with_sharding_constraint(x, s) for x, s in zip(leaves, self.specs)]
+
+    def enter(self, d, leaves):
+        return self._laid(leaves)
+
+    def chunk_params(self, leaves, c) -> list:
+        return [leaves[i] for i in self.chunks[c].params]
+
+    def zero_gradients(self):
+        return self._laid([jnp.zeros(a.shape, jnp.float32) for a in self.param_avals])
+
+    def add_gradients(self, grads, c, gp):
+        grads = list(grads)
+        for i, g in zip(self.chunks[c].params, gp):
+            grads[i] = grads[i] + g.astype(jnp.float32)
+        return self._laid(grads)
+
+    def exchange(self, grads, stage_axis, data_axes):
+        grads = lax.psum(grads, stage_axis)
+        return lax.pmean(grads, data_axes) if data_axes else grads
+
+    def leave(self, grads) -> list:
+        return list(grads)
 
 
 def _stash(stash, valid, v, m, incoming):
@@ -267,7 +346,7 @@ def _stash(stash, valid, v, m, incoming):
     return stash.at[v, m].set(jnp.where(valid > 0, incoming, current))
 
 
-def _crossing_avals(chunks, param_avals, micro_avals) -> list[list]:
+def crossing_avals(chunks, param_avals, micro_avals) -> list[list]:
     """Shapes crossing each cut (after chunk c), by abstract evaluation on one microbatch."""
     crossings, previous = [], []
     for c, chunk in enumerate(chunks):
