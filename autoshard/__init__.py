@@ -14,7 +14,8 @@ from autoshard.ir.errors import (ArgumentError, AutoshardError, PlanError, PlanI
 from autoshard.ir.hint import hint
 from autoshard.ir.mesh import MeshSpec
 from autoshard.ir.pipeline import AutoDecision, Pipeline, PipelinePlan
-from autoshard.ir.plan import AnnotationDiff, AnnotationReport, Plan, Prediction, SolverStats
+from autoshard.ir.plan import (AnnotationDiff, AnnotationReport, Plan, PlanCandidate, Prediction,
+                               SolverStats)
 from autoshard.ir.sharding import PARTIAL, B, S, ShardingSpec
 from autoshard.ir.version import __version__
 from autoshard.pipelining import PipelinedFunction, PipelineRoofline, grad, value_and_grad
@@ -25,7 +26,7 @@ __all__ = [
     "AnnotationDiff", "AnnotationReport", "ArgumentError", "AutoDecision", "AutoshardError",
     "B", "compile", "dump", "grad", "Hardware", "hint", "Link", "load_plan", "MeshSpec",
     "NnxFunction", "PARTIAL", "Pipeline", "PipelinedFunction", "PipelinePlan",
-    "PipelineRoofline", "Plan", "PlanAgreementError", "PlanDump", "PlanError",
+    "PipelineRoofline", "Plan", "PlanAgreementError", "PlanCandidate", "PlanDump", "PlanError",
     "PlanInfeasibleError", "Prediction", "PROFILES", "S", "shard_batch", "ShardedFunction",
     "ShardingError", "ShardingSpec", "SolverStats", "SolverTimeLimitWarning",
     "UnsupportedPrimitiveError", "value_and_grad", "Verification", "verify", "__version__",

@@ -27,7 +27,7 @@ from autoshard.ir.graph import Graph
 from autoshard.ir.graph import verify as verify_graph
 from autoshard.ir.mesh import MeshSpec
 from autoshard.ir.pipeline import AutoDecision, Pipeline
-from autoshard.ir.plan import Plan
+from autoshard.ir.plan import Plan, PlanCandidate
 from autoshard.ir.plan_json import fingerprint, graph_fingerprint, plan_to_json
 from autoshard.ir.version import __version__
 from autoshard.cost_model.hardware import Hardware, get_hardware
@@ -82,7 +82,9 @@ class _Planned:
     digest: str = ""
 
 
-PLANNERS = ("search", "data-parallel")
+PLANNERS = ("search", "data-parallel", "fully-sharded", "measured")
+#: The rules (no search): data parallel, and FSDP / ZeRO-3 (passes/data_parallel.py).
+RULES = ("data-parallel", "fully-sharded")
 #: Under annotations="hint", how much faster (predicted) the searched plan must be to override
 #: the user's annotated layouts.
 HINT_MARGIN = 0.02
@@ -112,7 +114,12 @@ def compile(fn: Callable, *example_args: Any, mesh: Mesh, memory_budget: int | N
     ``autoshard.Hardware``; default ``"h100"``) under ``memory_budget`` (bytes per device);
     ``solver_time_limit`` bounds the solve (deterministic work units of about a second each,
     so that every process finds the same plan). ``planner="data-parallel"`` is the simple rule:
-    split the batch (``batch_argnums``), replicate the rest.
+    split the batch (``batch_argnums``), replicate the rest; ``"fully-sharded"`` also splits
+    the other arguments like FSDP / ZeRO-3. ``planner="measured"`` plans by the search and by
+    both rules, compiles the three, and returns the one whose executable measures fastest
+    (matmul FLOPs and collectives from its HLO on ``hardware``'s links) among those whose
+    compiled peak fits ``memory_budget``; ``step.candidates`` lists what was weighed. It
+    costs three XLA compiles, and a later call with new shapes keeps the chosen planner.
 
     ``in_specs`` / ``out_specs`` pin argument / result layouts (pytree prefixes of
     ``PartitionSpec``s, as ``jax.jit``'s shardings; ``None`` leaves a leaf to the planner);
@@ -150,7 +157,7 @@ def compile(fn: Callable, *example_args: Any, mesh: Mesh, memory_budget: int | N
                                       or memory_budget <= 0):
         raise ArgumentError(f"memory_budget must be a positive number of bytes per device, got "
                             f"{memory_budget!r}")
-    if memory_budget is not None and planner != "search":
+    if memory_budget is not None and planner in RULES:
         raise ArgumentError(f"memory_budget needs planner='search' (the {planner!r} rule does "
                             "not model memory)")
     nargs = len(example_args)
@@ -163,23 +170,86 @@ def compile(fn: Callable, *example_args: Any, mesh: Mesh, memory_budget: int | N
     options = _Options(mesh, donate, statics, in_specs, out_specs, batch, planner,
                        get_hardware(hardware), None if memory_budget is None
                        else int(memory_budget), float(solver_time_limit),
-                       PlanCache.default() if planner == "search" and cache_enabled(cache)
-                       else None, annotations)
+                       PlanCache.default() if planner in ("search", "measured")
+                       and cache_enabled(cache) else None, annotations)
     if has_nnx_objects(example_args):
         if pipeline is not None:
             raise ArgumentError(f"autoshard.compile({function_name(fn)}): pipelines over Flax "
                                 "NNX objects are not supported yet; pipeline a functional step "
                                 "(nnx.split the model and pass its State arrays)")
+        if planner == "measured":
+            raise ArgumentError(f"autoshard.compile({function_name(fn)}): planner='measured' "
+                                "is not supported for Flax NNX steps yet; use 'search'")
         return NnxFunction(fn, options, example_args, ShardedFunction)
     if pipeline is not None:
         return _compile_pipelined(fn, example_args, options, pipeline)
+    if planner == "measured":
+        return _compile_measured(fn, example_args, options)
     return ShardedFunction(fn, options, example_args)
+
+
+def _flat_candidates(fn, example_args, options: _Options) -> list[ShardedFunction]:
+    """The searched plan (under the budget) and both rules' plans (budgets are checked on
+    their executables); a candidate that cannot be planned is logged and left out."""
+    out, errors = [], []
+    for planner in ("search", *RULES):
+        searched = planner == "search"
+        try:
+            out.append(ShardedFunction(fn, replace(
+                options, planner=planner,
+                memory_budget=options.memory_budget if searched else None,
+                cache=options.cache if searched else None), example_args))
+        except PlanInfeasibleError as err:
+            errors.append(err)
+            log.info("autoshard: %s: no %s candidate: %s", function_name(fn), planner, err)
+    if not out:
+        raise errors[0]
+    return out
+
+
+def _measured(step: ShardedFunction, example_args, options: _Options) -> tuple[float, int]:
+    """(step seconds, peak bytes per device) of ``step``'s executable, measured as the
+    plan-quality benchmark measures."""
+    compiled = step.lower(*example_args).compile()
+    return (compiled_roofline(compiled, options.hardware, options.mesh).step_seconds,
+            peak_memory(compiled))
+
+
+def _fastest_fitting(measures: list[tuple[float, int]], budget: int | None) -> int | None:
+    fits = [k for k, (_, peak) in enumerate(measures) if budget is None or peak <= budget]
+    return min(fits, key=lambda k: measures[k][0]) if fits else None
+
+
+def _compile_measured(fn, example_args, options: _Options) -> ShardedFunction:
+    """``planner="measured"``: the fastest executable among the searched plan and the rules'
+    (``compile``'s docstring). The cost model decides the searched plan; measuring decides
+    between it and the plans a user would write first, which the cost model can misjudge
+    (latency-bound steps, where XLA combines collectives the model prices one by one)."""
+    built = _flat_candidates(fn, example_args, options)
+    measures = [_measured(b, example_args, options) for b in built]
+    budget = options.memory_budget
+    best = _fastest_fitting(measures, budget)
+    if best is None:
+        k = min(range(len(built)), key=lambda i: measures[i][1])
+        raise PlanInfeasibleError(
+            f"autoshard.compile({function_name(fn)}, planner='measured'): no candidate's "
+            f"compiled program fits memory_budget={budget:,} bytes per device; the smallest, "
+            f"{built[k].plan.method}, needs {measures[k][1]:,}. Raise the budget or use a "
+            "larger mesh.")
+    step = built[best]
+    step.candidates = tuple(
+        PlanCandidate(b.plan.method, t, peak,
+                      b.plan.prediction.step_seconds if b.plan.prediction else None, k == best)
+        for k, (b, (t, peak)) in enumerate(zip(built, measures)))
+    log.info("autoshard: planner='measured' for %s:\n%s", step.__name__,
+             "\n".join(c.line() for c in step.candidates))
+    return step
 
 
 def _compile_pipelined(fn, example_args, options: _Options, pipeline) -> Any:
     """An explicit ``Pipeline`` is built as asked. ``"auto"`` slices the step for each schedule
     (``auto_pipeline_candidates``), plans it without a pipeline too (searched, and by the
-    data-parallel rule), compiles them all and keeps the one whose executable measures fastest
+    data-parallel and fully-sharded rules), compiles them all and keeps the one whose executable measures fastest
     among those that fit ``memory_budget``
     (``AutoDecision`` says why: the cost model's flat and pipelined predictions are not
     comparable enough to decide alone, and the simulator's ranking of schedules was not the
@@ -196,12 +266,18 @@ def _compile_pipelined(fn, example_args, options: _Options, pipeline) -> Any:
 
     if isinstance(pipeline, Pipeline):
         return build(options.mesh, pipeline)
-    flat = ShardedFunction(fn, options, example_args)
+    name = function_name(fn)
+
+    def unpipelined():
+        if options.planner == "measured":
+            return _compile_measured(fn, example_args, options)
+        return ShardedFunction(fn, options, example_args)
+
     candidates = auto_pipeline_candidates(options.mesh)
     if candidates is None:
         log.info("autoshard: pipeline='auto' for %s: no mesh axis to pipeline over (the mesh "
-                 "needs an axis of size > 1); not pipelined", flat.__name__)
-        return flat
+                 "needs an axis of size > 1); not pipelined", name)
+        return unpipelined()
     mesh, pipes = candidates
     built, skipped = [], []
     for pipe in pipes:
@@ -210,38 +286,28 @@ def _compile_pipelined(fn, example_args, options: _Options, pipeline) -> Any:
         except AutoshardError as err:   # e.g. too few places to cut for interleaved chunks
             skipped.append(f"{pipe.schedule} x{pipe.virtual_stages}: {err}")
     for reason in skipped:
-        log.info("autoshard: pipeline='auto' for %s: skipped %s", flat.__name__, reason)
+        log.info("autoshard: pipeline='auto' for %s: skipped %s", name, reason)
     if not built:
-        log.info("autoshard: pipeline='auto' for %s: no pipeline applies; not pipelined",
-                 flat.__name__)
-        return flat
-    flats = [flat]
-    if options.planner == "search":
-        # the data-parallel rule too: the searched plan's prediction can miss what XLA
-        # compiles, and a measuring mode should not lose to the simplest plan it can build
-        try:
-            flats.append(ShardedFunction(fn, replace(options, planner="data-parallel",
-                                                     memory_budget=None), example_args))
-        except AutoshardError as err:
-            log.info("autoshard: pipeline='auto' for %s: no data-parallel candidate: %s",
-                     flat.__name__, err)
+        log.info("autoshard: pipeline='auto' for %s: no pipeline applies; not pipelined", name)
+        return unpipelined()
+    # the rules too: the searched plan's prediction can miss what XLA compiles, and a
+    # measuring mode should not lose to the simplest plans it can build
+    flats = (_flat_candidates(fn, example_args, options)
+             if options.planner in ("search", "measured")
+             else [ShardedFunction(fn, options, example_args)])
     log.info("autoshard: pipeline='auto' for %s: compiling %d pipelines and %d flat plans to "
-             "measure them", flat.__name__, len(built), len(flats))
+             "measure them", name, len(built), len(flats))
     budget = options.memory_budget
 
     def fastest(measures):
-        fits = [k for k, (t, peak) in enumerate(measures) if budget is None or peak <= budget]
-        return min(fits or range(len(measures)), key=lambda k: measures[k][0])
+        best = _fastest_fitting(measures, budget)
+        return best if best is not None else min(range(len(measures)),
+                                                 key=lambda k: measures[k][0])
 
     rooflines = [b.roofline(*example_args) for b in built]
     best = fastest([(r.step_seconds, r.peak_bytes) for r in rooflines])
     piped, roofline = built[best], rooflines[best]
-    flat_measures = []
-    for f in flats:
-        compiled = f.lower(*example_args).compile()
-        flat_measures.append((compiled_roofline(compiled, options.hardware,
-                                                options.mesh).step_seconds,
-                              peak_memory(compiled)))
+    flat_measures = [_measured(f, example_args, options) for f in flats]
     kept = fastest(flat_measures)
     flat, (flat_seconds, flat_peak) = flats[kept], flat_measures[kept]
     prediction = flat.plan.prediction          # None for planner="data-parallel"
@@ -260,7 +326,11 @@ def _compile_pipelined(fn, example_args, options: _Options, pipeline) -> Any:
 
 
 class ShardedFunction:
-    """A planned, sharded version of a function; behaves like the result of ``jax.jit``."""
+    """A planned, sharded version of a function; behaves like the result of ``jax.jit``.
+
+    ``candidates`` (``planner="measured"``): the plans weighed, each a ``PlanCandidate``."""
+
+    candidates: tuple[PlanCandidate, ...] | None = None
 
     def __init__(self, fn: Callable, options: _Options, example_args: Sequence[Any]):
         self._fn = fn
@@ -401,10 +471,11 @@ class ShardedFunction:
         spans = self._argument_spans(traced, len(args))
         graph_digest = graph_fingerprint(graph)  # the cache key, the record and the agreement
         source, cache_path = "rule", None
-        if opts.planner == "data-parallel":
+        if opts.planner in RULES:
             plan = data_parallel_plan(graph, mesh_spec, pins, in_tree=traced.in_tree,
                                       out_tree=traced.out_tree,
-                                      batch_inputs=self._batch_inputs(traced, spans))
+                                      batch_inputs=self._batch_inputs(traced, spans),
+                                      fully_sharded=opts.planner == "fully-sharded")
             lowered = lower(plan, opts.mesh)
             jitted = self._jit(traced, lowered, len(args))
         else:

@@ -44,6 +44,7 @@ from autoshard.passes.lift import lift_jaxpr
 from autoshard.passes.lower import auto_mesh
 from autoshard.passes.stages import Slicing, slice_loss
 from autoshard.passes.trace import function_name
+from autoshard.passes.unroll import unroll_layer_scans
 from autoshard.cost_model.hlo import hlo_stats, measured_step
 from autoshard.runtime.pipeline import crossing_avals, pipelined_value_and_grad
 from autoshard.verify import device_positions, peak_memory
@@ -135,7 +136,8 @@ def _pipelined(fun: Callable, argnums, args: Sequence[Any], context: _PipelineCo
         micro = [jax.ShapeDtypeStruct((size // microbatches // replicas, *x.shape[1:]), x.dtype)
                  for x in batch]
         avals = [jax.ShapeDtypeStruct(np.shape(p), p.dtype) for p in params]
-        graph = lift_jaxpr(jax.make_jaxpr(flat_loss)(avals, micro))
+        traced = jax.make_jaxpr(flat_loss)(avals, micro)
+        graph = lift_jaxpr(unroll_layer_scans(traced, range(len(params))))
         return slice_loss(graph, len(params), pipe.chunks, context.hardware,
                           what=function_name(fun)), data_axes
 

@@ -8,10 +8,13 @@ own compiled executable the same way.
 For each model (the test suite's GPT, LLaMA-style, MoE and conv train steps with AdamW, scaled
 up, planned from ShapeDtypeStructs), mesh and hardware profile: the hand plans (data parallel,
 FSDP/ZeRO-3, Megatron TP+DP, expert parallel for the MoE; pinned with in_specs/out_specs and
-propagated by XLA as under jax.jit) and autoshard's plan, without a budget and with a budget
-halfway between the leanest hand plan's peak memory and the data-parallel plan's. Measured per plan: roofline step time (matmul FLOPs
-and collectives read from the compiled HLO, loop trip counts applied, priced on the profile's
-links; cost_model/hlo.py), collective bytes, peak memory (memory_analysis), planning time.
+propagated by XLA as under jax.jit) and autoshard's plans (the default searched plan, and
+``planner="measured"``: the fastest executable among the searched plan and the data-parallel and
+fully-sharded rules' that fits), without a budget and with a budget halfway between the leanest
+hand plan's peak memory and the data-parallel plan's. Measured per plan: roofline step time
+(matmul FLOPs and collectives read from the compiled HLO, loop trip counts applied, priced on
+the profile's links; cost_model/hlo.py), collective bytes, peak memory (memory_analysis),
+planning time.
 Writes benchmarks/results/plan_quality.md.
 
 Pipeline rows (``--pipeline``, one section per GPT configuration d_model x seq, 8 layers, batch
@@ -29,6 +32,7 @@ import importlib
 import os
 import pathlib
 import sys
+import tempfile
 import time
 import traceback
 
@@ -125,6 +129,10 @@ def measure(step, args, hw, mesh, key=None):
                 peak_gib=peak / 2**30, compile_s=compile_s)
 
 
+MEASURED = "autoshard, planner='measured'"
+AUTOSHARD_ROWS = ("autoshard", MEASURED)
+
+
 def run_case(name, model, shape, hw_name, budget_fraction, rows, dp_peak_cache):
     names = ("data",) if len(shape) == 1 else ("data", "model")
     mesh = jax.make_mesh(shape, names)
@@ -149,30 +157,39 @@ def run_case(name, model, shape, hw_name, budget_fraction, rows, dp_peak_cache):
         # the leanest hand plan does
         dp, leanest = dp_peak_cache[key]
         budget = int((leanest + budget_fraction * (dp - leanest)) * 2**30)
-    try:
-        start = time.perf_counter()
-        step = autoshard.compile(model.train_step, *args, mesh=mesh, hardware=hw,
-                                 memory_budget=budget, cache=False)  # time the solve
-        plan_s = time.perf_counter() - start
-        results["autoshard"] = dict(measure(step, args, hw, mesh), plan_s=plan_s,
-                                    predicted_ms=step.plan.prediction.step_seconds * 1e3,
-                                    predicted_gib=step.plan.prediction.peak_memory_bytes / 2**30)
-    except Exception as err:
-        traceback.print_exc()
-        results["autoshard"] = dict(error=f"{type(err).__name__}: {str(err)[:120]}")
+    # the plan cache is a fresh directory (main): the search solves here and stores its plan,
+    # and planner="measured" reuses it, so its plan s is the rules and the measuring
+    for label, planner in (("autoshard", "search"), (MEASURED, "measured")):
+        try:
+            start = time.perf_counter()
+            step = autoshard.compile(model.train_step, *args, mesh=mesh, hardware=hw,
+                                     memory_budget=budget, planner=planner, cache=True)
+            plan_s = time.perf_counter() - start
+            prediction = step.plan.prediction
+            results[label] = dict(measure(step, args, hw, mesh), plan_s=plan_s)
+            if prediction is not None:
+                results[label].update(predicted_ms=prediction.step_seconds * 1e3,
+                                      predicted_gib=prediction.peak_memory_bytes / 2**30)
+            if step.candidates:
+                results[label]["chose"] = step.plan.method
+        except Exception as err:
+            traceback.print_exc()
+            results[label] = dict(error=f"{type(err).__name__}: {str(err)[:120]}")
     budget_gib = None if budget is None else budget / 2**30
-    fits = {k: v for k, v in results.items() if "error" not in v and k != "autoshard"
+    fits = {k: v for k, v in results.items() if "error" not in v and k not in AUTOSHARD_ROWS
             and (budget_gib is None or v["peak_gib"] <= budget_gib)}
     best = min(fits, key=lambda k: fits[k]["step_ms"]) if fits else None
     for label, r in results.items():
         rows.append(dict(model=name, mesh="x".join(map(str, shape)), hw=hw_name,
                          budget=budget_gib, plan=label, best_hand=best, **r))
-    auto = results.get("autoshard", {})
-    if "error" not in auto:
+    for label in AUTOSHARD_ROWS:
+        auto = results.get(label, {})
+        if "error" in auto:
+            continue
         ratio = auto["step_ms"] / fits[best]["step_ms"] if best else None
         fit = budget_gib is None or auto["peak_gib"] <= budget_gib
         print(f"{name:6} {shape!s:7} {hw_name:10} budget={budget_gib and round(budget_gib, 3)}: "
-              f"autoshard {auto['step_ms']:.3f} ms ({'fits' if fit else 'OVER BUDGET'}), best "
+              f"{label} {auto['step_ms']:.3f} ms ({'fits' if fit else 'OVER BUDGET'}), best "
               f"hand {best} {fits[best]['step_ms'] if best else float('nan'):.3f} ms, ratio "
               f"{ratio if ratio is None else round(ratio, 3)}", flush=True)
 
@@ -203,6 +220,8 @@ def write_table(rows, path, argv):
         fits = "yes" if r["budget"] is None or r["peak_gib"] <= r["budget"] else "no"
         note = (f"predicted {r['predicted_ms']:.3f} ms, {r['predicted_gib']:.3f} GiB"
                 if "predicted_ms" in r else "")
+        if "chose" in r:
+            note = f"kept the {r['chose']}" + (f" ({note})" if note else "")
         lines.append(f"| {r['model']} | {r['mesh']} | {r['hw']} | {budget} | {r['plan']} | "
                      f"{r['step_ms']:.3f} | {ratio} | {r['full_ms']:.3f} | {r['comm_mib']:.1f} | "
                      f"{r['peak_gib']:.3f} | {fits} | {r['plan_s']:.2f} | {note} |")
@@ -255,14 +274,25 @@ def main():
                              "(keep the rows the table has)")
     parser.add_argument("--pipeline-only", action="store_true",
                         help="run only the pipeline rows; keep the rest of the table")
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" /
+                                             "plan_quality.md"))
     args = parser.parse_args()
-    out = ROOT / "benchmarks" / "results" / "plan_quality.md"
+    # a fresh plan cache: nothing solved before this run is reused (run_case)
+    os.environ["AUTOSHARD_CACHE_DIR"] = tempfile.mkdtemp(prefix="autoshard-plan-quality-")
+    out = pathlib.Path(args.out)
     section = [] if args.pipeline == "none" else None
     if args.pipeline_only:
         replace_pipeline_section(out, pipeline_section(args.pipeline))
         print(f"wrote {out}")
         return
     rows, dp_peaks = [], {}
+    old = out.read_text() if out.exists() else ""
+
+    def write():   # after every case, so that a stopped run leaves the rows it measured
+        write_table(rows, out, sys.argv[1:])
+        if PIPELINE_HEADING in old:    # kept until replaced below
+            out.write_text(out.read_text() + "\n" + old[old.index(PIPELINE_HEADING):])
+
     for name in args.models.split(","):
         model = load_model(name, args.size)
         for mesh_text in args.meshes.split(","):
@@ -270,12 +300,9 @@ def main():
             for hw_name in args.hardware.split(","):
                 for fraction in (None,) if args.no_budget_runs else (None, 0.5):
                     run_case(name, model, shape, hw_name, fraction, rows, dp_peaks)
-    old = out.read_text() if out.exists() else ""
-    write_table(rows, out, sys.argv[1:])
+                    write()
     if section is None:
         replace_pipeline_section(out, pipeline_section(args.pipeline))
-    elif PIPELINE_HEADING in old:      # --pipeline none keeps the rows already there
-        out.write_text(out.read_text() + "\n" + old[old.index(PIPELINE_HEADING):])
     print(f"wrote {out}")
 
 

@@ -139,15 +139,16 @@ def test_value_and_grad_outside_a_pipeline_is_jax():
 
 @pytest.mark.parametrize("hardware,budget,flat_method", [
     ("cpu", None, "data-parallel rule"), ("h100", None, "data-parallel rule"),
-    ("h100", 1_500_000, "cost-model search")])
+    ("h100", 1_500_000, "fully-sharded data-parallel rule")])
 def test_auto_keeps_the_candidate_whose_executable_measures_fastest(hardware, budget,
                                                                     flat_method):
     # This small step is latency bound: one combined all-reduce (data parallel, ~12 us on
     # H100) beats both the pipeline's permutes (~51 us) and the searched plan's ~10 kinds of
     # collectives (~66 us); on the CPU profile compute binds and the pipeline's recomputed
     # forward loses too. A 1.5 MB budget rules out data parallel (~2.0 MB compiled) and the
-    # pipeline (~2.5 MB), leaving the searched plan (~0.9 MB). The times weighed are the
-    # candidates' executables, measured as the plan-quality benchmark measures them.
+    # pipeline (~2.5 MB), leaving the searched plan (~0.9 MB, ~66 us) and the fully-sharded
+    # rule (~0.9 MB, ~22 us). The times weighed are the candidates' executables, measured as
+    # the plan-quality benchmark measures them.
     args = example(2)
     mesh = jax.make_mesh((2, 4), ("data", "model"))
     step = autoshard.compile(train_step, *args, mesh=mesh, pipeline="auto", cache=False,
@@ -156,7 +157,8 @@ def test_auto_keeps_the_candidate_whose_executable_measures_fastest(hardware, bu
     assert not decision.pipelined and isinstance(step, autoshard.ShardedFunction)
     assert len(decision.schedules) == 3      # 1f1b, gpipe, interleaved x2, each measured
     methods = [method for method, *_ in decision.flat_candidates]
-    assert methods == ["cost-model search", "data-parallel rule"]
+    assert methods == ["cost-model search", "data-parallel rule",
+                       "fully-sharded data-parallel rule"]
     assert step.plan.method == decision.flat_method == flat_method
     fitting = [t for _, t, peak in decision.flat_candidates if budget is None or peak <= budget]
     assert decision.flat_measured == min(fitting)
@@ -306,3 +308,33 @@ def test_the_ilp_chooses_the_data_axes_of_a_stage():
         autoshard.Pipeline(2, 2, data_axes=("data",), intra_stage="data")
     with pytest.raises(autoshard.ArgumentError, match="includes the stage axis"):
         autoshard.Pipeline(2, 2, data_axes=("stage",))
+
+
+def test_a_scanned_layer_stack_is_cut_between_its_layers():
+    # the blocks stacked on a leading axis and run by lax.scan (inside jax.checkpoint): the
+    # slicer sees the unrolled layers, so four chunks take two layers each
+    def loss(params, batch):
+        x = params["wte"][batch["tokens"]] + params["wpe"][: batch["tokens"].shape[1]]
+
+        @jax.checkpoint
+        def body(x, p):
+            return gpt.block(p, x), None
+
+        x, _ = jax.lax.scan(body, x, params["stacked"])
+        logits = gpt.layer_norm(params["ln_f"], x) @ params["head"]
+        return gpt.token_loss(logits, batch["labels"])
+
+    def step(params, opt_state, batch):
+        value, grads = autoshard.value_and_grad(loss)(params, batch)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, value
+
+    params = gpt.init(jax.random.key(0), layers=8)
+    blocks = params.pop("blocks")
+    params["stacked"] = jax.tree.map(lambda *xs: jnp.stack(xs), *blocks)
+    args = (params, tx.init(params), gpt.batch(jax.random.key(1)))
+    piped = autoshard.compile(step, *args, mesh=jax.make_mesh((4, 2), ("stage", "data")),
+                              pipeline=autoshard.Pipeline(4, 4, "1f1b"))
+    times = piped.slicing.forward_seconds
+    assert len(times) == 4 and max(times) / min(times) < 1.3
+    assert_same(piped(*args), jax.jit(step)(*args))

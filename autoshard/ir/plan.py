@@ -154,6 +154,27 @@ class AnnotationReport:
         return lines
 
 
+@dataclass(frozen=True)
+class PlanCandidate:
+    """One plan ``planner="measured"`` weighed: its method, its executable's step time
+    measured as the plan-quality benchmark measures (matmul FLOPs and collectives read from
+    the compiled HLO, priced on the hardware profile), its compiled peak bytes per device, and
+    the cost model's prediction (None for a rule)."""
+
+    method: str
+    measured_seconds: float
+    peak_bytes: int
+    predicted_seconds: float | None = None
+    chosen: bool = False
+
+    def line(self) -> str:
+        predicted = ("" if self.predicted_seconds is None
+                     else f", predicted {self.predicted_seconds * 1e3:.3f} ms")
+        return (f"{'*' if self.chosen else ' '} {self.method}: measured "
+                f"{self.measured_seconds * 1e3:.3f} ms, peak {self.peak_bytes / 2**20:.1f} "
+                f"MiB{predicted}")
+
+
 @dataclass(frozen=True, eq=False)
 class Plan:
     """Specs for the graph's inputs and outputs (flat, in pytree-leaf order) and for the

@@ -1,9 +1,11 @@
-"""The built-in rule that chooses a plan until the cost-model solver lands: data parallelism.
+"""The built-in rules: data parallelism, and fully-sharded data parallelism (FSDP / ZeRO-3).
 
-It splits the leading (batch) dim of the batch arguments over the largest group of mesh axes
-that divides it, replicates every other argument, and lets XLA's partitioner propagate the rest.
-That is always correct and often what a user would write first; it is not a search, and the plan
-says so in its ``method``. Pins (``in_specs``, ``out_specs``, hints) always win over the rule.
+Data parallelism splits the leading (batch) dim of the batch arguments over the largest group
+of mesh axes that divides it, replicates every other argument, and lets XLA's partitioner
+propagate the rest. That is always correct and often what a user would write first; it is not a
+search, and the plan says so in its ``method``. The fully-sharded rule also splits every other
+argument (parameters, optimizer state) over the batch's axes on its largest dim they divide
+(``state_spec``). Pins (``in_specs``, ``out_specs``, hints) always win over the rule.
 
 Batch arguments are the ones named by ``batch_argnums``; without it, the last positional
 argument whose leaves all share a leading dim is the batch (the ``step(params, opt_state, batch)``
@@ -27,6 +29,7 @@ from autoshard.passes.pins import Pins
 from autoshard.passes.state import updated_arguments
 
 METHOD = "data-parallel rule"
+FULLY_SHARDED_METHOD = "fully-sharded data-parallel rule"
 log = logging.getLogger("autoshard")
 
 
@@ -46,11 +49,23 @@ def batch_spec(size: int, mesh: MeshSpec) -> ShardingSpec:
     return ShardingSpec(tuple(Split(0) if i in axes else B for i in range(mesh.ndim)))
 
 
+def state_spec(shape: tuple[int, ...], axes: tuple[int, ...], mesh: MeshSpec) -> ShardingSpec:
+    """ZeRO-3 / FSDP's layout of a parameter or optimizer-state leaf: its largest dim that the
+    batch axes divide, split over them (earlier dims on ties); replicated when none divides."""
+    ways = mesh.size(*axes) if axes else 1
+    dims = [d for d in range(len(shape)) if ways > 1 and shape[d] % ways == 0]
+    if not dims:
+        return ShardingSpec.replicated(mesh.ndim)
+    dim = max(dims, key=lambda d: (shape[d], -d))
+    return ShardingSpec(tuple(Split(dim) if i in axes else B for i in range(mesh.ndim)))
+
+
 def data_parallel_plan(graph: Graph, mesh: MeshSpec, pins: Pins, *, in_tree, out_tree,
-                       batch_inputs: tuple[int, ...]) -> Plan:
-    """Plan: batch inputs split on dim 0, the rest replicated; results follow the argument they
-    update, or are split like the batch when per-example (leading dim = batch size, and no
-    replicated argument has that leading dim)."""
+                       batch_inputs: tuple[int, ...], fully_sharded: bool = False) -> Plan:
+    """Plan: batch inputs split on dim 0, the rest replicated (``fully_sharded``: split by
+    ``state_spec`` over the batch's axes, as FSDP / ZeRO-3 keeps parameters and optimizer
+    state); results follow the argument they update, or are split like the batch when
+    per-example (leading dim = batch size, and no other argument has that leading dim)."""
     replicated = ShardingSpec.replicated(mesh.ndim)
     batch_sizes = {graph.inputs[i].shape[0] for i in batch_inputs if graph.inputs[i].ndim}
     batch_size = batch_sizes.pop() if len(batch_sizes) == 1 else None
@@ -67,6 +82,11 @@ def data_parallel_plan(graph: Graph, mesh: MeshSpec, pins: Pins, *, in_tree, out
             in_specs.append(spec)
             reasons[f"in:{i}"] = ("batch argument: split dim 0" if not spec.is_replicated else
                                   f"batch argument: no mesh axis divides {batch_size}")
+        elif fully_sharded and batch_size is not None and value.ndim:
+            spec = state_spec(value.shape, batch_axes(batch_size, mesh), mesh)
+            in_specs.append(spec)
+            reasons[f"in:{i}"] = ("state: split like FSDP" if not spec.is_replicated else
+                                  "state: no dim divides over the batch axes")
         else:
             in_specs.append(replicated)
             reasons[f"in:{i}"] = "replicated"
@@ -89,4 +109,4 @@ def data_parallel_plan(graph: Graph, mesh: MeshSpec, pins: Pins, *, in_tree, out
             out_specs.append(replicated)
             reasons[f"out:{i}"] = "replicated"
     return Plan(graph, mesh, tuple(in_specs), tuple(out_specs), dict(pins.values), in_tree,
-                out_tree, METHOD, reasons)
+                out_tree, FULLY_SHARDED_METHOD if fully_sharded else METHOD, reasons)

@@ -7,8 +7,9 @@ them rather than passed down the pipeline, so what crosses a cut is the model's 
 it is as small as the narrowest interior cut (within ``CUT_SLACK``, widened while that leaves
 the chunks unbalanced: ``BALANCE_TOLERANCE``): in a layered model those are the layer
 boundaries and the points between a layer's sub-blocks, so repeated structure is found
-without matching names. Scan and while loops stay whole (a scanned layer stack is one
-op; unroll it to pipeline it).
+without matching names. A scanned layer stack arrives unrolled (passes/unroll.py: scans over
+parameters, up to 128 layers), so its layer boundaries are cut candidates like any others;
+other scans and while loops stay whole.
 
 Among candidates, a dynamic program picks the cuts that minimise the slowest chunk's forward
 time (Alpa's inter-operator DP, Zheng et al., OSDI'22, reduced to one SPMD program: every stage
@@ -74,7 +75,7 @@ def slice_loss(graph: Graph, num_params: int, num_chunks: int, hw: Hardware,
     if len(candidates) < num_chunks - 1:
         raise PlanError(f"{what} has {len(candidates)} places to cut at its narrowest (between "
                         f"layers), fewer than the {num_chunks - 1} cuts {num_chunks} chunks need; "
-                        "use fewer stages or virtual stages (a scanned layer stack is one op)")
+                        "use fewer stages or virtual stages")
 
     def slowest(cuts):
         bounds = (0, *cuts, len(work))
