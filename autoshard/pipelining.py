@@ -51,8 +51,14 @@ from autoshard.verify import device_positions, peak_memory
 
 log = logging.getLogger("autoshard")
 
-#: Backward work relative to forward: the gradient (2x) plus the forward the runtime recomputes.
-BACKWARD_FACTOR = 3.0
+#: Backward work relative to forward: the gradient (2x), plus the forward when the runtime
+#: recomputes it (``Pipeline(recompute=True)``).
+BACKWARD_FACTOR = 2.0
+RECOMPUTED_BACKWARD_FACTOR = 3.0
+
+
+def backward_factor(pipe: Pipeline) -> float:
+    return RECOMPUTED_BACKWARD_FACTOR if pipe.recompute else BACKWARD_FACTOR
 #: Bytes an AdamW update moves per parameter byte: read parameter, gradient and two moments,
 #: write parameter and moments (HBM-bound; the gradient stays in float32).
 OPTIMIZER_BYTES_PER_PARAMETER_BYTE = 7.0
@@ -180,7 +186,7 @@ def _pipelined(fun: Callable, argnums, args: Sequence[Any], context: _PipelineCo
     loss, grads = pipelined_value_and_grad(
         slicing.chunks, params, batch, mesh=mesh, stage_axis=pipe.axis, schedule=pipe.schedule,
         microbatches=microbatches, virtual=pipe.virtual_stages, data_axes=data_axes,
-        param_specs=intra.param_specs)
+        param_specs=intra.param_specs, recompute=pipe.recompute)
     grads = jax.tree.unflatten(ptree, grads)
     return loss, (grads[0] if isinstance(argnums, int) else tuple(grads))
 
@@ -247,7 +253,7 @@ def pipeline_report(slicing: Slicing, pipe: Pipeline, microbatches: int, mesh: M
     if intra is not None and intra.tensor_parallel:
         model_devices = int(np.prod([mesh.shape[a] for a in intra.model_axes]))
     forward = [t / model_devices for t in slicing.forward_seconds]
-    backward = [BACKWARD_FACTOR * f for f in forward]
+    backward = [backward_factor(pipe) * f for f in forward]
     crossing = max(slicing.crossing_bytes, default=0)
     sim = _simulated(slicing, pipe, microbatches, spec, hw, forward, TICK_OVERHEAD)
     stages = []
@@ -276,13 +282,13 @@ def pipeline_report(slicing: Slicing, pipe: Pipeline, microbatches: int, mesh: M
 
 def _simulated(slicing: Slicing, pipe: Pipeline, microbatches: int, spec: MeshSpec,
                hw: Hardware, forward: list[float], tick_overhead: float):
-    """The schedule with chunk forward times ``forward`` (backward ``BACKWARD_FACTOR`` x),
+    """The schedule with chunk forward times ``forward`` (backward ``backward_factor`` x),
     each transfer a permute of the widest crossing over the stage axis plus
     ``tick_overhead``."""
     link = collective_time(hw, spec, "collective-permute",
                            max(slicing.crossing_bytes, default=0), (spec.index(pipe.axis),))
     return simulate(pipe.schedule, pipe.stages, microbatches, pipe.virtual_stages, forward,
-                    [BACKWARD_FACTOR * f for f in forward], link + tick_overhead)
+                    [backward_factor(pipe) * f for f in forward], link + tick_overhead)
 
 
 def auto_pipeline_candidates(mesh: Mesh) -> tuple[Mesh, list[Pipeline]] | None:
@@ -395,7 +401,7 @@ class PipelinedFunction:
         """The plan-quality benchmark's step measure, applied to this pipeline (module
         docstring of benchmarks/pipeline.py): a roofline of the HLO cannot see which tick
         waits for which, so the schedule is simulated with each chunk's matmul FLOPs at the
-        profile's matmul rate (backward ``BACKWARD_FACTOR`` x forward) and one permute of
+        profile's matmul rate (backward ``backward_factor`` x forward) and one permute of
         the crossing activation per transfer; the collectives outside the tick loop (the
         gradient exchange) are read from the compiled HLO and priced on the profile's links.
         Peak memory is the executable's."""

@@ -338,3 +338,19 @@ def test_a_scanned_layer_stack_is_cut_between_its_layers():
     times = piped.slicing.forward_seconds
     assert len(times) == 4 and max(times) / min(times) < 1.3
     assert_same(piped(*args), jax.jit(step)(*args))
+
+
+def test_stored_residuals_skip_the_recomputed_forward(eight_layers):
+    # the default keeps each chunk's vjp residuals, recompute=True runs the forward again in
+    # the backward: both equal jax.jit, and the compiled tick loop does a quarter fewer matmul
+    # FLOPs without the recomputation (forward 1 + backward 2, against 1 + 1 + 2)
+    args, want = eight_layers
+    mesh = jax.make_mesh((4, 2), ("stage", "data"))
+    flops = {}
+    for recompute in (False, True):
+        step = autoshard.compile(train_step, *args, mesh=mesh, pipeline=autoshard.Pipeline(
+            4, 4, "1f1b", recompute=recompute))
+        assert_same(step(*args), want)
+        stats = hlo_stats(step.lower(*args).compile().as_text())
+        flops[recompute] = sum(stats.matmul_flops.values())
+    assert 0.72 < flops[False] / flops[True] < 0.8

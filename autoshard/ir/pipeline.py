@@ -25,7 +25,10 @@ class Pipeline:
     ``microbatches=None`` lets the planner choose. ``intra_stage="plan"`` lets the ILP split
     the mesh's other axes into data axes and model axes with a parameter layout
     (passes/intra_stage.py), or only lay out the parameters over the axes not in
-    ``data_axes`` when those are given; ``"data"`` keeps every other axis data parallel."""
+    ``data_axes`` when those are given; ``"data"`` keeps every other axis data parallel.
+    A chunk's forward keeps its vjp residuals for the backward (memory per microbatch in
+    flight); ``recompute=True`` keeps only the chunk's input and recomputes the forward in the
+    backward (a third more matmul work)."""
 
     stages: int
     microbatches: int | None = None
@@ -34,6 +37,7 @@ class Pipeline:
     axis: str = "stage"
     intra_stage: str = "plan"
     data_axes: tuple[str, ...] | None = None
+    recompute: bool = False
 
     def __post_init__(self):
         if not isinstance(self.stages, int) or self.stages < 1:

@@ -11,8 +11,12 @@ microbatch loop is a ``lax.scan`` over ticks; explicit permutes between neighbou
 2.5x fewer collective-permutes than letting the partitioner move a rolled buffer (as reported
 in the pipeline issue; not re-measured here).
 
-A backward recomputes its chunk's forward from the stashed chunk input (``jax.vjp``), so only
-chunk inputs are stashed, never intermediates. The gradient accumulator goes through the
+A chunk's forward is taken with ``jax.vjp`` and its residuals are packed into the microbatch's
+slot of a float32 residual stash; the backward rebuilds the pullback from them
+(``_ResidualLayout``), so no forward runs twice. Residuals that are the chunk's own inputs
+(parameters, its crossing input) are not copied. With ``recompute=True`` only chunk inputs are
+stashed and a backward recomputes its chunk's forward (a third more matmul work, less memory
+per microbatch in flight). The gradient accumulator goes through the
 tick's ``lax.switch`` and only a backward touches it, with the gradient taken with respect to
 the unpacked parameter leaves: on the benchmark's 8-layer d=1024 GPT (2 stages x 4, 1F1B,
 M=8) that cut the compiled temporaries from 4.42 to 0.88 GiB per device (peak 7.06 -> 3.52
@@ -120,7 +124,8 @@ class _Carrier:
 def pipelined_value_and_grad(chunks: Sequence[Chunk], params: Sequence, batch: Sequence, *,
                              mesh, stage_axis: str, schedule: str, microbatches: int,
                              virtual: int = 1, data_axes: tuple[str, ...] = (),
-                             param_specs: Sequence[PartitionSpec] | None = None) -> tuple:
+                             param_specs: Sequence[PartitionSpec] | None = None,
+                             recompute: bool = False) -> tuple:
     """Mean loss and gradients (one per parameter leaf) of the chunked loss over ``batch``
     (leaves with the batch as leading dim), pipelined over mesh axis ``stage_axis`` and data
     parallel over ``data_axes``: each microbatch is split over them, and the chunks take the
@@ -166,30 +171,51 @@ def pipelined_value_and_grad(chunks: Sequence[Chunk], params: Sequence, batch: S
         data = [lax.dynamic_index_in_dim(mb[i], m, keepdims=False) for i in chunks[c].batch]
         return chunks[c].fn(ps, data, xs)
 
+    def chunk_vjp(c, ps, x, m, mb):
+        return jax.vjp(lambda p, xb: chunk_call(c, p, xb, m, mb), ps, x)
+
+    layouts = [None if recompute else _residual_layout(
+        lambda ps, x, m, mb, _c=c: chunk_vjp(_c, ps, x, m, mb),
+        [param_avals[i] for i in chunks[c].params],
+        jax.ShapeDtypeStruct(carrier.shape, carrier.dtype),
+        [jax.ShapeDtypeStruct((microbatches, *a.shape), a.dtype) for a in micro_avals])
+        for c in range(n_chunks)]
+    residual_size = max([lay.size for lay in layouts if lay is not None] + [1])
+
     # Every branch takes the gradient accumulator and returns it: a backward adds its chunk's
     # gradient in place, the others pass it through, so no branch materializes a zero
     # gradient vector and the tick adds nothing (measured on the d=1024 pipeline benchmark:
     # see the module docstring).
+    # The residual stash (``res``) goes through the switch like the gradients: a forward
+    # writes its microbatch's slot, a backward reads it, the others pass it through.
     def forward_branch(c):
-        def run(state, grads, m, mb):
+        def run(state, grads, res, m, mb):
             act = state["act"]
             v = c // stages
             x = act[v, m] if c > 0 else carrier.zeros()
-            outs = chunk_call(c, store.chunk_params(state["params"], c), x, m, mb)
+            ps = store.chunk_params(state["params"], c)
+            if layouts[c] is None:
+                outs = chunk_call(c, ps, x, m, mb)
+            else:
+                outs, pullback = chunk_vjp(c, ps, x, m, mb)
+                res = res.at[v, m].set(layouts[c].stored(pullback, residual_size))
             if c == n_chunks - 1:   # accumulated in float32 whatever the loss's dtype
-                return (carrier.zeros(), carrier.zeros(), grads,
+                return (carrier.zeros(), carrier.zeros(), grads, res,
                         outs[0].astype(jnp.float32) / microbatches)
-            return carrier.put(outs), carrier.zeros(), grads, jnp.zeros(())
+            return carrier.put(outs), carrier.zeros(), grads, res, jnp.zeros(())
         return run
 
     def backward_branch(c):
-        def run(state, grads, m, mb):
+        def run(state, grads, res, m, mb):
             v = c // stages
             x = state["act"][v, m] if c > 0 else carrier.zeros()
             # differentiate with respect to the unpacked leaves: the gradient of an unpack
             # would be one zero-padded packed vector per leaf
             ps = store.chunk_params(state["params"], c)
-            _, pullback = jax.vjp(lambda p, xb: chunk_call(c, p, xb, m, mb), ps, x)
+            if layouts[c] is None:   # recompute the chunk's forward
+                _, pullback = chunk_vjp(c, ps, x, m, mb)
+            else:
+                pullback = layouts[c].pullback(res[v, m], ps, x, m, mb)
             if c == n_chunks - 1:
                 seed = [jnp.full((), 1.0 / microbatches, loss_dtype)]
             else:
@@ -201,11 +227,11 @@ def pipelined_value_and_grad(chunks: Sequence[Chunk], params: Sequence, batch: S
                   for g in gp]
             send_b = gx if c > 0 else carrier.zeros()
             grads = store.add_gradients(grads, c, gp)
-            return carrier.zeros(), send_b.astype(carrier.dtype), grads, jnp.zeros(())
+            return carrier.zeros(), send_b.astype(carrier.dtype), grads, res, jnp.zeros(())
         return run
 
-    def idle(state, grads, m, mb):
-        return carrier.zeros(), carrier.zeros(), grads, jnp.zeros(())
+    def idle(state, grads, res, m, mb):
+        return carrier.zeros(), carrier.zeros(), grads, res, jnp.zeros(())
 
     branches = ([forward_branch(c) for c in range(n_chunks)]
                 + [backward_branch(c) for c in range(n_chunks)] + [idle])
@@ -220,6 +246,8 @@ def pipelined_value_and_grad(chunks: Sequence[Chunk], params: Sequence, batch: S
         state0 = {"act": jnp.zeros((virtual, microbatches, *carrier.shape), carrier.dtype),
                   "cot": jnp.zeros((virtual, microbatches, *carrier.shape), carrier.dtype),
                   "grads": store.zero_gradients(),
+                  "res": jnp.zeros((virtual if any(layouts) else 0, microbatches,
+                                    residual_size), jnp.float32),
                   "loss": jnp.zeros((), jnp.float32),
                   "send_f": carrier.zeros(), "send_b": carrier.zeros()}
 
@@ -230,10 +258,10 @@ def pipelined_value_and_grad(chunks: Sequence[Chunk], params: Sequence, batch: S
             act = _stash(state["act"], row["recv_f"], row["recv_f_v"], row["recv_f_m"], got_f)
             cot = _stash(state["cot"], row["recv_b"], row["recv_b_v"], row["recv_b_m"], got_b)
             view = {"act": act, "cot": cot, "params": pk}
-            send_f, send_b, grads, loss = lax.switch(row["branch"], branches, view,
-                                                     state["grads"], row["m"], mb)
-            return {"act": act, "cot": cot, "grads": grads, "loss": state["loss"] + loss,
-                    "send_f": send_f, "send_b": send_b}, None
+            send_f, send_b, grads, res, loss = lax.switch(
+                row["branch"], branches, view, state["grads"], state["res"], row["m"], mb)
+            return {"act": act, "cot": cot, "grads": grads, "res": res,
+                    "loss": state["loss"] + loss, "send_f": send_f, "send_b": send_b}, None
 
         final, _ = lax.scan(tick, state0, table)
         loss = lax.psum(final["loss"], stage_axis)
@@ -339,6 +367,69 @@ class _Leaves:
 
     def leave(self, grads) -> list:
         return list(grads)
+
+
+_PARAM, _INPUT, _INDEX, _STASHED, _STORED = "param", "input", "index", "stashed", "stored"
+
+
+@dataclass(frozen=True)
+class _ResidualLayout:
+    """Where each residual of a chunk's vjp comes from in the backward: one of the chunk's
+    parameters, its crossing input (already in the activation stash), the microbatch index or
+    batch stash (``sources``), else *stored*: packed into the chunk's slot of the residual
+    stash by its forward. ``treedef`` rebuilds the pullback from the residuals (a vjp's
+    pullback is a pytree of them, with its linear program as static data)."""
+
+    treedef: object
+    sources: tuple[tuple[str, int], ...]
+    stored_avals: tuple[jax.ShapeDtypeStruct, ...]
+
+    @property
+    def size(self) -> int:
+        return sum(math.prod(a.shape) for a in self.stored_avals)
+
+    def stored(self, pullback, size: int):
+        leaves = jax.tree.leaves(pullback)
+        return pack([r for r, (kind, _) in zip(leaves, self.sources) if kind == _STORED], size)
+
+    def pullback(self, vector, ps, x, m, mb):
+        stored = iter(unpack(vector, self.stored_avals))
+        leaves = [ps[i] if kind == _PARAM else x if kind == _INPUT else m if kind == _INDEX
+                  else mb[i] if kind == _STASHED else next(stored)
+                  for kind, i in self.sources]
+        return jax.tree.unflatten(self.treedef, leaves)
+
+
+def _residual_layout(vjp, param_avals, x_aval, mb_avals) -> _ResidualLayout | None:
+    """The residual layout of ``vjp(ps, x, m, mb) -> (outs, pullback)``, found by tracing it
+    abstractly: a residual that *is* one of its inputs (JAX forwards inputs a vjp needs rather
+    than copying them) is taken from there in the backward, not stored. None when a residual
+    cannot travel in a float32 vector (a PRNG key): that chunk recomputes its forward."""
+    found = {}
+
+    def probe(ps, x, m, mb):
+        _, pullback = vjp(ps, x, m, mb)
+        leaves, found["treedef"] = jax.tree.flatten(pullback)
+        sources = []
+        for r in leaves:
+            source = next(((_PARAM, i) for i, p in enumerate(ps) if r is p), None)
+            source = source or ((_INPUT, 0) if r is x else (_INDEX, 0) if r is m else None)
+            source = source or next(((_STASHED, i) for i, b in enumerate(mb) if r is b), None)
+            sources.append(source or (_STORED, 0))
+        found["sources"] = tuple(sources)
+        return [r for r, (kind, _) in zip(leaves, sources) if kind == _STORED]
+
+    stored = jax.eval_shape(probe, list(param_avals), x_aval,
+                            jax.ShapeDtypeStruct((), jnp.int32), list(mb_avals))
+    if any(not _packable(a.dtype) for a in stored):
+        return None
+    return _ResidualLayout(found["treedef"], found["sources"],
+                           tuple(jax.ShapeDtypeStruct(a.shape, a.dtype) for a in stored))
+
+
+def _packable(dtype) -> bool:
+    return (jnp.issubdtype(dtype, jnp.floating) or dtype == jnp.bool_
+            or jnp.issubdtype(dtype, jnp.integer) and np.dtype(dtype).itemsize <= 4)
 
 
 def _stash(stash, valid, v, m, incoming):
