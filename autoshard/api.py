@@ -249,9 +249,9 @@ def _compile_measured(fn, example_args, options: _Options) -> ShardedFunction:
 def _compile_pipelined(fn, example_args, options: _Options, pipeline) -> Any:
     """An explicit ``Pipeline`` is built as asked. ``"auto"`` slices the step for each schedule
     (``auto_pipeline_candidates``), plans it without a pipeline too (searched, and by the
-    data-parallel and fully-sharded rules), compiles them all and keeps the one whose executable measures fastest
-    among those that fit ``memory_budget``
-    (``AutoDecision`` says why: the cost model's flat and pipelined predictions are not
+    data-parallel and fully-sharded rules), compiles them all and keeps the one whose
+    executable measures fastest among those that fit ``memory_budget`` (``AutoDecision`` says
+    why: the cost model's flat and pipelined predictions are not
     comparable enough to decide alone, and the simulator's ranking of schedules was not the
     measured one: interleaved first at d=2048, measured 2% slower than GPipe)."""
     intra_plans: dict = {}   # one intra-stage plan serves every schedule

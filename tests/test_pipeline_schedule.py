@@ -72,3 +72,26 @@ def test_bad_schedules_are_refused():
         device_orders("1f1b", 4, 8, 2)
     with pytest.raises(ValueError, match="one of"):
         device_orders("zero-bubble", 4, 8)
+
+
+@pytest.mark.parametrize("schedule,virtual,most", [("1f1b", 1, 4), ("gpipe", 1, 8),
+                                                   ("interleaved", 2, 11)])
+def test_residual_slots_are_reused_once_their_backward_ran(schedule, virtual, most):
+    # 1F1B on 4 stages holds at most 4 microbatches in flight per device (stage 0), GPipe all
+    # 8; interleaved holds at most 11 of its 16 (chunk, microbatch) pairs at once. Interval
+    # colouring is optimal, so the slot count is that most-in-flight count.
+    from autoshard.runtime.pipeline import residual_slots
+    table = tick_table(schedule, 4, 8, virtual)
+    slots = residual_slots(table)
+    assert slots.max() + 1 == most
+    for d in range(4):
+        live = {}
+        for t, row in enumerate(table):
+            op = row[d]
+            if op is None:
+                continue
+            if op.kind == "F":
+                assert slots[t, d] not in live.values()      # never overwrites a live slot
+                live[(op.chunk, op.microbatch)] = slots[t, d]
+            else:
+                assert live.pop((op.chunk, op.microbatch)) == slots[t, d]

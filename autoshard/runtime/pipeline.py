@@ -11,8 +11,9 @@ microbatch loop is a ``lax.scan`` over ticks; explicit permutes between neighbou
 2.5x fewer collective-permutes than letting the partitioner move a rolled buffer (as reported
 in the pipeline issue; not re-measured here).
 
-A chunk's forward is taken with ``jax.vjp`` and its residuals are packed into the microbatch's
-slot of a float32 residual stash; the backward rebuilds the pullback from them
+A chunk's forward is taken with ``jax.vjp`` and its residuals are packed into a slot of a
+float32 residual stash (slots are reused once their backward ran: ``residual_slots``, so 1F1B
+holds only its microbatches in flight); the backward rebuilds the pullback from them
 (``_ResidualLayout``), so no forward runs twice. Residuals that are the chunk's own inputs
 (parameters, its crossing input) are not copied. With ``recompute=True`` only chunk inputs are
 stashed and a backward recomputes its chunk's forward (a third more matmul work, less memory
@@ -164,6 +165,7 @@ def pipelined_value_and_grad(chunks: Sequence[Chunk], params: Sequence, batch: S
     store = (_Packed(chunks, param_avals, stages, virtual, replicas) if param_specs is None
              else _Leaves(chunks, param_avals, tuple(param_specs)))
     tables = _tables(schedule, stages, microbatches, virtual)
+    slots = int(tables["slot"].max()) + 1
     n_chunks = len(chunks)
 
     def chunk_call(c, ps, xbuf, m, mb):
@@ -189,7 +191,7 @@ def pipelined_value_and_grad(chunks: Sequence[Chunk], params: Sequence, batch: S
     # The residual stash (``res``) goes through the switch like the gradients: a forward
     # writes its microbatch's slot, a backward reads it, the others pass it through.
     def forward_branch(c):
-        def run(state, grads, res, m, mb):
+        def run(state, grads, res, m, slot, mb):
             act = state["act"]
             v = c // stages
             x = act[v, m] if c > 0 else carrier.zeros()
@@ -198,7 +200,7 @@ def pipelined_value_and_grad(chunks: Sequence[Chunk], params: Sequence, batch: S
                 outs = chunk_call(c, ps, x, m, mb)
             else:
                 outs, pullback = chunk_vjp(c, ps, x, m, mb)
-                res = res.at[v, m].set(layouts[c].stored(pullback, residual_size))
+                res = res.at[slot].set(layouts[c].stored(pullback, residual_size))
             if c == n_chunks - 1:   # accumulated in float32 whatever the loss's dtype
                 return (carrier.zeros(), carrier.zeros(), grads, res,
                         outs[0].astype(jnp.float32) / microbatches)
@@ -206,7 +208,7 @@ def pipelined_value_and_grad(chunks: Sequence[Chunk], params: Sequence, batch: S
         return run
 
     def backward_branch(c):
-        def run(state, grads, res, m, mb):
+        def run(state, grads, res, m, slot, mb):
             v = c // stages
             x = state["act"][v, m] if c > 0 else carrier.zeros()
             # differentiate with respect to the unpacked leaves: the gradient of an unpack
@@ -215,7 +217,7 @@ def pipelined_value_and_grad(chunks: Sequence[Chunk], params: Sequence, batch: S
             if layouts[c] is None:   # recompute the chunk's forward
                 _, pullback = chunk_vjp(c, ps, x, m, mb)
             else:
-                pullback = layouts[c].pullback(res[v, m], ps, x, m, mb)
+                pullback = layouts[c].pullback(res[slot], ps, x, m, mb)
             if c == n_chunks - 1:
                 seed = [jnp.full((), 1.0 / microbatches, loss_dtype)]
             else:
@@ -230,7 +232,7 @@ def pipelined_value_and_grad(chunks: Sequence[Chunk], params: Sequence, batch: S
             return carrier.zeros(), send_b.astype(carrier.dtype), grads, res, jnp.zeros(())
         return run
 
-    def idle(state, grads, res, m, mb):
+    def idle(state, grads, res, m, slot, mb):
         return carrier.zeros(), carrier.zeros(), grads, res, jnp.zeros(())
 
     branches = ([forward_branch(c) for c in range(n_chunks)]
@@ -246,8 +248,8 @@ def pipelined_value_and_grad(chunks: Sequence[Chunk], params: Sequence, batch: S
         state0 = {"act": jnp.zeros((virtual, microbatches, *carrier.shape), carrier.dtype),
                   "cot": jnp.zeros((virtual, microbatches, *carrier.shape), carrier.dtype),
                   "grads": store.zero_gradients(),
-                  "res": jnp.zeros((virtual if any(layouts) else 0, microbatches,
-                                    residual_size), jnp.float32),
+                  "res": jnp.zeros((slots if any(layouts) else 0, residual_size),
+                                   jnp.float32),
                   "loss": jnp.zeros((), jnp.float32),
                   "send_f": carrier.zeros(), "send_b": carrier.zeros()}
 
@@ -259,7 +261,8 @@ def pipelined_value_and_grad(chunks: Sequence[Chunk], params: Sequence, batch: S
             cot = _stash(state["cot"], row["recv_b"], row["recv_b_v"], row["recv_b_m"], got_b)
             view = {"act": act, "cot": cot, "params": pk}
             send_f, send_b, grads, res, loss = lax.switch(
-                row["branch"], branches, view, state["grads"], state["res"], row["m"], mb)
+                row["branch"], branches, view, state["grads"], state["res"], row["m"],
+                row["slot"], mb)
             return {"act": act, "cot": cot, "grads": grads, "res": res,
                     "loss": state["loss"] + loss, "send_f": send_f, "send_b": send_b}, None
 
@@ -275,7 +278,7 @@ def pipelined_value_and_grad(chunks: Sequence[Chunk], params: Sequence, batch: S
                         in_specs=([PartitionSpec()] * len(params), [batch_spec] * len(micro),
                                   PartitionSpec()),
                         out_specs=(PartitionSpec(), PartitionSpec()))
-    exchanged, loss = run(list(params), micro, tables)
+    exchanged, loss = run(list(params), micro, {k: jnp.asarray(v) for k, v in tables.items()})
     grads = store.leave(exchanged)
     return loss.astype(loss_dtype), [g.astype(a.dtype) for g, a in zip(grads, param_avals)]
 
@@ -432,6 +435,33 @@ def _packable(dtype) -> bool:
             or jnp.issubdtype(dtype, jnp.integer) and np.dtype(dtype).itemsize <= 4)
 
 
+def residual_slots(table) -> np.ndarray:
+    """``slots[t, d]``: the residual-stash slot the op at tick t on device d writes (a
+    forward) or reads (its backward). A chunk's residuals live from its forward to its
+    backward on the same device; slots are reused once freed (interval colouring in tick
+    order), so 1F1B keeps as many as it has microbatches in flight, not one per microbatch."""
+    ticks, stages = len(table), len(table[0]) if table else 0
+    slots = np.zeros((ticks, stages), np.int32)
+    for d in range(stages):
+        held, free, used = {}, [], 0
+        for t in range(ticks):
+            op = table[t][d]
+            if op is None:
+                continue
+            key = (op.chunk, op.microbatch)
+            if op.kind == "F":
+                if free:
+                    slot = free.pop(min(range(len(free)), key=free.__getitem__))
+                else:
+                    slot, used = used, used + 1
+                held[key] = slot
+            else:
+                slot = held.pop(key)
+                free.append(slot)
+            slots[t, d] = slot
+    return slots
+
+
 def _stash(stash, valid, v, m, incoming):
     current = stash[v, m]
     return stash.at[v, m].set(jnp.where(valid > 0, incoming, current))
@@ -459,9 +489,10 @@ def _tables(schedule: str, stages: int, microbatches: int, virtual: int) -> dict
     chunks = stages * virtual
     ticks = len(table)
     names = ("branch", "m", "v", "recv_f", "recv_f_v", "recv_f_m", "recv_b", "recv_b_v",
-             "recv_b_m")
+             "recv_b_m", "slot")
     out = {k: np.zeros((ticks, stages), np.int32) for k in names}
     out["branch"][:] = 2 * chunks
+    out["slot"][:] = residual_slots(table)
     for t, row in enumerate(table):
         for d, op in enumerate(row):
             if op is None:
@@ -481,4 +512,4 @@ def _tables(schedule: str, stages: int, microbatches: int, virtual: int) -> dict
                 out["recv_b"][t + 1, to] = 1
                 out["recv_b_v"][t + 1, to] = (op.chunk - 1) // stages
                 out["recv_b_m"][t + 1, to] = op.microbatch
-    return {k: jnp.asarray(v) for k, v in out.items()}
+    return out
