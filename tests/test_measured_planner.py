@@ -14,6 +14,9 @@ from tests.test_pipeline import assert_same, example, train_step
 METHODS = ["cost-model search", "data-parallel rule", "fully-sharded data-parallel rule"]
 
 
+# the searched candidate under the 1.5 MB budget may stop at the solver's time limit (warned):
+# what is tested is which measured candidate is kept
+@pytest.mark.filterwarnings("ignore::autoshard.SolverTimeLimitWarning")
 @pytest.mark.parametrize("budget,chosen", [(None, "data-parallel rule"),
                                            (1_500_000, "fully-sharded data-parallel rule")])
 def test_the_fastest_executable_that_fits_is_returned(budget, chosen):

@@ -137,6 +137,9 @@ def test_value_and_grad_outside_a_pipeline_is_jax():
     assert_same(autoshard.grad(gpt.loss)(params, batch), want[1])
 
 
+# the searched candidate under the 1.5 MB budget may stop at the solver's time limit (warned):
+# what is tested is which measured candidate is kept
+@pytest.mark.filterwarnings("ignore::autoshard.SolverTimeLimitWarning")
 @pytest.mark.parametrize("hardware,budget,flat_method", [
     ("cpu", None, "data-parallel rule"), ("h100", None, "data-parallel rule"),
     ("h100", 1_500_000, "fully-sharded data-parallel rule")])
