@@ -26,7 +26,8 @@ def test_the_fastest_executable_that_fits_is_returned(budget, chosen):
     args = example(2)
     mesh = jax.make_mesh((2, 4), ("data", "model"))
     step = autoshard.compile(train_step, *args, mesh=mesh, planner="measured",
-                             hardware="h100", memory_budget=budget, cache=False)
+                             hardware="h100", memory_budget=budget, cache=False,
+                             solver_time_limit=5)
     assert [c.method for c in step.candidates] == METHODS
     assert step.plan.method == chosen
     (kept,) = [c for c in step.candidates if c.chosen]
@@ -46,7 +47,8 @@ def test_no_fitting_candidate_names_the_smallest():
     with pytest.raises(autoshard.PlanInfeasibleError,
                        match="no candidate's compiled program fits memory_budget=10,000"):
         autoshard.compile(train_step, *args, mesh=jax.make_mesh((2, 4), ("data", "model")),
-                          planner="measured", memory_budget=10_000, cache=False)
+                          planner="measured", memory_budget=10_000, cache=False,
+                          solver_time_limit=5)
 
 
 def test_the_fully_sharded_rule_splits_state_over_the_batch_axes():

@@ -4,16 +4,20 @@
   (Besag 1986) on the pairwise costs, ignoring memory; then a greedy *repair* that, at the worst
   overflowing time, takes the strategy change with the smallest extra cost per byte saved (the
   repair step of the 1st and 3rd IOPDDL teams).
-- *Start, large cores*: the same greedy on cost + λ · usage for a bisection of one global λ
-  (soft memory, as the 1st IOPDDL team did with per-node penalties and toulbar2), repaired.
+- *Large cores*, first: the local search of ``solve_local``: tree-block steps (exact dynamic
+  programming over an induced forest) from the greedy plan, then Lagrangian prices on memory
+  per time step (soft memory, as the 1st IOPDDL team did with penalties and toulbar2), each
+  priced plan repaired and improved by single-node moves that fit. It replaced one global λ
+  bisected on the greedy, whose plans on IOPDDL's S, K and M stayed 2-8x the best known.
 - *Small cores*, first: the local-polytope LP (``solve_relax``), whose rounded marginals are a
   start (on IOPDDL's B, C, D and G far better than the greedy one) and whose optimum is a bound.
 - *Small cores* (presolve leaves a few hundred nodes on half the contest instances): the whole
   problem in CP-SAT with exact memory constraints (``solve_memory.part_cuts``), hinted with the
   start; its bound is a lower bound of the original problem.
-- *Large cores*: large-neighbourhood search (Shaw 1998; as in CP-SAT's own LNS): a breadth-first
-  ball of nodes is freed, the rest fixed, and CP-SAT solves the part exactly against the memory
-  the rest leaves at every segment where the part's usage changes.
+  A small core whose LP is too large to try (V) gets the same local search as its start.
+- *Large cores*, then: large-neighbourhood search (Shaw 1998; as in CP-SAT's own LNS): a
+  breadth-first ball of nodes is freed, the rest fixed, and CP-SAT solves the part exactly
+  against the memory the rest leaves at every segment where the part's usage changes.
 
 Every decision is a function of the inputs, the seed and CP-SAT's deterministic time, except
 wall-clock limits in contest mode (``deterministic=False``).
@@ -28,6 +32,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from autoshard.passes.solve_cpsat import Limits, solve_part
+from autoshard.passes.solve_local import LocalSearch, priced_search
 from autoshard.passes.solve_memory import MemoryModel, part_cuts
 from autoshard.passes.solve_problem import FORBIDDEN
 from autoshard.passes.solve_reduce import Reduced
@@ -41,6 +46,20 @@ LP_SHARE = 0.5
 LP_UNITS_PER_VARIABLE = 1e-4
 #: Free nodes per LNS move (grows when moves prove optimal quickly).
 LNS_NODES = 120
+#: Share of the search budget the local search (``solve_local``) takes on large cores (the
+#: LNS after it gains little: S at 120 s ends at 1.719e9 with 0.75 and with 0.95; the priced
+#: search still improves R and K at the end of its share).
+LOCAL_SHARE = 0.85
+#: Share of the budget the local search takes on small cores whose LP is too large to try
+#: (instance V: in 6 s it reaches 3.5e6, where CP-SAT alone ended at 5.3e6 after 280 s).
+LOCAL_SHARE_NO_LP = 0.25
+#: Rounds without a new incumbent after which the priced search gives way to the LNS.
+LOCAL_PATIENCE = 150
+#: Most tree-block steps without memory before the first repair (T: 12 steps take the cost
+#: from 1.04e12 to 0.73e12, and the repaired plan from 0.83e12 after 5 steps to 0.77e12).
+START_TREE_STEPS = 20
+#: Deterministic budget units charged per node and edge for one round of the local search.
+LOCAL_UNITS_PER_ELEMENT = 1e-4
 
 
 @dataclass(frozen=True)
@@ -107,11 +126,9 @@ def _local_cost(costs, adj, choice, j) -> np.ndarray:
     return c
 
 
-def greedy(costs, adj, sweeps: int = 4, penalty=None, start=None) -> np.ndarray:
+def greedy(costs, adj, sweeps: int = 4, start=None) -> np.ndarray:
     """Cheapest strategy per node (or ``start``), then iterated conditional modes in node
-    order; ``penalty`` (one vector per node) is added to the node costs."""
-    if penalty is not None:
-        costs = [c + p for c, p in zip(costs, penalty)]
+    order."""
     choice = (np.array([int(np.argmin(c)) for c in costs]) if start is None
               else np.array(start, np.int64))
     for _ in range(sweeps):
@@ -205,11 +222,14 @@ def search(reduced: Reduced, memory: MemoryModel, *, time_limit: float, determin
         choice = repair(costs, adj, memory, choice, max_rounds=4 * n + 100)
         engine = "greedy+repair"
     best = _Best(reduced, memory, choice, engine)
-    if n > WHOLE_MAX_NODES and memory.limit is not None:
-        _penalised_starts(reduced, memory, costs, adj, budget, best, report)
+    if n > WHOLE_MAX_NODES:
+        _local_phase(memory, costs, adj, budget, seed, best, report, LOCAL_SHARE)
     report(f"start: cost {best.cost:.6g}, feasible {best.feasible}")
     if n <= WHOLE_MAX_NODES:
-        lp_bound = _lp_start(reduced, memory, costs, adj, budget, best, report)
+        lp_bound, lp_too_large = _lp_start(reduced, memory, costs, adj, budget, best, report)
+        if lp_too_large and n > 1:
+            # no LP start (instance V: 592k LP variables); the local search gives CP-SAT one
+            _local_phase(memory, costs, adj, budget, seed, best, report, LOCAL_SHARE_NO_LP)
         lb, optimal, rounds = _whole(reduced, memory, costs, adj, scale, budget, seed, workers,
                                      best, report)
         if lp_bound is not None and (lb is None or lp_bound > lb):
@@ -256,40 +276,56 @@ class _Best:
         return False
 
 
-def _penalised_starts(reduced, memory, costs, adj, budget, best, report, tries: int = 10):
-    """Soft memory (the 1st IOPDDL team's idea, here with one global multiplier): greedy on
-    cost + λ · usage for a geometric bisection of λ, each result repaired; the best feasible
-    one becomes the incumbent. Uses at most a fifth of the budget."""
-    weight = [u.sum(axis=1).astype(np.float64) for u in memory.usage]
-    cost_span = sum(float(np.ptp(c[c < FORBIDDEN])) for c in costs if (c < FORBIDDEN).any())
-    use_span = sum(float(np.ptp(w)) for w in weight) or 1.0
-    lo, hi = -6.0, 3.0  # log10 of λ relative to cost_span / use_span
-    stop = budget.left() - 0.2 * budget.limit
-    for _ in range(tries):
-        if budget.left() < stop:
-            break
-        mid = (lo + hi) / 2
-        lam = 10.0 ** mid * cost_span / use_span
-        choice = greedy(costs, adj, penalty=[lam * w for w in weight])
-        fits = _feasible(memory, memory.profile(choice))
-        if not fits:
-            choice = repair(costs, adj, memory, choice, max_rounds=4 * len(costs) + 100)
-        better = best.offer(choice, "penalised greedy")
-        report(f"penalty 10^{mid:.2f}: fits {fits}, cost {reduced_cost(reduced, choice):.6g}"
-               f"{' (best)' if better else ''}", force=True)
-        if fits:
-            hi = mid
-        else:
-            lo = mid
+def _local_phase(memory, costs, adj, budget, seed, best, report, share: float) -> None:
+    """Large cores: tree-block steps (``solve_local``) from the greedy plan, which is far from
+    a local optimum (on IOPDDL's S five steps take the cost without memory from 2.04e9 to
+    0.65e9), then the Lagrangian priced search for ``share`` of the budget left; every plan
+    that fits is offered to the incumbent."""
+    search_ = LocalSearch(costs, adj, memory)
+    rng = np.random.default_rng(seed)
+    n = len(costs)
+    units = LOCAL_UNITS_PER_ELEMENT * (n + sum(len(a) for a in adj) // 2)
+    choice = best.choice
+    cost = search_.cost(choice)
+    for _ in range(START_TREE_STEPS):
+        choice = search_.tree_step(choice, search_.forest(rng.permutation(n)))
         if budget.deterministic:
-            budget.spend(0.002 * len(costs))  # greedy work counts against the budget
+            budget.spend(units / 4)
+        before, cost = cost, search_.cost(choice)
+        if before - cost <= 1e-4 * abs(before) or budget.left() < 0.5 * budget.limit:
+            break
+
+    def fit(c):
+        return repair(costs, adj, memory, c, max_rounds=4 * n + 100)
+
+    def offer(c) -> bool:
+        if best.offer(c, "local search"):
+            report(f"local search: cost {best.cost:.6g}")
+            return True
+        return False
+
+    def descend_and_offer(c):
+        if not _feasible(memory, memory.profile(c)):
+            c = fit(c)
+        c, _ = search_.descend(c, memory.profile(c), sweeps=2)
+        offer(c)
+
+    descend_and_offer(choice)
+    if memory.limit is None:
+        return
+    stop = budget.left() - share * budget.left()
+    priced_search(search_, choice, rng=rng, repair=fit, offer=offer,
+                  keep_going=lambda: budget.left() > stop, patience=LOCAL_PATIENCE,
+                  spend=(lambda: budget.spend(units)) if budget.deterministic else None)
+    report(f"local search done: cost {best.cost:.6g}", force=True)
 
 
-def _lp_start(reduced, memory, costs, adj, budget, best, report) -> float | None:
+def _lp_start(reduced, memory, costs, adj, budget, best, report) -> tuple[float | None, bool]:
     """The local-polytope LP (``solve_relax``) on the core, with at most ``LP_SHARE`` of the
     budget; its marginals rounded to their largest strategy, then improved by iterated
     conditional modes and repaired, are offered as incumbents (on instances G and B of IOPDDL
-    the rounding alone is the best-known plan). Returns the LP's bound (None if unsolved)."""
+    the rounding alone is the best-known plan). Returns the LP's bound (None if unsolved) and
+    whether the LP was too large to try."""
     rel = relax(reduced, memory, best.choice, time_limit=LP_SHARE * budget.left(),
                 deterministic=budget.deterministic)
     if budget.deterministic:
@@ -297,14 +333,14 @@ def _lp_start(reduced, memory, costs, adj, budget, best, report) -> float | None
     report(f"local-polytope LP: {rel.status}, {rel.variables} variables, bound {rel.bound}, "
            f"{rel.seconds:.1f}s", force=True)
     if rel.marginals is None:
-        return None
+        return None, rel.status == "too large"
     rounded = np.array([int(np.argmax(v)) for v in rel.marginals])
     for cand in (rounded, greedy(costs, adj, start=rounded)):
         if not _feasible(memory, memory.profile(cand)):
             cand = repair(costs, adj, memory, cand, max_rounds=4 * len(costs) + 100)
         if best.offer(cand, "lp rounding"):
             report(f"lp rounding: cost {best.cost:.6g}", force=True)
-    return rel.bound
+    return rel.bound, False
 
 
 def _whole(reduced, memory, costs, adj, scale, budget, seed, workers, best, report):

@@ -224,7 +224,7 @@ def test_deterministic_across_runs_and_processes(monkeypatch, whole_max):
     a = solve(p, time_limit=1)
     b = solve(p, time_limit=1)
     assert a.feasible and a.choice == b.choice
-    assert a.stats["engine"] in ({"lns", "greedy+repair", "greedy", "penalised greedy"}
+    assert a.stats["engine"] in ({"lns", "greedy+repair", "greedy", "local search"}
                                  if whole_max == 10 else {"cp-sat", "greedy+repair", "greedy"})
     out = subprocess.run([sys.executable, "-c", _DETERMINISM_SCRIPT, str(whole_max)],
                          cwd=pathlib.Path(__file__).resolve().parents[2], capture_output=True,
