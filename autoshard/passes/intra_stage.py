@@ -137,9 +137,12 @@ def plan_intra_stage(loss: Callable[[list, list], Any], params: Sequence[Any],
     model = tuple(a for a in others if a not in batch_axes)
     laid = tuple(_restricted(s, model) for s in specs[:len(params)])
     predicted = plan.prediction.step_seconds if plan.prediction is not None else None
-    total = sum(math.prod(v.shape) * np.dtype(v.dtype).itemsize for v in graph.inputs[:len(params)])
-    share = sum(math.prod(v.shape) * np.dtype(v.dtype).itemsize for v, s in
-                zip(graph.inputs, laid) if any(e is not None for e in s)) / max(total, 1)
+    def nbytes(v) -> int:
+        return math.prod(v.shape) * np.dtype(v.dtype).itemsize
+
+    total = sum(nbytes(v) for v in graph.inputs[:len(params)])
+    share = sum(nbytes(v) for v, s in zip(graph.inputs, laid)
+                if any(e is not None for e in s)) / max(total, 1)
     if not model or share < TENSOR_PARALLEL_MIN_SHARE:
         # the ILP keeps (most) parameters whole on the model axes: it splits the batch over
         # them inside the step there or replicates work; run as data parallel, not as the
