@@ -39,7 +39,7 @@ from autoshard.dump import trace_events
 from autoshard.ir.errors import ArgumentError, PlanError
 from autoshard.ir.mesh import MeshSpec
 from autoshard.ir.pipeline import Pipeline, PipelinePlan, StageReport
-from autoshard.passes.intra_stage import IntraStagePlan, data_parallel_plan, plan_intra_stage
+from autoshard.passes.intra_stage import IntraStagePlan, data_parallel_stages, plan_intra_stage
 from autoshard.passes.lift import lift_jaxpr
 from autoshard.passes.lower import auto_mesh
 from autoshard.passes.stages import Slicing, slice_loss
@@ -207,7 +207,7 @@ def _intra_stage_plan(flat_loss, params, batch, mesh: Mesh, pipe: Pipeline,
     """The ILP's intra-stage plan, once per parameter and batch shapes (a step is traced again
     when it is lowered again)."""
     if pipe.intra_stage == "data":
-        return data_parallel_plan(mesh, pipe.axis)
+        return data_parallel_stages(mesh, pipe.axis)
     key = tuple((np.shape(x), str(x.dtype)) for x in (*params, *batch))
     if key not in context.intra_plans:
         start = time.perf_counter()
@@ -223,10 +223,7 @@ def _intra_stage_plan(flat_loss, params, batch, mesh: Mesh, pipe: Pipeline,
 def data_parallel_axes(mesh: Mesh, stage_axis: str, microbatch: int) -> tuple[str, ...]:
     """The non-stage axes a microbatch is split over: all of them, dropping the last ones
     until their device count divides the microbatch."""
-    axes = [a for a in mesh.axis_names if a != stage_axis]
-    while axes and microbatch % int(np.prod([mesh.shape[a] for a in axes])):
-        axes.pop()
-    return tuple(axes)
+    return data_parallel_stages(mesh, stage_axis).data_axes_for(mesh, microbatch)
 
 
 # -- choosing and reporting -----------------------------------------------------------------------

@@ -85,7 +85,7 @@ class IntraStagePlan:
                 f"{self.model_axes} ({self.method})")
 
 
-def data_parallel_plan(mesh: Mesh, stage_axis: str) -> IntraStagePlan:
+def data_parallel_stages(mesh: Mesh, stage_axis: str) -> IntraStagePlan:
     """The rule: every other axis is a data axis."""
     return IntraStagePlan(tuple(a for a in mesh.axis_names if a != stage_axis))
 
@@ -102,7 +102,7 @@ def plan_intra_stage(loss: Callable[[list, list], Any], params: Sequence[Any],
     No memory budget is given to the ILP: under one it shards parameters over the batch axes
     (ZeRO), which the pipeline runtime, holding parameters whole on every data replica, does
     not run."""
-    rule = data_parallel_plan(mesh, stage_axis)
+    rule = data_parallel_stages(mesh, stage_axis)
     others = tuple(a for a in mesh.axis_names if a != stage_axis and int(mesh.shape[a]) > 1)
     if not others or not params:
         return rule
