@@ -254,11 +254,11 @@ def _compile_pipelined(fn, example_args, options: _Options, pipeline) -> Any:
     why: the cost model's flat and pipelined predictions are not
     comparable enough to decide alone, and the simulator's ranking of schedules was not the
     measured one: interleaved first at d=2048, measured 2% slower than GPipe)."""
-    intra_plans: dict = {}   # one intra-stage plan serves every schedule
+    intra_plans: dict = {}   # per mesh: one intra-stage plan serves every schedule
 
     def build(mesh, pipe):
         return PipelinedFunction(fn, example_args, mesh=mesh, pipeline=pipe,
-                                 intra_plans=intra_plans,
+                                 intra_plans=intra_plans.setdefault(mesh.devices.shape, {}),
                                  hardware=options.hardware, donate_argnums=options.donate_argnums,
                                  static_argnums=options.static_argnums,
                                  batch_argnums=options.batch_argnums,
@@ -273,18 +273,43 @@ def _compile_pipelined(fn, example_args, options: _Options, pipeline) -> Any:
             return _compile_measured(fn, example_args, options)
         return ShardedFunction(fn, options, example_args)
 
-    candidates = auto_pipeline_candidates(options.mesh)
-    if candidates is None:
+    groups = auto_pipeline_candidates(options.mesh)
+    if not groups:
         log.info("autoshard: pipeline='auto' for %s: no mesh axis to pipeline over (the mesh "
                  "needs an axis of size > 1); not pipelined", name)
         return unpipelined()
-    mesh, pipes = candidates
     built, skipped = [], []
-    for pipe in pipes:
+
+    def attempt(mesh, pipe):
         try:
-            built.append(build(mesh, pipe))
+            return build(mesh, pipe)
         except AutoshardError as err:   # e.g. too few places to cut for interleaved chunks
-            skipped.append(f"{pipe.schedule} x{pipe.virtual_stages}: {err}")
+            skipped.append(f"{pipe.stages} stages, {pipe.schedule} x{pipe.virtual_stages}: "
+                           f"{err}")
+            return None
+
+    own_mesh, own_pipes = groups[0]
+    built = [b for b in (attempt(own_mesh, p) for p in own_pipes) if b is not None]
+    # other stage counts: built with the mesh's best predicted schedule, and compiled only
+    # when the simulator predicts them faster than every pipeline over the mesh's own axis
+    # (each compile costs seconds to minutes; stage counts the simulator ranks slower are
+    # listed in the decision as not measured)
+    threshold = min((b.pipeline_plan.total_seconds for b in built), default=float("inf"))
+    schedule = (min(built, key=lambda b: b.pipeline_plan.total_seconds).pipeline
+                if built else Pipeline(2, None, "1f1b"))
+    unmeasured = []
+    for mesh, pipes in groups[1:]:
+        pipe = replace(pipes[0], schedule=schedule.schedule,
+                       virtual_stages=schedule.virtual_stages)
+        other = attempt(mesh, pipe)
+        if other is None:
+            continue
+        plan = other.pipeline_plan
+        if plan.total_seconds < threshold:
+            built.append(other)
+        else:
+            unmeasured.append((pipe.stages, pipe.schedule, pipe.virtual_stages,
+                               plan.microbatches, plan.total_seconds))
     for reason in skipped:
         log.info("autoshard: pipeline='auto' for %s: skipped %s", name, reason)
     if not built:
@@ -315,10 +340,12 @@ def _compile_pipelined(fn, example_args, options: _Options, pipeline) -> Any:
         piped.pipeline, piped.pipeline_plan.total_seconds,
         prediction.step_seconds if prediction is not None else float("nan"),
         roofline.step_seconds, flat_seconds,
-        tuple((b.pipeline.schedule, b.pipeline.virtual_stages, b.pipeline_plan.microbatches,
-               b.pipeline_plan.total_seconds, r.step_seconds) for b, r in zip(built, rooflines)),
+        tuple((b.pipeline.stages, b.pipeline.schedule, b.pipeline.virtual_stages,
+               b.pipeline_plan.microbatches, b.pipeline_plan.total_seconds, r.step_seconds)
+              for b, r in zip(built, rooflines)),
         roofline.peak_bytes, flat_peak, budget, flat.plan.method,
-        tuple((f.plan.method, t, peak) for f, (t, peak) in zip(flats, flat_measures)))
+        tuple((f.plan.method, t, peak) for f, (t, peak) in zip(flats, flat_measures)),
+        tuple(unmeasured))
     keep = piped if decision.pipelined else flat
     log.info("autoshard: %s: %s", flat.__name__, decision.summary())
     keep.auto_decision = decision

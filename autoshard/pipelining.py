@@ -46,7 +46,7 @@ from autoshard.passes.stages import Slicing, slice_loss
 from autoshard.passes.trace import function_name
 from autoshard.passes.unroll import unroll_layer_scans
 from autoshard.cost_model.hlo import hlo_stats, measured_step
-from autoshard.runtime.pipeline import crossing_avals, pipelined_value_and_grad
+from autoshard.runtime.pipeline import crossing_avals, pipelined_value_and_grad, state_layout
 from autoshard.verify import device_positions, peak_memory
 
 log = logging.getLogger("autoshard")
@@ -266,12 +266,13 @@ def pipeline_report(slicing: Slicing, pipe: Pipeline, microbatches: int, mesh: M
     other_axes = tuple(i for i in range(spec.ndim) if i != stage_index)
     stage_bytes = max((s.parameter_bytes for s in stages), default=0)
     total_bytes = stage_bytes * pipe.stages
-    # the runtime's gradient exchange: reduce-scatter in the stage, all-gather of the slices
-    # across stages, all-gather in the stage (runtime/pipeline.py)
-    sync = (collective_time(hw, spec, "reduce-scatter", stage_bytes, other_axes)
-            + collective_time(hw, spec, "all-gather", total_bytes / others, (stage_index,))
-            + collective_time(hw, spec, "all-gather", total_bytes, other_axes))
-    update = OPTIMIZER_BYTES_PER_PARAMETER_BYTE * total_bytes / hw.memory_rate
+    # the runtime's parameter and gradient exchange (runtime/pipeline.py): a stage gathers its
+    # parameters' ZeRO pieces, reduce-scatters its gradients into pieces and all-gathers the
+    # pieces across stages; the optimizer updates a 1/others share per device
+    sync = (collective_time(hw, spec, "all-gather", stage_bytes, other_axes)
+            + collective_time(hw, spec, "reduce-scatter", stage_bytes, other_axes)
+            + collective_time(hw, spec, "all-gather", total_bytes / others, (stage_index,)))
+    update = OPTIMIZER_BYTES_PER_PARAMETER_BYTE * total_bytes / others / hw.memory_rate
     return PipelinePlan(tuple(stages), pipe.schedule, microbatches, pipe.virtual_stages,
                         sim.step_seconds, sim.bubble_fraction, timeline, sync + update,
                         intra.describe() if intra is not None else "")
@@ -288,25 +289,42 @@ def _simulated(slicing: Slicing, pipe: Pipeline, microbatches: int, spec: MeshSp
                     [backward_factor(pipe) * f for f in forward], link + tick_overhead)
 
 
-def auto_pipeline_candidates(mesh: Mesh) -> tuple[Mesh, list[Pipeline]] | None:
-    """The pipelines ``"auto"`` weighs: over the axis named ``"stage"`` if the mesh has one,
-    else over its first axis of size > 1 (on multi-node profiles the first axis is the one that
-    crosses nodes), renamed ``"stage"`` on the same devices; each schedule (interleaved with two
-    virtual stages), microbatches by simulation."""
+def auto_pipeline_candidates(mesh: Mesh) -> list[tuple[Mesh, list[Pipeline]]]:
+    """The pipelines ``"auto"`` weighs, one group per stage count, the first group the
+    mesh's own: over the axis named ``"stage"`` if the mesh has one (and only that), else
+    over its first axis of size > 1 (on multi-node profiles the first axis is the one that
+    crosses nodes), renamed ``"stage"`` on the same devices; each schedule (interleaved with
+    two virtual stages), microbatches by simulation. Without a ``"stage"`` axis the devices
+    are also factored into every other stage count ``s`` x the rest (a ``("stage",
+    "inner")`` mesh over the same devices in the same order, so stages stay on consecutive
+    devices and nodes): those groups hold the 1F1B schedule, which ``_compile_pipelined``
+    replaces by the first group's best predicted schedule."""
     names = list(mesh.axis_names)
     if "stage" in names:
         axis = "stage"
     else:
         axis = next((a for a in names if int(mesh.shape[a]) > 1), None)
         if axis is None:
-            return None
+            return []
         names[names.index(axis)] = "stage"
-        mesh = Mesh(mesh.devices, tuple(names), axis_types=mesh.axis_types)
-    stages = int(mesh.shape["stage"])
-    if stages < 2:
-        return None
-    return mesh, [Pipeline(stages, None, "1f1b"), Pipeline(stages, None, "gpipe"),
-                  Pipeline(stages, None, "interleaved", virtual_stages=2)]
+    own = Mesh(mesh.devices, tuple(names), axis_types=mesh.axis_types)
+    stages = int(own.shape["stage"])
+    groups = []
+    if stages >= 2:
+        groups.append((own, [Pipeline(stages, None, "1f1b"), Pipeline(stages, None, "gpipe"),
+                             Pipeline(stages, None, "interleaved", virtual_stages=2)]))
+    if "stage" in mesh.axis_names:
+        return groups
+    devices = mesh.devices.flatten()
+    for count in range(2, devices.size + 1):
+        if devices.size % count or count == stages:
+            continue
+        rest = devices.size // count
+        shape, axes = ((count, rest), ("stage", "inner")) if rest > 1 else ((count,), ("stage",))
+        factored = Mesh(devices.reshape(shape), axes,
+                        axis_types=(mesh.axis_types[0],) * len(axes))
+        groups.append((factored, [Pipeline(count, None, "1f1b")]))
+    return groups
 
 
 @dataclass(frozen=True)
@@ -360,9 +378,13 @@ class PipelinedFunction:
         auto = auto_mesh(mesh)
         replicated = NamedSharding(auto, PartitionSpec())
 
+        others = tuple(a for a in mesh.axis_names if a != pipeline.axis)
+        ways = int(np.prod([mesh.shape[a] for a in others]))
+
         def in_sharding(i, arg):
-            if i not in batch:
-                return jax.tree.map(lambda _: replicated, arg)
+            if i not in batch:   # parameters and optimizer state: split like ZeRO
+                return jax.tree.map(lambda x: NamedSharding(
+                    auto, state_layout(np.shape(x), others, ways)), arg)
             return jax.tree.map(lambda x: _batch_sharding(x, auto, pipeline.axis), arg)
 
         self._in_shardings = tuple(in_sharding(i, a) for i, a in enumerate(example_args)

@@ -9,10 +9,12 @@ Measures. Hand plans and autoshard's plan: the compiled executable's roofline, a
 plan_quality.py (matmul FLOPs and collectives read from the HLO, priced on the profile;
 memory_analysis peak). Pipelined plans: the same conventions applied to the schedule, since a
 roofline of the HLO cannot see which tick waits for which: each chunk's matmul FLOPs (from its
-lifted graph, one device's share of a microbatch) at the profile's matmul rate, backward 3x
-forward (gradients 2x plus the recomputed forward), a collective-permute of the crossing
-activation over the inter-node link per transfer, placed by the schedule simulator; plus the
-gradient all-reduce inside the node read from the compiled HLO (its non-permute collectives).
+lifted graph, one device's share of a microbatch) at the profile's matmul rate, backward 2x
+forward (the forward's residuals are kept; 3x with recompute=True), a collective-permute of
+the crossing activation over the inter-node link per transfer, placed by the schedule
+simulator; plus the collectives outside the tick loop read from the compiled HLO (a stage
+gathering its parameters' ZeRO pieces and reduce-scattering its gradients inside the node, the
+gradient pieces across the nodes).
 Peak memory is the compiled program's (PipelinedFunction.roofline does all of this).
 pipeline="auto" is measured the same way; its note gives what it weighed (AutoDecision).
 Writes benchmarks/results/pipeline.md; plan_quality.py --pipeline writes the same rows into
@@ -103,7 +105,8 @@ def pipeline_rows(layers: int, d_model: int, batch: int, seq: int) -> list:
     plan_s = time.perf_counter() - start
     if d.pipelined:
         result = measure_pipelined(auto, args)
-        chose = f"chose the pipeline ({d.pipeline.schedule}, M={result['microbatches']})"
+        chose = (f"chose the pipeline ({d.pipeline.stages} stages, {d.pipeline.schedule}, "
+                 f"M={result['microbatches']})")
     else:
         result, chose = measure(auto, args, hw, mesh), "chose no pipeline"
     rows.append(("pipeline='auto'", result,

@@ -189,12 +189,24 @@ def test_auto_pipelines_when_the_pipeline_measures_fastest(monkeypatch):
                        collective_seconds={k: 10 * v for k, v in r.collective_seconds.items()})
 
     monkeypatch.setattr(api, "compiled_roofline", slower)
+    # on one axis of 8 devices: all three schedules over 8 stages, then 2 stages x 4 and
+    # 4 stages x 2 with the best predicted schedule, compiled only where predicted faster
+    # than every 8-stage pipeline
     args = example(2)
-    step = autoshard.compile(train_step, *args, mesh=jax.make_mesh((2, 4), ("data", "model")),
+    step = autoshard.compile(train_step, *args, mesh=jax.make_mesh((8,), ("data",)),
                              pipeline="auto", cache=False)
     decision = step.auto_decision
     assert decision.pipelined and isinstance(step, autoshard.PipelinedFunction)
     assert step.pipeline == decision.pipeline
+    own = [t for n, _, _, _, t, _ in decision.schedules if n == 8]
+    assert len(own) == 3
+    others = [(n, t) for n, _, _, _, t, _ in decision.schedules if n != 8]
+    assert all(t < min(own) for _, t in others)
+    assert all(t >= min(own) for *_, t in decision.unmeasured)
+    assert sorted([n for n, _ in others] + [n for n, *_ in decision.unmeasured]) == [2, 4]
+    assert step.mesh.axis_names == (("stage",) if step.pipeline.stages == 8
+                                    else ("stage", "inner"))
+    assert step.mesh.shape["stage"] == decision.pipeline.stages
     assert decision.pipelined_measured == min(m for *_, m in decision.schedules)
     assert step.roofline(*args).step_seconds == pytest.approx(decision.pipelined_measured)
     assert_same(step(*args), jax.jit(train_step)(*args))
@@ -359,3 +371,49 @@ def test_stored_residuals_skip_the_recomputed_forward():
         stats = hlo_stats(step.lower(*args).compile().as_text())
         flops[recompute] = sum(stats.matmul_flops.values())
     assert 0.72 < flops[False] / flops[True] < 0.8
+
+
+def test_parameters_and_optimizer_state_stay_split_like_zero():
+    # between steps a data-parallel pipeline keeps every parameter and optimizer-state leaf
+    # split over the non-stage axes on its largest dividing dim (the optimizer update runs on
+    # a quarter per device here); microbatches of 2 split over "data" only, so "model" holds
+    # copies and each device keeps its own piece of their gradient. Two steps in a row, the
+    # first step's results fed back as they come out, equal jax.jit's.
+    args = example(2)
+    mesh = jax.make_mesh((2, 2, 2), ("stage", "data", "model"))
+    step = autoshard.compile(train_step, *args, mesh=mesh,
+                             pipeline=autoshard.Pipeline(2, 4, "gpipe", intra_stage="data"))
+    got, want = step(*args), jax.jit(train_step)(*args)
+    assert_same(got, want)
+    batch = args[2]
+    assert_same(step(got[0], got[1], batch), jax.jit(train_step)(want[0], want[1], batch))
+    wte = got[0]["wte"]                                  # (VOCAB, D): vocab is the larger dim
+    assert wte.sharding.spec == P(("data", "model"))
+    assert got[1][0].mu["wte"].sharding.spec == P(("data", "model"))
+    state = sum(x.nbytes for x in jax.tree.leaves(args[:2]))
+    compiled = step.lower(*args).compile()
+    assert compiled.memory_analysis().argument_size_in_bytes < state / 4 + 64 * 1024
+    # nothing is gathered whole: the all-gathers are the entry's (a stage's own parameters,
+    # half of them) and the pieces' across stages (a quarter), under the parameters' bytes
+    # (a third of the state) that gathering whole gradients in a stage alone would move
+    stats = hlo_stats(compiled.as_text())
+    assert stats.bytes["all-gather"] < state / 3
+
+
+def test_auto_weighs_every_stage_count_on_the_same_devices():
+    # the mesh's own first axis first (all three schedules), then every other factoring of
+    # its 8 devices into stages x the rest, in the same device order (consecutive stages on
+    # consecutive devices, so a stage never straddles a node it did not straddle before)
+    mesh = jax.make_mesh((2, 4), ("data", "model"))
+    groups = autoshard.pipelining.auto_pipeline_candidates(mesh)
+    assert [(m.axis_names, tuple(m.devices.shape), [p.schedule for p in pipes])
+            for m, pipes in groups] == [
+        (("stage", "model"), (2, 4), ["1f1b", "gpipe", "interleaved"]),
+        (("stage", "inner"), (4, 2), ["1f1b"]),
+        (("stage",), (8,), ["1f1b"])]
+    for m, _ in groups:
+        assert [d.id for d in m.devices.flat] == [d.id for d in mesh.devices.flat]
+    # a mesh that names its stage axis is pipelined over that axis only
+    named = jax.make_mesh((2, 4), ("stage", "data"))
+    assert [tuple(m.devices.shape) for m, _ in
+            autoshard.pipelining.auto_pipeline_candidates(named)] == [(2, 4)]

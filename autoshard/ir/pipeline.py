@@ -157,9 +157,12 @@ class AutoDecision:
     among the candidates that fit ``memory_budget`` (compiled peak bytes per device): the flat
     plan's prediction can be far from what XLA compiles (it reshards where the plan did not),
     and the pipeline's prediction prices the optimizer update the measure leaves out.
-    ``schedules`` lists the pipelines weighed, ``(schedule, virtual_stages, microbatches,
-    predicted seconds, measured seconds)``; ``pipeline`` is the one measured fastest among
-    those that fit. ``flat_candidates`` are the plans without a pipeline, ``(plan method,
+    ``schedules`` lists the pipelines weighed, ``(stages, schedule, virtual_stages,
+    microbatches, predicted seconds, measured seconds)``; ``pipeline`` is the one measured
+    fastest among those that fit. ``unmeasured`` lists pipelines over other stage counts
+    that the simulator predicted slower than every pipeline over the mesh's own axis, so they
+    were not compiled, ``(stages, schedule, virtual_stages, microbatches, predicted
+    seconds)``. ``flat_candidates`` are the plans without a pipeline, ``(plan method,
     measured seconds, peak bytes)``; the ``flat_*`` fields describe the fastest that fits
     (``flat_method``), ``flat_predicted`` is NaN when it has no cost-model prediction."""
 
@@ -174,6 +177,7 @@ class AutoDecision:
     memory_budget: int | None = None
     flat_method: str = ""
     flat_candidates: tuple[tuple[str, float, int], ...] = ()
+    unmeasured: tuple[tuple[int, str, int, int, float], ...] = ()
 
     @property
     def pipelined_fits(self) -> bool:
@@ -186,8 +190,13 @@ class AutoDecision:
     def summary(self) -> str:
         flats = ", ".join(f"{method} {t * 1e3:.3f} ms" for method, t, _ in
                           self.flat_candidates) or self.flat_method
-        tried = ", ".join(f"{s} x{v} M={m} {measured * 1e3:.3f} ms ({t * 1e3:.3f} predicted)"
-                          for s, v, m, t, measured in self.schedules)
+        tried = ", ".join(f"{n} stages {s} x{v} M={m} {measured * 1e3:.3f} ms "
+                          f"({t * 1e3:.3f} predicted)"
+                          for n, s, v, m, t, measured in self.schedules)
+        if self.unmeasured:
+            tried += "; predicted slower, not compiled: " + ", ".join(
+                f"{n} stages {s} x{v} M={m} ({t * 1e3:.3f} predicted)"
+                for n, s, v, m, t in self.unmeasured)
         over = "" if self.pipelined_fits else (
             f"; the pipeline's peak {self.pipelined_peak_bytes / 2**30:.2f} GiB exceeds the "
             f"budget {self.memory_budget / 2**30:.2f} GiB")

@@ -59,6 +59,14 @@ B = Broadcast()
 PARTIAL = Partial()
 
 
+def fsdp_dim(shape: Sequence[int], ways: int) -> int | None:
+    """The dim ZeRO-3 / FSDP splits a parameter or optimizer-state leaf on over ``ways``
+    devices: its largest dim they divide (the earlier on ties, so a leaf and its optimizer
+    moments agree); None when none divides (the leaf stays replicated)."""
+    dims = [d for d in range(len(shape)) if ways > 1 and shape[d] % ways == 0]
+    return max(dims, key=lambda d: (shape[d], -d)) if dims else None
+
+
 def S(dim: int) -> Split:
     return Split(dim)
 

@@ -24,7 +24,7 @@ import logging
 from autoshard.ir.graph import Graph
 from autoshard.ir.mesh import MeshSpec
 from autoshard.ir.plan import Plan
-from autoshard.ir.sharding import B, ShardingSpec, Split
+from autoshard.ir.sharding import B, ShardingSpec, Split, fsdp_dim
 from autoshard.passes.pins import Pins
 from autoshard.passes.state import updated_arguments
 
@@ -52,11 +52,9 @@ def batch_spec(size: int, mesh: MeshSpec) -> ShardingSpec:
 def state_spec(shape: tuple[int, ...], axes: tuple[int, ...], mesh: MeshSpec) -> ShardingSpec:
     """ZeRO-3 / FSDP's layout of a parameter or optimizer-state leaf: its largest dim that the
     batch axes divide, split over them (earlier dims on ties); replicated when none divides."""
-    ways = mesh.size(*axes) if axes else 1
-    dims = [d for d in range(len(shape)) if ways > 1 and shape[d] % ways == 0]
-    if not dims:
+    dim = fsdp_dim(shape, mesh.size(*axes) if axes else 1)
+    if dim is None:
         return ShardingSpec.replicated(mesh.ndim)
-    dim = max(dims, key=lambda d: (shape[d], -d))
     return ShardingSpec(tuple(Split(dim) if i in axes else B for i in range(mesh.ndim)))
 
 

@@ -28,11 +28,13 @@ over microbatches (the loss function is taken to be a mean over its batch, as
 the pipeline, outside it.
 
 Parameters travel packed when every non-stage axis is a data axis: each device flattens the
-parameters of the chunks it holds into one float32 vector per chunk (``[virtual, size]``), from
-the replicated parameters it already has. Gradients leave it replicated (every device runs the
-optimizer update on replicated parameters), gathered hierarchically so that only 1/replicas of
-a stage's gradients crosses the stage axis per device. With an intra-stage parameter layout
-over model axes, parameters and gradients travel as leaves in that layout instead (``_Leaves``).
+parameters of the chunks it holds into one float32 vector per chunk (``[virtual, size]``).
+Between steps parameters and optimizer state are split like ZeRO over the non-stage axes
+(``state_layout``), so the optimizer update after the pipeline runs on a share per device; a
+stage gathers its own chunks' pieces on entry, and gradients leave in pieces: reduce-scattered
+within the stage, the pieces all-gathered across stages (only 1/replicas of a stage's
+gradients crosses the stage axis per device). With an intra-stage parameter layout over model
+axes, parameters and gradients travel as leaves in that layout instead (``_Leaves``).
 Activations crossing a cut travel in their own shape when every cut carries one array of the
 same shape and dtype (the residual stream of a transformer), else packed into float32 (exact:
 narrower floats widen, 32-bit integers are bit-cast).
@@ -52,6 +54,7 @@ from jax.sharding import PartitionSpec
 
 from autoshard.ir.errors import ArgumentError
 from autoshard.ir.pipeline import Chunk
+from autoshard.ir.sharding import fsdp_dim
 from autoshard.ir.schedule import tick_table
 
 # -- packing ------------------------------------------------------------------------------------
@@ -162,8 +165,10 @@ def pipelined_value_and_grad(chunks: Sequence[Chunk], params: Sequence, batch: S
     crossings = crossing_avals(chunks, param_avals, micro_avals)
     carrier = _Carrier.of(crossings[:-1])
     loss_dtype = crossings[-1][0].dtype
-    store = (_Packed(chunks, param_avals, stages, virtual, replicas) if param_specs is None
-             else _Leaves(chunks, param_avals, tuple(param_specs)))
+    zero_axes = tuple(a for a in mesh.axis_names if a != stage_axis)
+    store = (_Packed(chunks, param_avals, stages, virtual, zero_axes,
+                     int(np.prod([mesh.shape[a] for a in zero_axes])))
+             if param_specs is None else _Leaves(chunks, param_avals, tuple(param_specs)))
     tables = _tables(schedule, stages, microbatches, virtual)
     slots = int(tables["slot"].max()) + 1
     n_chunks = len(chunks)
@@ -270,42 +275,94 @@ def pipelined_value_and_grad(chunks: Sequence[Chunk], params: Sequence, batch: S
         loss = lax.psum(final["loss"], stage_axis)
         if data_axes:
             loss = lax.pmean(loss, data_axes)
-        return store.exchange(final["grads"], stage_axis, data_axes), loss
+        return store.exchange(d, final["grads"], stage_axis, data_axes, replicas), loss
 
     batch_spec = PartitionSpec(None, tuple(data_axes)) if data_axes else PartitionSpec()
     manual = set(mesh.axis_names) if param_specs is None else {stage_axis, *data_axes}
     run = jax.shard_map(body, mesh=mesh, axis_names=manual, check_vma=False,
-                        in_specs=([PartitionSpec()] * len(params), [batch_spec] * len(micro),
-                                  PartitionSpec()),
-                        out_specs=(PartitionSpec(), PartitionSpec()))
-    exchanged, loss = run(list(params), micro, {k: jnp.asarray(v) for k, v in tables.items()})
-    grads = store.leave(exchanged)
+                        in_specs=(store.in_specs(), [batch_spec] * len(micro), PartitionSpec()),
+                        out_specs=(store.in_specs(), PartitionSpec()))
+    grads, loss = run(list(params), micro, {k: jnp.asarray(v) for k, v in tables.items()})
     return loss.astype(loss_dtype), [g.astype(a.dtype) for g, a in zip(grads, param_avals)]
+
+
+def state_layout(shape: Sequence[int], axes: tuple[str, ...], ways: int) -> PartitionSpec:
+    """Where a data-parallel pipeline keeps a parameter or optimizer-state leaf between steps:
+    split like ZeRO over the non-stage ``axes`` (``ways`` devices) on ``fsdp_dim``, so the
+    optimizer update runs on a 1/ways share per device; replicated when no dim divides."""
+    dim = fsdp_dim(shape, ways)
+    if dim is None:
+        return PartitionSpec()
+    return PartitionSpec(*[tuple(axes) if i == dim else None for i in range(len(shape))])
 
 
 class _Packed:
     """Parameters and gradients as one float32 vector per chunk slot (``[virtual, size]``):
-    the accumulator holds only the chunks a device runs. Gradients leave replicated, gathered
-    hierarchically so that only 1/replicas of a stage's gradients crosses the stage axis per
-    device."""
+    the accumulator holds only the chunks a device runs.
 
-    def __init__(self, chunks, param_avals, stages: int, virtual: int, replicas: int):
-        self.chunks, self.stages, self.virtual, self.replicas = chunks, stages, virtual, replicas
-        self.avals = [[param_avals[i] for i in c.params] for c in chunks]
+    Between steps every leaf is split like ZeRO over the non-stage axes (``state_layout``,
+    ``ways`` pieces along ``dims[i]``; leaves no dim divides stay whole). A stage gathers only
+    its own chunks' pieces on entry (one all-gather of ``[virtual, ways, piece]``), and its
+    gradients leave the way ZeRO wants them: reduce-scattered into pieces within the stage,
+    then the pieces (1/ways of a stage's gradients per device) all-gathered across stages, so
+    no device ever holds a whole replicated gradient or optimizer state."""
+
+    def __init__(self, chunks, param_avals, stages: int, virtual: int,
+                 zero_axes: tuple[str, ...], ways: int):
+        self.chunks, self.stages, self.virtual = chunks, stages, virtual
+        self.zero_axes, self.ways = zero_axes, ways
         self.param_avals = param_avals
-        size = max([sum(math.prod(a.shape) for a in avals) for avals in self.avals] + [1])
-        self.size = -(-size // replicas) * replicas  # slices of equal size within a stage
+        self.dims = [fsdp_dim(a.shape, ways) for a in param_avals]
+        self.avals = [[param_avals[i] for i in c.params] for c in chunks]
+        self.split = [[i for i in c.params if self.dims[i] is not None] for c in chunks]
+        self.whole = [[i for i in c.params if self.dims[i] is None] for c in chunks]
+        self.size = max([sum(math.prod(a.shape) for a in avals) for avals in self.avals] + [1])
+        self.piece = max([sum(self._count(i) for i in s) for s in self.split] + [0])
+        self.rest = max([sum(self._count(i) for i in w) for w in self.whole] + [0])
+
+    def _count(self, i) -> int:
+        """Elements of leaf i per piece (all of it when it stays whole)."""
+        return math.prod(self.param_avals[i].shape) // (self.ways if self.dims[i] is not None
+                                                         else 1)
+
+    def in_specs(self) -> list[PartitionSpec]:
+        return [state_layout(a.shape, self.zero_axes, self.ways) for a in self.param_avals]
+
+    def _per_stage(self, d, make, *operands):
+        return lax.switch(d, [make(s) for s in range(self.stages)], *operands)
+
+    def _chunk(self, v, stage):
+        return v * self.stages + stage
 
     def enter(self, d, leaves):
-        # packed on the device that holds the chunks: every device has the parameters
-        # (replicated), so no collective moves them into the pipeline
-        def packer(stage):
+        def pieces(stage):
             def run(leaves):
-                return jnp.stack([pack([leaves[i] for i in
-                                        self.chunks[v * self.stages + stage].params], self.size)
-                                  for v in range(self.virtual)])
+                return jnp.stack([_row([_moved(leaves[i], self.dims[i])
+                                        for i in self.split[self._chunk(v, stage)]],
+                                       self.piece) for v in range(self.virtual)])
             return run
-        return lax.switch(d, [packer(i) for i in range(self.stages)], leaves)
+
+        mine = self._per_stage(d, pieces, leaves)                       # [virtual, piece]
+        gathered = (lax.all_gather(mine, self.zero_axes, axis=1) if self.zero_axes
+                    else mine[:, None])                                  # [virtual, ways, piece]
+
+        def packer(stage):
+            def run(gathered, leaves):
+                rows = []
+                for v in range(self.virtual):
+                    c = self._chunk(v, stage)
+                    full, start = {}, 0
+                    for i in self.split[c]:
+                        n = self._count(i)
+                        block = gathered[v, :, start:start + n]          # [ways, n]
+                        full[i] = _unmoved(block, self.param_avals[i].shape, self.dims[i])
+                        start += n
+                    rows.append(pack([full[i] if i in full else leaves[i]
+                                      for i in self.chunks[c].params], self.size))
+                return jnp.stack(rows)
+            return run
+
+        return self._per_stage(d, packer, gathered, leaves)
 
     def chunk_params(self, packed, c) -> list:
         return unpack(packed[c // self.stages], self.avals[c])
@@ -316,25 +373,79 @@ class _Packed:
     def add_gradients(self, grads, c, gp):
         return grads.at[c // self.stages].add(pack(gp, self.size))
 
-    def exchange(self, grads, stage_axis, data_axes):
-        if data_axes:
-            # hierarchical: average within the stage into slices, exchange only the slices
-            # across stages (the link between nodes carries size / replicas per device, not
-            # size), then gather the slices back within the stage
-            grads = lax.psum_scatter(grads, data_axes, scatter_dimension=1, tiled=True)
-            grads = grads / self.replicas
-        grads = lax.all_gather(grads, stage_axis, axis=0)
-        if data_axes:
-            grads = lax.all_gather(grads, data_axes, axis=2, tiled=True)
-        return grads
+    def exchange(self, d, grads, stage_axis, data_axes, replicas: int) -> list:
+        """The mean gradient of every leaf, in its ``state_layout`` piece."""
+        f32 = [[jax.ShapeDtypeStruct(a.shape, jnp.float32) for a in avals]
+               for avals in self.avals]
 
-    def leave(self, packed) -> list:
-        grads = [jnp.zeros(a.shape, jnp.float32) for a in self.param_avals]
+        def rows(stage):
+            def run(grads):
+                split, whole = [], []
+                for v in range(self.virtual):
+                    c = self._chunk(v, stage)
+                    by = dict(zip(self.chunks[c].params, unpack(grads[v], f32[c])))
+                    blocks = [_moved(by[i], self.dims[i]).reshape(self.ways, -1)
+                              for i in self.split[c]]
+                    used = sum(b.shape[1] for b in blocks)
+                    split.append(jnp.concatenate(
+                        blocks + [jnp.zeros((self.ways, self.piece - used), jnp.float32)],
+                        axis=1))
+                    whole.append(pack([by[i] for i in self.whole[c]], self.rest))
+                return jnp.stack(split), jnp.stack(whole)
+            return run
+
+        split, whole = self._per_stage(d, rows, grads)   # [virtual, ways, piece], [v, rest]
+        if data_axes and tuple(data_axes) == tuple(self.zero_axes):
+            split = lax.psum_scatter(split, data_axes, scatter_dimension=1, tiled=True)[:, 0]
+        else:   # axes that are not data axes hold copies: keep this device's piece
+            if data_axes:
+                split = lax.psum(split, data_axes)
+            index = lax.axis_index(self.zero_axes) if self.zero_axes else 0
+            split = lax.dynamic_index_in_dim(split, index, axis=1, keepdims=False)
+        if data_axes:
+            whole = lax.psum(whole, data_axes)
+        # the only exchange across stages: 1/ways of each stage's gradients per device
+        mine = jnp.concatenate([split, whole], axis=1) / replicas
+        every = lax.all_gather(mine, stage_axis, axis=0)     # [stages, virtual, piece + rest]
+        out = [jnp.zeros(_piece_shape(a.shape, k, self.ways), jnp.float32)
+               for a, k in zip(self.param_avals, self.dims)]
         for c, chunk in enumerate(self.chunks):
-            d, v = c % self.stages, c // self.stages
-            for i, g in zip(chunk.params, unpack(packed[d, v], self.avals[c])):
-                grads[i] = grads[i] + g.astype(jnp.float32)
-        return grads
+            row = every[c % self.stages, c // self.stages]
+            start, offset = 0, self.piece
+            for i in self.split[c]:
+                n = self._count(i)
+                out[i] = out[i] + _unmoved(row[None, start:start + n],
+                                           _piece_shape(self.param_avals[i].shape,
+                                                        self.dims[i], self.ways),
+                                           self.dims[i])
+                start += n
+            for i in self.whole[c]:
+                n = self._count(i)
+                out[i] = out[i] + row[offset:offset + n].reshape(self.param_avals[i].shape)
+                offset += n
+        return out
+
+
+def _moved(x, dim):
+    """``x`` with its ZeRO dim first (so that piece r is row r of a [ways, -1] reshape)."""
+    return jnp.moveaxis(_to_f32(x), dim, 0)
+
+
+def _unmoved(block, shape, dim):
+    """The leaf of ``shape`` whose ZeRO dim ``dim`` was moved first and flattened into
+    ``block`` ([pieces, n], pieces stacked along that dim)."""
+    moved = (shape[dim], *(s for k, s in enumerate(shape) if k != dim))
+    return jnp.moveaxis(block.reshape(moved), 0, dim)
+
+
+def _piece_shape(shape, dim, ways) -> tuple[int, ...]:
+    if dim is None:
+        return tuple(shape)
+    return tuple(s // ways if k == dim else s for k, s in enumerate(shape))
+
+
+def _row(moved: list, size: int):
+    return pack([m.reshape(-1) for m in moved], size)
 
 
 class _Leaves:
@@ -364,12 +475,12 @@ class _Leaves:
             grads[i] = grads[i] + g.astype(jnp.float32)
         return self._laid(grads)
 
-    def exchange(self, grads, stage_axis, data_axes):
-        grads = lax.psum(grads, stage_axis)
-        return lax.pmean(grads, data_axes) if data_axes else grads
+    def in_specs(self) -> list[PartitionSpec]:
+        return [PartitionSpec()] * len(self.param_avals)
 
-    def leave(self, grads) -> list:
-        return list(grads)
+    def exchange(self, d, grads, stage_axis, data_axes, replicas: int) -> list:
+        grads = lax.psum(grads, stage_axis)
+        return list(lax.pmean(grads, data_axes) if data_axes else grads)
 
 
 _PARAM, _INPUT, _INDEX, _STASHED, _STORED = "param", "input", "index", "stashed", "stored"
