@@ -175,18 +175,20 @@ def _pipelined(fun: Callable, argnums, args: Sequence[Any], context: _PipelineCo
         if microbatches != first:
             slicing, data_axes = sliced(microbatches)
     context.slicings.append(slicing)
-    context.plans.append(pipeline_report(slicing, pipe, microbatches, context.mesh,
-                                         context.hardware, intra))
     replicas = int(np.prod([mesh.shape[a] for a in data_axes]))
     context.stages_inside.append(_Inside(
         intra, data_axes,
         tuple(jax.ShapeDtypeStruct(np.shape(p), p.dtype) for p in params),
         tuple(jax.ShapeDtypeStruct((size // microbatches // replicas, *x.shape[1:]), x.dtype)
               for x in batch)))
+    stash: dict = {}
     loss, grads = pipelined_value_and_grad(
         slicing.chunks, params, batch, mesh=mesh, stage_axis=pipe.axis, schedule=pipe.schedule,
         microbatches=microbatches, virtual=pipe.virtual_stages, data_axes=data_axes,
-        param_specs=intra.param_specs, recompute=pipe.recompute)
+        param_specs=intra.param_specs, recompute=pipe.recompute, stash=stash)
+    context.plans.append(pipeline_report(slicing, pipe, microbatches, context.mesh,
+                                         context.hardware, intra,
+                                         stash["activation_bytes"] + stash["residual_bytes"]))
     grads = jax.tree.unflatten(ptree, grads)
     return loss, (grads[0] if isinstance(argnums, int) else tuple(grads))
 
@@ -237,9 +239,13 @@ def _rescaled(slicing: Slicing, factor: float) -> Slicing:
 
 
 def pipeline_report(slicing: Slicing, pipe: Pipeline, microbatches: int, mesh: Mesh,
-                    hw: Hardware, intra: IntraStagePlan | None = None) -> PipelinePlan:
+                    hw: Hardware, intra: IntraStagePlan | None = None,
+                    stashed_bytes: int | None = None) -> PipelinePlan:
     """Simulate the sliced loss (sliced at one device's share of a microbatch, so its chunk
-    times are per device and microbatch); permutes cross the stage axis. With a
+    times are per device and microbatch); permutes cross the stage axis. A stage's
+    activation bytes are ``stashed_bytes`` when the runtime has laid out its stashes (the
+    same on every device of the SPMD program), else its simulated microbatches in flight
+    times the widest crossing. With a
     tensor-parallel ``intra`` plan a chunk's time is divided over its model axes' devices,
     and the collectives that layout costs inside the chunk are left out: the report is a
     prediction, ``PipelinedFunction.roofline`` measures them."""
@@ -260,7 +266,7 @@ def pipeline_report(slicing: Slicing, pipe: Pipeline, microbatches: int, mesh: M
             f"stage {d}", tuple(slicing.chunks[c].label for c in chunks),
             sum(forward[c] for c in chunks), sum(backward[c] for c in chunks),
             int(sum(slicing.parameter_bytes[c] for c in chunks)),
-            int(sim.in_flight[d] * crossing)))
+            int(sim.in_flight[d] * crossing) if stashed_bytes is None else stashed_bytes))
     timeline = tuple((t.device, f"{t.op.kind}{t.op.microbatch} c{t.op.chunk}", t.start, t.end)
                      for t in sim.ops)
     other_axes = tuple(i for i in range(spec.ndim) if i != stage_index)

@@ -89,7 +89,8 @@ class Chunk:
 @dataclass(frozen=True)
 class StageReport:
     """One pipeline stage (device group) of a plan: its chunks' forward / backward seconds per
-    microbatch, parameter bytes and peak stashed activation bytes per device."""
+    microbatch, parameter bytes, and the bytes per device of its activation, cotangent and
+    residual stashes (what the runtime allocates)."""
 
     name: str
     chunks: tuple[str, ...]
@@ -131,7 +132,7 @@ class PipelinePlan:
             lines.append(f"  {s.name}: {', '.join(s.chunks)}; fwd {s.forward_seconds * 1e6:.1f} "
                          f"us, bwd {s.backward_seconds * 1e6:.1f} us per microbatch; params "
                          f"{s.parameter_bytes / 2**20:.2f} MiB, stashed activations "
-                         f"{s.activation_bytes / 2**20:.2f} MiB per device")
+                         f"(with residuals) {s.activation_bytes / 2**20:.2f} MiB per device")
         return "\n".join(lines)
 
     def to_json(self) -> dict:

@@ -129,7 +129,7 @@ def pipelined_value_and_grad(chunks: Sequence[Chunk], params: Sequence, batch: S
                              mesh, stage_axis: str, schedule: str, microbatches: int,
                              virtual: int = 1, data_axes: tuple[str, ...] = (),
                              param_specs: Sequence[PartitionSpec] | None = None,
-                             recompute: bool = False) -> tuple:
+                             recompute: bool = False, stash: dict | None = None) -> tuple:
     """Mean loss and gradients (one per parameter leaf) of the chunked loss over ``batch``
     (leaves with the batch as leading dim), pipelined over mesh axis ``stage_axis`` and data
     parallel over ``data_axes``: each microbatch is split over them, and the chunks take the
@@ -188,6 +188,10 @@ def pipelined_value_and_grad(chunks: Sequence[Chunk], params: Sequence, batch: S
         [jax.ShapeDtypeStruct((microbatches, *a.shape), a.dtype) for a in micro_avals])
         for c in range(n_chunks)]
     residual_size = max([lay.size for lay in layouts if lay is not None] + [1])
+    if stash is not None:   # what the stashes below take per device, for the plan's report
+        stash["activation_bytes"] = (2 * virtual * microbatches * math.prod(carrier.shape)
+                                     * np.dtype(carrier.dtype).itemsize)
+        stash["residual_bytes"] = (slots if any(layouts) else 0) * residual_size * 4
 
     # Every branch takes the gradient accumulator and returns it: a backward adds its chunk's
     # gradient in place, the others pass it through, so no branch materializes a zero
