@@ -29,6 +29,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
@@ -44,7 +45,7 @@ from autoshard.passes.lift import lift_jaxpr
 from autoshard.passes.lower import auto_mesh
 from autoshard.passes.stages import Slicing, slice_loss
 from autoshard.passes.trace import function_name
-from autoshard.passes.unroll import unroll_layer_scans
+from autoshard.passes.unroll import split_layer_params
 from autoshard.cost_model.hlo import hlo_stats, measured_step
 from autoshard.runtime.pipeline import crossing_avals, pipelined_value_and_grad, state_layout
 from autoshard.verify import device_positions, peak_memory
@@ -137,15 +138,20 @@ def _pipelined(fun: Callable, argnums, args: Sequence[Any], context: _PipelineCo
                               function_name(fun))
 
     def sliced(microbatches: int) -> tuple[Slicing, tuple[str, ...]]:
+        nonlocal expansion
         data_axes = intra.data_axes_for(mesh, size // microbatches)
         replicas = int(np.prod([mesh.shape[a] for a in data_axes])) if data_axes else 1
         micro = [jax.ShapeDtypeStruct((size // microbatches // replicas, *x.shape[1:]), x.dtype)
                  for x in batch]
         avals = [jax.ShapeDtypeStruct(np.shape(p), p.dtype) for p in params]
         traced = jax.make_jaxpr(flat_loss)(avals, micro)
-        graph = lift_jaxpr(unroll_layer_scans(traced, range(len(params))))
-        return slice_loss(graph, len(params), pipe.chunks, context.hardware,
+        # scanned layer stacks unrolled, a stacked parameter split into its layers
+        unrolled, expansion = split_layer_params(traced, range(len(params)))
+        graph = lift_jaxpr(unrolled)
+        return slice_loss(graph, len(expansion), pipe.chunks, context.hardware,
                           what=function_name(fun)), data_axes
+
+    expansion: tuple[tuple[int, int | None], ...] = ()
 
     candidates = [m for m in range(1, size + 1) if size % m == 0 and (
         pipe.schedule != "interleaved" or m % pipe.stages == 0)]
@@ -176,19 +182,30 @@ def _pipelined(fun: Callable, argnums, args: Sequence[Any], context: _PipelineCo
             slicing, data_axes = sliced(microbatches)
     context.slicings.append(slicing)
     replicas = int(np.prod([mesh.shape[a] for a in data_axes]))
+    layered = [params[k] if layer is None else params[k][layer] for k, layer in expansion]
+    if intra.tensor_parallel:   # a layer's layout is its stack's without the layer dim
+        intra = replace(intra, param_specs=tuple(
+            intra.param_specs[k] if layer is None else PartitionSpec(*intra.param_specs[k][1:])
+            for k, layer in expansion))
     context.stages_inside.append(_Inside(
         intra, data_axes,
-        tuple(jax.ShapeDtypeStruct(np.shape(p), p.dtype) for p in params),
+        tuple(jax.ShapeDtypeStruct(np.shape(p), p.dtype) for p in layered),
         tuple(jax.ShapeDtypeStruct((size // microbatches // replicas, *x.shape[1:]), x.dtype)
               for x in batch)))
     stash: dict = {}
-    loss, grads = pipelined_value_and_grad(
-        slicing.chunks, params, batch, mesh=mesh, stage_axis=pipe.axis, schedule=pipe.schedule,
+    loss, layer_grads = pipelined_value_and_grad(
+        slicing.chunks, layered, batch, mesh=mesh, stage_axis=pipe.axis, schedule=pipe.schedule,
         microbatches=microbatches, virtual=pipe.virtual_stages, data_axes=data_axes,
         param_specs=intra.param_specs, recompute=pipe.recompute, stash=stash)
     context.plans.append(pipeline_report(slicing, pipe, microbatches, context.mesh,
                                          context.hardware, intra,
                                          stash["activation_bytes"] + stash["residual_bytes"]))
+    by_param: dict[int, list] = {}
+    for (k, _), g in zip(expansion, layer_grads):
+        by_param.setdefault(k, []).append(g)
+    split = {k for k, layer in expansion if layer is not None}
+    grads = [jnp.stack(by_param[k]) if k in split else by_param[k][0]
+             for k in range(len(params))]
     grads = jax.tree.unflatten(ptree, grads)
     return loss, (grads[0] if isinstance(argnums, int) else tuple(grads))
 

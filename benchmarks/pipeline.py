@@ -112,9 +112,20 @@ def pipeline_rows(layers: int, d_model: int, batch: int, seq: int) -> list:
     rows.append(("pipeline='auto'", result,
                  f"{chose}: measured {d.pipelined_measured * 1e3:.3f} ms pipelined vs "
                  f"{d.flat_measured * 1e3:.3f} ms not (predicted {d.pipelined_predicted * 1e3:.3f}"
-                 f" vs {d.flat_predicted * 1e3:.3f}); planned and measured in {plan_s:.1f} s"))
+                 f" vs {d.flat_predicted * 1e3:.3f}){_other_stage_counts(d)}; planned and "
+                 f"measured in {plan_s:.1f} s"))
     print(rows[-1], flush=True)
     return rows
+
+
+def _other_stage_counts(d) -> str:
+    """What pipeline="auto" made of the stage counts other than the mesh's first axis."""
+    own = d.schedules[0][0] if d.schedules else None
+    measured = [f"{n} stages {s} measured {t * 1e3:.3f} ms" for n, s, _, _, _, t in d.schedules
+                if n != own]
+    skipped = [f"{n} stages {s} predicted {t * 1e3:.3f} ms, not compiled"
+               for n, s, _, _, t in d.unmeasured]
+    return f"; other stage counts: {', '.join(measured + skipped)}" if measured + skipped else ""
 
 
 def table_lines(rows, layers: int, d_model: int, batch: int, seq: int, command: str) -> list:

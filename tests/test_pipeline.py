@@ -353,6 +353,9 @@ def test_a_scanned_layer_stack_is_cut_between_its_layers():
                                                           virtual_stages=2))
     times = piped.slicing.forward_seconds
     assert len(times) == 4 and max(times) / min(times) < 1.3
+    # the stacked parameters are split into their layers: every chunk holds its own layer,
+    # so the chunks' parameters add up to the model's once (four whole stacks before)
+    assert sum(piped.slicing.parameter_bytes) == sum(x.nbytes for x in jax.tree.leaves(params))
     assert_same(piped(*args), jax.jit(step)(*args))
 
 
