@@ -24,6 +24,7 @@ benchmarks/results/plan_quality.md.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import pathlib
 import sys
@@ -109,11 +110,13 @@ def pipeline_rows(layers: int, d_model: int, batch: int, seq: int) -> list:
                  f"M={result['microbatches']})")
     else:
         result, chose = measure(auto, args, hw, mesh), "chose no pipeline"
+    flat_predicted = ("a rule, no prediction" if math.isnan(d.flat_predicted)
+                      else f"{d.flat_predicted * 1e3:.3f}")
     rows.append(("pipeline='auto'", result,
                  f"{chose}: measured {d.pipelined_measured * 1e3:.3f} ms pipelined vs "
                  f"{d.flat_measured * 1e3:.3f} ms not (predicted {d.pipelined_predicted * 1e3:.3f}"
-                 f" vs {d.flat_predicted * 1e3:.3f}){_other_stage_counts(d)}; planned and "
-                 f"measured in {plan_s:.1f} s"))
+                 f" vs {flat_predicted}){_other_stage_counts(d)}; planned and measured in "
+                 f"{plan_s:.1f} s"))
     print(rows[-1], flush=True)
     return rows
 

@@ -4,6 +4,8 @@
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 from typing import Callable
 
@@ -206,7 +208,12 @@ class AutoDecision:
                 f"{self.pipeline.axis!r}) {self.pipelined_measured * 1e3:.3f} ms measured / "
                 f"{self.pipelined_predicted * 1e3:.3f} ms predicted, peak "
                 f"{self.pipelined_peak_bytes / 2**30:.2f} GiB; not pipelined "
-                f"({flats}) {self.flat_measured * 1e3:.3f} ms measured / "
-                f"{self.flat_predicted * 1e3:.3f} ms predicted, peak "
+                f"({flats}) {self.flat_measured * 1e3:.3f} ms measured"
+                f"{_predicted(self.flat_predicted)}, peak "
                 f"{self.flat_peak_bytes / 2**30:.2f} GiB{over}; "
                 f"{'pipelining' if self.pipelined else 'not pipelining'}")
+
+
+def _predicted(seconds: float) -> str:
+    """`` / X ms predicted``, or nothing for a plan made by a rule (no cost-model prediction)."""
+    return "" if math.isnan(seconds) else f" / {seconds * 1e3:.3f} ms predicted"
