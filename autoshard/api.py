@@ -346,10 +346,28 @@ def _compile_pipelined(fn, example_args, options: _Options, pipeline) -> Any:
         roofline.peak_bytes, flat_peak, budget, flat.plan.method,
         tuple((f.plan.method, t, peak) for f, (t, peak) in zip(flats, flat_measures)),
         tuple(unmeasured))
+    if not decision.pipelined_fits and not decision.flat_fits:
+        raise auto_infeasible(name, budget, [
+            (f"{b.pipeline.stages}-stage {b.pipeline.schedule} pipeline", r.peak_bytes)
+            for b, r in zip(built, rooflines)] + [
+            (f.plan.method, peak) for f, (_, peak) in zip(flats, flat_measures)])
     keep = piped if decision.pipelined else flat
     log.info("autoshard: %s: %s", flat.__name__, decision.summary())
     keep.auto_decision = decision
     return keep
+
+
+def auto_infeasible(name: str, budget: int, peaks: list[tuple[str, int]]
+                    ) -> PlanInfeasibleError:
+    """The error ``pipeline="auto"`` raises when no candidate's compiled peak (``peaks``:
+    what, bytes) fits ``budget``: keeping the fastest anyway would hide that the budget is
+    not met."""
+    what, peak = min(peaks, key=lambda e: e[1])
+    return PlanInfeasibleError(
+        f"autoshard.compile({name}, pipeline='auto'): no candidate's compiled program fits "
+        f"memory_budget={budget:,} bytes per device; the smallest, the {what}, needs "
+        f"{peak:,}. Raise the budget, use a larger mesh, or try Pipeline(..., "
+        "recompute=True) with the 1F1B schedule.")
 
 
 class ShardedFunction:

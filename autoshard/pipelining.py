@@ -119,13 +119,17 @@ def _pipelined(fun: Callable, argnums, args: Sequence[Any], context: _PipelineCo
     params, ptree = jax.tree.flatten(diff)
     batch, btree = jax.tree.flatten(rest)
     pipe = context.pipeline
+    loss_name = f"autoshard.value_and_grad({function_name(fun)}) under {pipe}"
     if not batch:
-        raise ArgumentError(f"{function_name(fun)}: a pipelined loss needs batch arguments "
-                            "(the ones not differentiated) to split into microbatches")
+        raise ArgumentError(f"{loss_name}: a pipelined loss needs batch arguments (the ones "
+                            "not differentiated) to split into microbatches; pass the batch "
+                            "to the loss")
     size = int(batch[0].shape[0]) if batch[0].shape else 0
     if any(not x.shape or x.shape[0] != size for x in batch):
-        raise ArgumentError(f"{function_name(fun)}: every batch argument needs the same leading "
-                            f"dim; got {[tuple(x.shape) for x in batch]}")
+        raise ArgumentError(f"{loss_name}: every argument not differentiated is split into "
+                            "microbatches on its leading dim, so they need the same leading "
+                            f"dim; got {[tuple(x.shape) for x in batch]}; close over the "
+                            "others (e.g. a table) instead of passing them")
     mesh = auto_mesh(context.mesh)
 
     def flat_loss(p, b):
@@ -161,17 +165,20 @@ def _pipelined(fun: Callable, argnums, args: Sequence[Any], context: _PipelineCo
     if pipe.microbatches is not None:
         microbatches = pipe.microbatches
         if size % microbatches:
-            raise ArgumentError(f"{function_name(fun)}: microbatches={microbatches} must divide "
-                                f"the batch of {size}")
+            raise ArgumentError(f"{loss_name}: microbatches={microbatches} must divide "
+                                f"the batch of {size}; pick a divisor, or microbatches=None "
+                                "for the planner to choose")
         if microbatches not in candidates:
-            raise ArgumentError(f"{function_name(fun)}: the interleaved schedule needs "
+            raise ArgumentError(f"{loss_name}: the interleaved schedule needs "
                                 f"microbatches ({microbatches}) to be a multiple of the "
-                                f"{pipe.stages} stages")
+                                f"{pipe.stages} stages; pick one, or microbatches=None for "
+                                "the planner to choose")
         slicing, data_axes = sliced(microbatches)
     else:
         if not candidates:
-            raise ArgumentError(f"{function_name(fun)}: no microbatch count divides the batch "
-                                f"of {size} into a multiple of {pipe.stages} microbatches")
+            raise ArgumentError(f"{loss_name}: no microbatch count divides the batch "
+                                f"of {size} into a multiple of {pipe.stages} microbatches; "
+                                "use a batch divisible by the stages, or another schedule")
         choices = parallel or candidates
         first = choices[0]
         slicing, data_axes = sliced(first)
@@ -192,13 +199,22 @@ def _pipelined(fun: Callable, argnums, args: Sequence[Any], context: _PipelineCo
         tuple(jax.ShapeDtypeStruct(np.shape(p), p.dtype) for p in layered),
         tuple(jax.ShapeDtypeStruct((size // microbatches // replicas, *x.shape[1:]), x.dtype)
               for x in batch)))
+    batch_axes = data_parallel_axes(mesh, pipe.axis, size)
+    if tuple(data_axes) != tuple(batch_axes):
+        # the batch arrives split over more axes than a microbatch splits over (compile's
+        # input sharding cannot know the microbatch): gather it over the others first, which
+        # XLA's partitioner otherwise does by replicating the whole batch
+        batch = [jax.lax.with_sharding_constraint(x, NamedSharding(
+            mesh, PartitionSpec(tuple(data_axes)) if data_axes else PartitionSpec()))
+            for x in batch]
     stash: dict = {}
     loss, layer_grads = pipelined_value_and_grad(
         slicing.chunks, layered, batch, mesh=mesh, stage_axis=pipe.axis, schedule=pipe.schedule,
         microbatches=microbatches, virtual=pipe.virtual_stages, data_axes=data_axes,
         param_specs=intra.param_specs, recompute=pipe.recompute, stash=stash)
     context.plans.append(pipeline_report(slicing, pipe, microbatches, context.mesh,
-                                         context.hardware, intra,
+                                         context.hardware,
+                                         replace(intra, data_axes=tuple(data_axes)),
                                          stash["activation_bytes"] + stash["residual_bytes"]))
     by_param: dict[int, list] = {}
     for (k, _), g in zip(expansion, layer_grads):
@@ -387,12 +403,16 @@ class PipelinedFunction:
         if int(mesh.shape[pipeline.axis]) != pipeline.stages:
             raise ArgumentError(f"autoshard.compile({self.__name__}): mesh axis "
                                 f"{pipeline.axis!r} has size {mesh.shape[pipeline.axis]}, the "
-                                f"pipeline asks for {pipeline.stages} stages")
+                                f"pipeline asks for {pipeline.stages} stages; ask for "
+                                f"Pipeline({mesh.shape[pipeline.axis]}, ...) or make the "
+                                f"mesh's {pipeline.axis!r} axis {pipeline.stages} long")
         unknown = [a for a in pipeline.data_axes or () if a not in mesh.axis_names]
         if unknown:
+            others = tuple(a for a in mesh.axis_names if a != pipeline.axis)
             raise ArgumentError(f"autoshard.compile({self.__name__}, pipeline={pipeline}): "
                                 f"data_axes {unknown} are not axes of the mesh "
-                                f"{tuple(mesh.axis_names)}")
+                                f"{tuple(mesh.axis_names)}; name some of {others}, or leave "
+                                "data_axes=None for the planner to choose")
         self.mesh, self.pipeline, self.hardware = mesh, pipeline, hardware
         self._solver_time_limit = solver_time_limit
         self._statics = static_argnums

@@ -122,6 +122,14 @@ def test_pipeline_errors_name_what_to_do():
     with pytest.raises(autoshard.PlanError, match="never called autoshard.value_and_grad"):
         autoshard.compile(plain_step, *args, mesh=jax.make_mesh((4, 2), ("stage", "data")),
                           pipeline=autoshard.Pipeline(4, 2))
+    with pytest.raises(autoshard.ArgumentError, match="has size 4, the pipeline asks for 2 "
+                       r"stages; ask for Pipeline\(4, ...\)"):
+        autoshard.compile(train_step, *args, mesh=jax.make_mesh((4, 2), ("stage", "data")),
+                          pipeline=autoshard.Pipeline(2, 2))
+    with pytest.raises(autoshard.ArgumentError, match=r"value_and_grad\(loss\) under .*"
+                       "microbatches=3 must divide the batch of 8; pick a divisor"):
+        autoshard.compile(train_step, *args, mesh=jax.make_mesh((4, 2), ("stage", "data")),
+                          pipeline=autoshard.Pipeline(4, 3))
     with pytest.raises(autoshard.ArgumentError, match=r"microbatches \(2\) to be a multiple of "
                        "the 4 stages"):
         autoshard.compile(train_step, *args, mesh=jax.make_mesh((4, 2), ("stage", "data")),
@@ -397,6 +405,8 @@ def test_parameters_and_optimizer_state_stay_split_like_zero():
     assert_same(got, want)
     batch = args[2]
     assert_same(step(got[0], got[1], batch), jax.jit(train_step)(want[0], want[1], batch))
+    # the plan names the data axes the microbatches ran on, not every non-stage axis
+    assert "data parallel over ('data',)" in step.pipeline_plan.summary()
     wte = got[0]["wte"]                                  # (VOCAB, D): vocab is the larger dim
     assert wte.sharding.spec == P(("data", "model"))
     assert got[1][0].mu["wte"].sharding.spec == P(("data", "model"))
@@ -427,3 +437,22 @@ def test_auto_weighs_every_stage_count_on_the_same_devices():
     named = jax.make_mesh((2, 4), ("stage", "data"))
     assert [tuple(m.devices.shape) for m, _ in
             autoshard.pipelining.auto_pipeline_candidates(named)] == [(2, 4)]
+
+
+def test_auto_decision_keeps_what_fits_and_says_when_nothing_does():
+    # a pipeline that fits beats a faster flat plan that does not; sizes print in a unit
+    # that shows them; when nothing fits, compile raises instead of keeping the fastest
+    from autoshard.api import auto_infeasible
+
+    def decision(budget):
+        return autoshard.AutoDecision(
+            autoshard.Pipeline(2, 4, "1f1b"), 2e-3, 1e-3, 2e-3, 1e-3,
+            pipelined_peak_bytes=400_000, flat_peak_bytes=900_000, memory_budget=budget)
+
+    assert decision(None).pipelined is False            # the flat plan measures faster
+    assert decision(500_000).pipelined is True           # only the pipeline fits
+    assert "exceeds the budget 292.97 KiB" in decision(300_000).summary()
+    err = auto_infeasible("step", 300_000, [("1-stage gpipe pipeline", 400_000),
+                                            ("data-parallel rule", 900_000)])
+    assert isinstance(err, autoshard.PlanInfeasibleError)
+    assert "memory_budget=300,000" in str(err) and "gpipe pipeline, needs 400,000" in str(err)

@@ -187,8 +187,13 @@ class AutoDecision:
         return self.memory_budget is None or self.pipelined_peak_bytes <= self.memory_budget
 
     @property
+    def flat_fits(self) -> bool:
+        return self.memory_budget is None or self.flat_peak_bytes <= self.memory_budget
+
+    @property
     def pipelined(self) -> bool:
-        return self.pipelined_fits and self.pipelined_measured < self.flat_measured
+        return self.pipelined_fits and (not self.flat_fits
+                                        or self.pipelined_measured < self.flat_measured)
 
     def summary(self) -> str:
         flats = ", ".join(f"{method} {t * 1e3:.3f} ms" for method, t, _ in
@@ -201,19 +206,28 @@ class AutoDecision:
                 f"{n} stages {s} x{v} M={m} ({t * 1e3:.3f} predicted)"
                 for n, s, v, m, t in self.unmeasured)
         over = "" if self.pipelined_fits else (
-            f"; the pipeline's peak {self.pipelined_peak_bytes / 2**30:.2f} GiB exceeds the "
-            f"budget {self.memory_budget / 2**30:.2f} GiB")
+            f"; the pipeline's peak {_size(self.pipelined_peak_bytes)} exceeds the "
+            f"budget {_size(self.memory_budget)}")
         return (f"pipeline='auto': measured {tried}; pipelined ({self.pipeline.schedule} x"
                 f"{self.pipeline.virtual_stages}, {self.pipeline.stages} stages over "
                 f"{self.pipeline.axis!r}) {self.pipelined_measured * 1e3:.3f} ms measured / "
                 f"{self.pipelined_predicted * 1e3:.3f} ms predicted, peak "
-                f"{self.pipelined_peak_bytes / 2**30:.2f} GiB; not pipelined "
+                f"{_size(self.pipelined_peak_bytes)}; not pipelined "
                 f"({flats}) {self.flat_measured * 1e3:.3f} ms measured"
                 f"{_predicted(self.flat_predicted)}, peak "
-                f"{self.flat_peak_bytes / 2**30:.2f} GiB{over}; "
+                f"{_size(self.flat_peak_bytes)}{over}; "
                 f"{'pipelining' if self.pipelined else 'not pipelining'}")
 
 
 def _predicted(seconds: float) -> str:
     """`` / X ms predicted``, or nothing for a plan made by a rule (no cost-model prediction)."""
     return "" if math.isnan(seconds) else f" / {seconds * 1e3:.3f} ms predicted"
+
+
+def _size(nbytes: int) -> str:
+    """Bytes in the largest binary unit that keeps a digit before the point (0.56 MB budgets
+    are not "0.00 GiB")."""
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:.2f} {unit}"
+    return f"{nbytes} B"
