@@ -278,7 +278,7 @@ def _compile_pipelined(fn, example_args, options: _Options, pipeline) -> Any:
         log.info("autoshard: pipeline='auto' for %s: no mesh axis to pipeline over (the mesh "
                  "needs an axis of size > 1); not pipelined", name)
         return unpipelined()
-    built, skipped = [], []
+    skipped: list[str] = []
 
     def attempt(mesh, pipe):
         try:

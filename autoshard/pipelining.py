@@ -47,7 +47,8 @@ from autoshard.passes.stages import Slicing, slice_loss
 from autoshard.passes.trace import function_name
 from autoshard.passes.unroll import split_layer_params
 from autoshard.cost_model.hlo import hlo_stats, measured_step
-from autoshard.runtime.pipeline import crossing_avals, pipelined_value_and_grad, state_layout
+from autoshard.runtime.pipeline import (crossing_avals, pipelined_value_and_grad, state_layout,
+                                        zero_axes)
 from autoshard.verify import device_positions, peak_memory
 
 log = logging.getLogger("autoshard")
@@ -141,8 +142,9 @@ def _pipelined(fun: Callable, argnums, args: Sequence[Any], context: _PipelineCo
     intra = _intra_stage_plan(flat_loss, params, batch, mesh, pipe, context,
                               function_name(fun))
 
-    def sliced(microbatches: int) -> tuple[Slicing, tuple[str, ...]]:
-        nonlocal expansion
+    def sliced(microbatches: int) -> tuple[Slicing, tuple[str, ...], tuple]:
+        """The loss cut for ``microbatches``, the data axes they split over, and which layer
+        of which parameter each of the slicing's parameters is (``split_layer_params``)."""
         data_axes = intra.data_axes_for(mesh, size // microbatches)
         replicas = int(np.prod([mesh.shape[a] for a in data_axes])) if data_axes else 1
         micro = [jax.ShapeDtypeStruct((size // microbatches // replicas, *x.shape[1:]), x.dtype)
@@ -153,9 +155,7 @@ def _pipelined(fun: Callable, argnums, args: Sequence[Any], context: _PipelineCo
         unrolled, expansion = split_layer_params(traced, range(len(params)))
         graph = lift_jaxpr(unrolled)
         return slice_loss(graph, len(expansion), pipe.chunks, context.hardware,
-                          what=function_name(fun)), data_axes
-
-    expansion: tuple[tuple[int, int | None], ...] = ()
+                          what=function_name(fun)), data_axes, expansion
 
     candidates = [m for m in range(1, size + 1) if size % m == 0 and (
         pipe.schedule != "interleaved" or m % pipe.stages == 0)]
@@ -173,7 +173,7 @@ def _pipelined(fun: Callable, argnums, args: Sequence[Any], context: _PipelineCo
                                 f"microbatches ({microbatches}) to be a multiple of the "
                                 f"{pipe.stages} stages; pick one, or microbatches=None for "
                                 "the planner to choose")
-        slicing, data_axes = sliced(microbatches)
+        slicing, data_axes, expansion = sliced(microbatches)
     else:
         if not candidates:
             raise ArgumentError(f"{loss_name}: no microbatch count divides the batch "
@@ -181,12 +181,12 @@ def _pipelined(fun: Callable, argnums, args: Sequence[Any], context: _PipelineCo
                                 "use a batch divisible by the stages, or another schedule")
         choices = parallel or candidates
         first = choices[0]
-        slicing, data_axes = sliced(first)
+        slicing, data_axes, expansion = sliced(first)
         microbatches = min(choices, key=lambda m: pipeline_report(
             _rescaled(slicing, first / m), pipe, m, mesh, context.hardware,
             intra).total_seconds)
         if microbatches != first:
-            slicing, data_axes = sliced(microbatches)
+            slicing, data_axes, expansion = sliced(microbatches)
     context.slicings.append(slicing)
     replicas = int(np.prod([mesh.shape[a] for a in data_axes]))
     layered = [params[k] if layer is None else params[k][layer] for k, layer in expansion]
@@ -408,10 +408,10 @@ class PipelinedFunction:
                                 f"mesh's {pipeline.axis!r} axis {pipeline.stages} long")
         unknown = [a for a in pipeline.data_axes or () if a not in mesh.axis_names]
         if unknown:
-            others = tuple(a for a in mesh.axis_names if a != pipeline.axis)
             raise ArgumentError(f"autoshard.compile({self.__name__}, pipeline={pipeline}): "
                                 f"data_axes {unknown} are not axes of the mesh "
-                                f"{tuple(mesh.axis_names)}; name some of {others}, or leave "
+                                f"{tuple(mesh.axis_names)}; name some of "
+                                f"{zero_axes(mesh, pipeline.axis)[0]}, or leave "
                                 "data_axes=None for the planner to choose")
         self.mesh, self.pipeline, self.hardware = mesh, pipeline, hardware
         self._solver_time_limit = solver_time_limit
@@ -419,10 +419,7 @@ class PipelinedFunction:
         dynamic = [i for i in range(len(example_args)) if i not in static_argnums]
         batch = batch_argnums if batch_argnums is not None else dynamic[-1:]
         auto = auto_mesh(mesh)
-        replicated = NamedSharding(auto, PartitionSpec())
-
-        others = tuple(a for a in mesh.axis_names if a != pipeline.axis)
-        ways = int(np.prod([mesh.shape[a] for a in others]))
+        others, ways = zero_axes(mesh, pipeline.axis)
 
         def in_sharding(i, arg):
             if i not in batch:   # parameters and optimizer state: split like ZeRO

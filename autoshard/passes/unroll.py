@@ -6,8 +6,8 @@ with every top-level scan whose stacked operands (``xs``) include a differentiat
 replaced by its iterations, one after the other: iteration ``i`` runs the body on slice ``i``
 of each ``xs`` and the carry, and the per-iteration results are stacked back. The body keeps
 its own structure (a ``jax.checkpoint`` inside stays a checkpoint). Other scans (a loop over
-time steps, say) and scans longer than ``MAX_UNROLLED`` stay whole. ``split_layer_params``
-also passes a stacked parameter that only such scans read as its layers, one invar each.
+time steps, say) and scans longer than ``MAX_UNROLLED`` stay whole. A stacked parameter that
+only such scans read is passed as its layers, one invar each (``split_layer_params``).
 
 It is JAX's evaluate-and-retrace interpreter pattern (the "Writing custom Jaxpr interpreters"
 guide): every other equation is re-bound as it was.
@@ -26,21 +26,6 @@ from jax.extend import core
 MAX_UNROLLED = 128
 
 
-def unroll_layer_scans(closed: Any, param_positions: Sequence[int]) -> Any:
-    """``closed`` (a ClosedJaxpr) with its scans over the parameters at invar positions
-    ``param_positions`` unrolled; the same function, traced again."""
-    jaxpr = closed.jaxpr
-    params = {jaxpr.invars[i] for i in param_positions}
-    if not any(_is_layer_scan(e, params) for e in jaxpr.eqns):
-        return closed
-    avals = [jax.ShapeDtypeStruct(v.aval.shape, v.aval.dtype) for v in jaxpr.invars]
-
-    def run(*args):
-        return _evaluate(jaxpr, closed.consts, args, params)
-
-    return jax.make_jaxpr(run)(*avals)
-
-
 def split_layer_params(closed: Any, param_positions: Sequence[int]
                        ) -> tuple[Any, tuple[tuple[int, int | None], ...]]:
     """``closed`` with its layer scans unrolled *and* every stacked parameter that only such
@@ -57,8 +42,8 @@ def split_layer_params(closed: Any, param_positions: Sequence[int]
     expansion = tuple((k, layer) for k, i in enumerate(positions)
                       for layer in (range(layers[jaxpr.invars[i]])
                                     if jaxpr.invars[i] in layers else [None]))
-    if not layers:
-        return unroll_layer_scans(closed, positions), expansion
+    if not any(_is_layer_scan(e, params) for e in jaxpr.eqns):
+        return closed, expansion
     others = [i for i in range(len(jaxpr.invars)) if i not in positions]
     avals = []
     for k, layer in expansion:

@@ -165,9 +165,7 @@ def pipelined_value_and_grad(chunks: Sequence[Chunk], params: Sequence, batch: S
     crossings = crossing_avals(chunks, param_avals, micro_avals)
     carrier = _Carrier.of(crossings[:-1])
     loss_dtype = crossings[-1][0].dtype
-    zero_axes = tuple(a for a in mesh.axis_names if a != stage_axis)
-    store = (_Packed(chunks, param_avals, stages, virtual, zero_axes,
-                     int(np.prod([mesh.shape[a] for a in zero_axes])))
+    store = (_Packed(chunks, param_avals, stages, virtual, *zero_axes(mesh, stage_axis))
              if param_specs is None else _Leaves(chunks, param_avals, tuple(param_specs)))
     tables = _tables(schedule, stages, microbatches, virtual)
     slots = int(tables["slot"].max()) + 1
@@ -290,6 +288,13 @@ def pipelined_value_and_grad(chunks: Sequence[Chunk], params: Sequence, batch: S
     return loss.astype(loss_dtype), [g.astype(a.dtype) for g, a in zip(grads, param_avals)]
 
 
+def zero_axes(mesh, stage_axis: str) -> tuple[tuple[str, ...], int]:
+    """The axes a data-parallel pipeline splits parameters and optimizer state over between
+    steps (every non-stage axis), and their device count."""
+    axes = tuple(a for a in mesh.axis_names if a != stage_axis)
+    return axes, int(np.prod([mesh.shape[a] for a in axes]))
+
+
 def state_layout(shape: Sequence[int], axes: tuple[str, ...], ways: int) -> PartitionSpec:
     """Where a data-parallel pipeline keeps a parameter or optimizer-state leaf between steps:
     split like ZeRO over the non-stage ``axes`` (``ways`` devices) on ``fsdp_dim``, so the
@@ -329,6 +334,14 @@ class _Packed:
         return math.prod(self.param_avals[i].shape) // (self.ways if self.dims[i] is not None
                                                          else 1)
 
+    def _spans(self, leaves: list[int], start: int = 0) -> list[tuple[int, int, int]]:
+        """``(leaf, start, elements)`` of each of ``leaves`` laid end to end from ``start``."""
+        out = []
+        for i in leaves:
+            out.append((i, start, self._count(i)))
+            start += self._count(i)
+        return out
+
     def in_specs(self) -> list[PartitionSpec]:
         return [state_layout(a.shape, self.zero_axes, self.ways) for a in self.param_avals]
 
@@ -341,7 +354,7 @@ class _Packed:
     def enter(self, d, leaves):
         def pieces(stage):
             def run(leaves):
-                return jnp.stack([_row([_moved(leaves[i], self.dims[i])
+                return jnp.stack([pack([_moved(leaves[i], self.dims[i])
                                         for i in self.split[self._chunk(v, stage)]],
                                        self.piece) for v in range(self.virtual)])
             return run
@@ -355,12 +368,9 @@ class _Packed:
                 rows = []
                 for v in range(self.virtual):
                     c = self._chunk(v, stage)
-                    full, start = {}, 0
-                    for i in self.split[c]:
-                        n = self._count(i)
-                        block = gathered[v, :, start:start + n]          # [ways, n]
-                        full[i] = _unmoved(block, self.param_avals[i].shape, self.dims[i])
-                        start += n
+                    full = {i: _unmoved(gathered[v, :, start:start + n],  # [ways, n]
+                                        self.param_avals[i].shape, self.dims[i])
+                            for i, start, n in self._spans(self.split[c])}
                     rows.append(pack([full[i] if i in full else leaves[i]
                                       for i in self.chunks[c].params], self.size))
                 return jnp.stack(rows)
@@ -415,18 +425,11 @@ class _Packed:
                for a, k in zip(self.param_avals, self.dims)]
         for c, chunk in enumerate(self.chunks):
             row = every[c % self.stages, c // self.stages]
-            start, offset = 0, self.piece
-            for i in self.split[c]:
-                n = self._count(i)
-                out[i] = out[i] + _unmoved(row[None, start:start + n],
-                                           _piece_shape(self.param_avals[i].shape,
-                                                        self.dims[i], self.ways),
+            for i, start, n in self._spans(self.split[c]):
+                out[i] = out[i] + _unmoved(row[None, start:start + n], out[i].shape,
                                            self.dims[i])
-                start += n
-            for i in self.whole[c]:
-                n = self._count(i)
-                out[i] = out[i] + row[offset:offset + n].reshape(self.param_avals[i].shape)
-                offset += n
+            for i, start, n in self._spans(self.whole[c], self.piece):
+                out[i] = out[i] + row[start:start + n].reshape(out[i].shape)
         return out
 
 
@@ -446,10 +449,6 @@ def _piece_shape(shape, dim, ways) -> tuple[int, ...]:
     if dim is None:
         return tuple(shape)
     return tuple(s // ways if k == dim else s for k, s in enumerate(shape))
-
-
-def _row(moved: list, size: int):
-    return pack([m.reshape(-1) for m in moved], size)
 
 
 class _Leaves:
