@@ -224,7 +224,8 @@ def _compile_measured(fn, example_args, options: _Options) -> ShardedFunction:
     """``planner="measured"``: the fastest executable among the searched plan and the rules'
     (``compile``'s docstring). The cost model decides the searched plan; measuring decides
     between it and the plans a user would write first, which the cost model can misjudge
-    (latency-bound steps, where XLA combines collectives the model prices one by one)."""
+    (tight budgets, where the search may stop short of the FSDP layout; steps so small that a
+    few microseconds of start-up latency decide)."""
     built = _flat_candidates(fn, example_args, options)
     measures = [_measured(b, example_args, options) for b in built]
     budget = options.memory_budget

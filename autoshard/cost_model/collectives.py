@@ -48,6 +48,16 @@ def collective_time(hw: Hardware, mesh: MeshSpec, kind: str, nbytes: float,
     return t if latency else t - group_collective_latency(hw, kind, n_in, n_out)
 
 
+def collective_latency(hw: Hardware, mesh: MeshSpec, kind: str, axes: tuple[int, ...]) -> float:
+    """The start-up part of ``collective_time`` over mesh ``axes``: what one op costs with no
+    bytes to move (0 over a single device)."""
+    axes = tuple(sorted(axes))
+    if mesh.size(*axes) <= 1:
+        return 0.0
+    n_in, n_out = _group_nodes(mesh.axis_sizes, axes, hw.devices_per_node)
+    return group_collective_latency(hw, kind, n_in, n_out)
+
+
 def group_collective_time(hw: Hardware, kind: str, nbytes: float, n_in: int, n_out: int
                           ) -> float:
     """Seconds for a collective over groups of ``n_in`` devices in each of ``n_out`` nodes."""

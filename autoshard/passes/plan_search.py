@@ -14,6 +14,7 @@ choice held fixed, and lists the collectives the choice causes (the viewer, ``au
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from typing import Callable
 
 import numpy as np
@@ -28,6 +29,7 @@ from autoshard.ir.mesh import MeshSpec
 from autoshard.ir.plan import (CollectiveCause, NodeExplanation, Plan, Prediction, SolverStats,
                                StrategyCost)
 from autoshard.ir.sharding import ShardingSpec
+from autoshard.passes.latency import class_seconds, classes_used, refine_latency
 from autoshard.passes.pins import Pins
 from autoshard.passes.problem import NS, PlanningProblem, Slot, Transfer, build_problem
 from autoshard.passes.solve import solve
@@ -77,6 +79,9 @@ def predict(pp: PlanningProblem, choice, mesh: MeshSpec, hw: Hardware,
             collective(step.kind, step.axes, step.factor * t.value.nbytes, t.times,
                        not t.combined)
             reshard += seconds[step.kind] - before
+    # the combined ops' start-up latency, once per op (latency.py)
+    for kind, t in class_seconds(classes_used(pp, choice, mesh), mesh, hw).items():
+        seconds[kind] = seconds.get(kind, 0.0) + t
     profile = usage_profile(pp.problem, choice)
     peak = int(profile.max()) if len(profile) else 0
     total = compute + sum(seconds.values())
@@ -236,6 +241,7 @@ def plan_from_choice(pp: PlanningProblem, choice, graph: Graph, mesh: MeshSpec, 
                 curve, "" if hw is None else hw.name)
 
 
+LP_ENGINE = "lp (highs)"
 #: A priced plan further than this above the LP bound is checked against the search.
 PRICED_GAP = 0.10
 
@@ -255,6 +261,34 @@ def search_plan(graph: Graph, mesh: MeshSpec, hw: Hardware, pins: Pins, *, in_tr
         progress(f"{problem.num_nodes} choices, {int(problem.num_strategies.sum())} strategies, "
                  f"{problem.num_edges} edges; solving the LP relaxation")
     start = time.perf_counter()
+    choice, stats = solve_plan_problem(problem, time_limit, progress)
+
+    def resolve(variant: Problem):
+        # the LP alone: re-solving where it is fractional (a binding budget) takes the
+        # memory-priced LPs and the combinatorial search, minutes on the plan-quality LLaMA
+        lp = solve_local_polytope(variant, time_limit=time_limit)
+        return lp.choice if lp.integral else None
+
+    refined, forbidden = (refine_latency(pp, choice, mesh, hw, resolve, progress)
+                          if stats.engine == LP_ENGINE else (choice, ()))
+    if forbidden:
+        cost = evaluate(problem, refined).cost
+        bound = stats.bound
+        choice = refined
+        stats = replace(stats, seconds=time.perf_counter() - start, objective=cost / NS,
+                        status="feasible", gap=None if bound is None or not cost else
+                        max(0.0, (cost - bound * NS) / cost),
+                        details=dict(stats.details, latency_forbidden=[
+                            f"{kind} {axes} {side}" for kind, axes, side in forbidden]))
+    prediction = predict(pp, choice, mesh, hw, memory_budget)
+    return plan_from_choice(pp, choice, graph, mesh, in_tree=in_tree, out_tree=out_tree,
+                            pins=pins, prediction=prediction, solver=stats, hw=hw)
+
+
+def solve_plan_problem(problem: Problem, time_limit: float,
+                       progress: Callable[[str], None] | None = None):
+    """(choice, SolverStats) of ``problem`` by ``search_plan``'s solver sequence."""
+    start = time.perf_counter()
     lp = solve_local_polytope(problem, time_limit=time_limit)
     if progress:
         progress(f"LP relaxation: {lp.status} in {lp.seconds:.1f}s, "
@@ -263,7 +297,7 @@ def search_plan(graph: Graph, mesh: MeshSpec, hw: Hardware, pins: Pins, *, in_tr
     if lp.integral:
         choice = lp.choice
         cost = evaluate(problem, choice).cost
-        stats = SolverStats("lp (highs)", problem.num_nodes, problem.num_edges,
+        stats = SolverStats(LP_ENGINE, problem.num_nodes, problem.num_edges,
                             int(problem.num_strategies.sum()), lp.seconds, cost / NS,
                             lp.objective / NS, 0.0, "optimal",
                             {"lp_variables": lp.variables, "groups": len(problem.groups)})
@@ -311,6 +345,4 @@ def search_plan(graph: Graph, mesh: MeshSpec, hw: Hardware, pins: Pins, *, in_tr
                     None if bound is None else bound / NS, gap, solution.status,
                     dict(solution.stats, lp_seconds=lp.seconds, lp_status=lp.status,
                          time_limit_reached=solution.status != "optimal"))
-    prediction = predict(pp, choice, mesh, hw, memory_budget)
-    return plan_from_choice(pp, choice, graph, mesh, in_tree=in_tree, out_tree=out_tree,
-                            pins=pins, prediction=prediction, solver=stats, hw=hw)
+    return np.asarray(choice, np.int64), stats

@@ -33,6 +33,7 @@ alone (parameters gathered before the forward pass, FSDP) and values that reach 
 without passing another matmul (gradients reduced for the optimizer, data parallel). Their
 collectives are charged bandwidth only (``combined_values``); charging each of them a latency
 priced data parallel's one combined gradient all-reduce as 27 separate ones on the test GPT.
+The one latency each combined op does pay is a fixed charge per plan (latency.py).
 """
 
 from __future__ import annotations
@@ -93,6 +94,9 @@ class PlanningProblem:
     sink_slots: list[int | None]
     unplanned: list[str] = field(default_factory=list)
     transfers: list[Transfer] = field(default_factory=list)
+    #: the combined values moved before the forward pass (``head_values``); the other combined
+    #: values move after the last matmul. XLA combines each side's collectives apart.
+    head: frozenset = frozenset()
 
 
 @dataclass(frozen=True)
@@ -435,16 +439,22 @@ def fused_values(graph: Graph) -> set[int]:
     return fused
 
 
-def combined_values(graph: Graph, state_inputs: set[int]) -> set[int]:
-    """Ids of the top-level values whose collectives XLA combines (module docstring): those
-    computed from state arguments (indices ``state_inputs``) alone, and those from which no
-    matmul, convolution or loop is reachable."""
+def head_values(graph: Graph, state_inputs: set[int]) -> set[int]:
+    """Ids of the top-level values computed from state arguments (indices ``state_inputs``)
+    alone, without a matmul, convolution or loop: what the forward pass gathers up front."""
     head = {graph.inputs[i].id for i in state_inputs}
     for node in graph.nodes:
         operands = [a for a in node.inputs if isinstance(a, Value)]
         if (node.op not in MATMUL_OPS and not node.regions and operands
                 and all(a.id in head for a in operands)):
             head.update(v.id for v in node.outputs)
+    return head
+
+
+def combined_values(graph: Graph, state_inputs: set[int]) -> set[int]:
+    """Ids of the top-level values whose collectives XLA combines (module docstring): the
+    ``head_values``, and those from which no matmul, convolution or loop is reachable."""
+    head = head_values(graph, state_inputs)
     feeds_matmul: set[int] = set()
     for node in reversed(graph.nodes):
         if (node.op in MATMUL_OPS or node.regions
@@ -497,7 +507,8 @@ def build_problem(graph: Graph, mesh: MeshSpec, hw: Hardware, pins: Pins, *,
                           problem.intervals, problem.edges, problem.edge_offsets,
                           problem.edge_costs, problem.usage_limit, groups)
     return PlanningProblem(problem, builder.slots, builder.value_slot, builder.sink_slots,
-                           builder.unplanned, builder.transfers)
+                           builder.unplanned, builder.transfers,
+                           frozenset(head_values(graph, set(builder.updated.values()))))
 
 
 _LAYER_INDEX = re.compile(r"\[\d+\]")

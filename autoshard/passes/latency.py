@@ -1,0 +1,215 @@
+"""The start-up latency of combined collectives: one charge per combined op a plan makes.
+
+XLA's combiners merge the independent collectives of one kind over one device group, on one side
+of the step (before the forward pass, after the last matmul), into one op that pays its start-up
+latency once (problem.py charges each member its bandwidth only). What a plan does pay is one
+latency per such op it makes at all, a fixed charge: data parallel's gradient all-reduce pays
+it once, a plan that all-gathers parameters, reduce-scatters gradients and all-reduces the loss
+pays it three times, which on a latency-bound step (the plan-quality conv model: 6 us of
+matmuls, 5-10 us per start-up) decides between them. A fixed charge couples every member, so
+the pairwise problem cannot hold it; ``predict`` adds it to the plan it prices, and
+``refine_latency`` re-solves with the classes of combined op the plan makes forbidden, all at
+once and one at a time, keeping a plan only when it is cheaper with its own fixed charges
+counted.
+
+A class is (kind, mesh axes, side); the compiled-program measure (cost_model/hlo.py) keys
+combined collectives the same way.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Callable
+
+import numpy as np
+
+from autoshard.cost_model.collectives import collective_latency
+from autoshard.cost_model.hardware import Hardware
+from autoshard.cost_model.reshard import reshard_steps
+from autoshard.ir.mesh import MeshSpec
+from autoshard.passes.problem import NS, PlanningProblem, Slot, Transfer
+from autoshard.passes.solve_problem import Problem, evaluate
+
+#: Re-solve only when the chosen plan's fixed start-up charges are at least this share of its
+#: predicted step (below it, no class is worth a solve: GPT-2-medium pays 0.1%).
+LATENCY_SHARE = 0.02
+#: At most this many re-solves per plan.
+MAX_RESOLVES = 12
+
+ClassKey = tuple[str, tuple[int, ...], str]
+
+
+def _slot_side(pp: PlanningProblem, slot: Slot) -> str:
+    outs = slot.node.outputs if slot.node is not None else ()
+    return "head" if outs and all(v.id in pp.head for v in outs) else "tail"
+
+
+def _transfer_side(pp: PlanningProblem, t: Transfer) -> str:
+    return "head" if t.value.id in pp.head else "tail"
+
+
+def _strategy_classes(slot: Slot, s: int, mesh: MeshSpec, side: str) -> set[ClassKey]:
+    return {(kind, tuple(sorted(axes)), side) for kind, axes, nbytes in slot.strategies[s].comm
+            if nbytes > 0 and mesh.size(*axes) > 1}
+
+
+def _step_classes(src, dst, mesh: MeshSpec, side: str, cache: dict) -> set[ClassKey]:
+    if dst is None or src == dst:
+        return set()
+    kinds = cache.get((src, dst))
+    if kinds is None:
+        kinds = cache[(src, dst)] = frozenset(
+            (step.kind, tuple(sorted(step.axes))) for step in reshard_steps(src, dst, mesh)
+            if mesh.size(*step.axes) > 1)
+    return {(kind, axes, side) for kind, axes in kinds}
+
+
+def _source(pp: PlanningProblem, t: Transfer, s: int):
+    spec = pp.slots[t.producer].strategies[s].outputs[t.output]
+    return spec if t.transform is None else t.transform(spec)
+
+
+def classes_used(pp: PlanningProblem, choice, mesh: MeshSpec) -> set[ClassKey]:
+    """The combined-op classes the plan ``choice`` makes."""
+    used: set[ClassKey] = set()
+    for slot, c in zip(pp.slots, choice):
+        if slot.kind == "op" and slot.combined:
+            used |= _strategy_classes(slot, int(c), mesh, _slot_side(pp, slot))
+    cache: dict = {}
+    for t in pp.transfers:
+        if t.combined:
+            used |= _step_classes(_source(pp, t, int(choice[t.producer])),
+                                  t.required[int(choice[t.consumer])], mesh,
+                                  _transfer_side(pp, t), cache)
+    return used
+
+
+def class_seconds(keys, mesh: MeshSpec, hw: Hardware) -> dict[str, float]:
+    """Start-up seconds per collective kind for the combined-op classes ``keys``."""
+    out: dict[str, float] = {}
+    for kind, axes, _ in keys:
+        out[kind] = out.get(kind, 0.0) + collective_latency(hw, mesh, kind, axes)
+    return out
+
+
+def fixed_seconds(pp: PlanningProblem, choice, mesh: MeshSpec, hw: Hardware) -> float:
+    return sum(class_seconds(classes_used(pp, choice, mesh), mesh, hw).values())
+
+
+@dataclass(frozen=True)
+class _Entries:
+    """Where one class arises in the problem: flat node-strategy and edge-pair indices."""
+
+    nodes: np.ndarray
+    edges: np.ndarray
+
+
+def class_entries(pp: PlanningProblem, mesh: MeshSpec) -> dict[ClassKey, _Entries]:
+    """Per class, every problem entry whose choice makes a collective of that class."""
+    problem = pp.problem
+    nodes: dict[ClassKey, list[int]] = {}
+    edges: dict[ClassKey, list[int]] = {}
+    for i, slot in enumerate(pp.slots):
+        if slot.kind == "op" and slot.combined:
+            side = _slot_side(pp, slot)
+            for s in range(len(slot.strategies)):
+                for key in _strategy_classes(slot, s, mesh, side):
+                    nodes.setdefault(key, []).append(int(problem.offsets[i]) + s)
+    edge_index = {(int(u), int(v)): e for e, (u, v) in enumerate(problem.edges)}
+    k = problem.num_strategies
+    cache: dict = {}
+    for t in pp.transfers:
+        if not t.combined:
+            continue
+        u, c = t.producer, t.consumer
+        e = edge_index.get((min(u, c), max(u, c)))
+        if e is None:
+            continue
+        base = int(problem.edge_offsets[e])
+        side = _transfer_side(pp, t)
+        sources = [_source(pp, t, su) for su in range(len(pp.slots[u].strategies))]
+        for su, src in enumerate(sources):
+            for sc, dst in enumerate(t.required):
+                for key in _step_classes(src, dst, mesh, side, cache):
+                    flat = base + (su * k[c] + sc if u < c else sc * k[u] + su)
+                    edges.setdefault(key, []).append(int(flat))
+    return {key: _Entries(np.unique(np.array(nodes.get(key, ()), np.int64)),
+                          np.unique(np.array(edges.get(key, ()), np.int64)))
+            for key in set(nodes) | set(edges)}
+
+
+def forbid(problem: Problem, entries: list[_Entries], penalty: float) -> Problem:
+    """``problem`` with ``penalty`` added to every entry in ``entries``."""
+    costs = np.array(problem.costs)
+    edge_costs = np.array(problem.edge_costs)
+    for entry in entries:
+        costs[entry.nodes] += penalty
+        edge_costs[entry.edges] += penalty
+    return replace(problem, costs=costs, edge_costs=edge_costs)
+
+
+Solver = Callable[[Problem], "np.ndarray | None"]
+
+
+def refine_latency(pp: PlanningProblem, choice, mesh: MeshSpec, hw: Hardware, solver: Solver,
+                   progress: Callable[[str], None] | None = None
+                   ) -> tuple[np.ndarray, tuple[ClassKey, ...]]:
+    """A plan no dearer than ``choice`` with fixed start-up charges counted (module docstring),
+    and the classes forbidden to find it. Greedy: forbid each class the current plan makes,
+    one at a time on top of those already forbidden, and keep the cheapest result while it
+    improves; ``solver`` solves a problem (None: no plan fits)."""
+    problem = pp.problem
+
+    def total(c) -> float:
+        return float(evaluate(problem, c).cost) + fixed_seconds(pp, c, mesh, hw) * NS
+
+    best = np.asarray(choice, np.int64)
+    best_total = total(best)
+    fixed = best_total - float(evaluate(problem, best).cost)
+    if fixed < LATENCY_SHARE * best_total:
+        return best, ()
+    entries = class_entries(pp, mesh)
+    forbidden: tuple[ClassKey, ...] = ()
+    penalty = 10.0 * best_total + NS
+    resolves = 0
+    while resolves < MAX_RESOLVES:
+        used = sorted(key for key in classes_used(pp, best, mesh) - set(forbidden)
+                      if key in entries)
+        # every class the plan makes at once (a plan of other classes: data parallel's one
+        # all-reduce over all axes in place of gathers and scatters over each), then each alone
+        moves = ([tuple(used)] if len(used) > 1 else []) + [(key,) for key in used]
+        trials = []
+        for move in moves[:MAX_RESOLVES - resolves]:
+            resolves += 1
+            tried = (*forbidden, *move)
+            found = solver(forbid(problem, [entries[k] for k in tried], penalty))
+            if progress:
+                result = "no plan" if found is None else (
+                    f"{total(found) / NS * 1e3:.4f} ms against {best_total / NS * 1e3:.4f}")
+                progress(f"start-up latency: re-solved without {_describe_all(move, mesh)}: "
+                         f"{result}")
+            if found is None or not evaluate(problem, found).feasible:
+                continue
+            trials.append((total(found), tried, move, np.asarray(found, np.int64)))
+        if not trials:
+            break
+        cost, tried, move, found = min(trials, key=lambda x: x[0])
+        if cost >= best_total * (1 - 1e-6):
+            break
+        if progress:
+            progress(f"start-up latency: forbidding {_describe_all(move, mesh)} saves "
+                     f"{(best_total - cost) / NS * 1e6:.1f} us")
+        best, best_total, forbidden = found, cost, tried
+    return best, forbidden
+
+
+def _describe_all(keys, mesh: MeshSpec) -> str:
+    return _describe(keys[0], mesh) if len(keys) == 1 else (
+        f"the {len(keys)} combined ops the plan makes")
+
+
+def _describe(key: ClassKey, mesh: MeshSpec) -> str:
+    kind, axes, side = key
+    names = ",".join(mesh.axis_names[a] for a in axes)
+    where = "before the forward pass" if side == "head" else "after the last matmul"
+    return f"combined {kind} over ({names}) {where}"
