@@ -81,7 +81,7 @@ def run_steps(result, mesh, state, batch_struct, local_batch, full_batch, option
     params, opt_state = state
     start = time.perf_counter()
     step = autoshard.compile(gpt.train_step, params, opt_state, batch_struct, mesh=mesh,
-                             **options)
+                             hardware="cpu", **options)  # as tests/test_multiprocess.py
     result.update(planning_seconds=time.perf_counter() - start, source=step.plan_source,
                   digest=step.plan_digest)
     batch = step.shard_batch(local_batch)
@@ -103,12 +103,14 @@ def finish(result, process_id, num_processes, out_dir):
     with open(os.path.join(out_dir, f"result-{process_id}.json"), "w") as f:
         json.dump(result, f)
     sys.stdout.flush()
-    if process_id == 0:  # process 0 hosts the coordination service: outlive the others' reports
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline and not all(
-                os.path.exists(os.path.join(out_dir, f"result-{i}.json"))
-                for i in range(num_processes)):
-            time.sleep(0.2)
+    # wait for every process's report before leaving: process 0 hosts the coordination service,
+    # and a process that leaves early stops its heartbeats, which the service treats as a crash
+    # of the whole job while a peer may still be planning
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and not all(
+            os.path.exists(os.path.join(out_dir, f"result-{i}.json"))
+            for i in range(num_processes)):
+        time.sleep(0.2)
     os._exit(0)  # skip jax.distributed's shutdown barrier: a failed peer may never reach it
 
 

@@ -33,8 +33,11 @@ from autoshard.passes.solve_problem import Problem, evaluate
 #: Re-solve only when the chosen plan's fixed start-up charges are at least this share of its
 #: predicted step (below it, no class is worth a solve: GPT-2-medium pays 0.1%).
 LATENCY_SHARE = 0.02
-#: At most this many re-solves per plan.
+#: At most this many re-solves per plan,
 MAX_RESOLVES = 12
+#: and at most this many strategies summed over them: each is a whole LP solve (the test GPT's
+#: 13,583 strategies take 7 s on one core, the test MoE's 8,737 4 s, the conv model's 611 0.1 s).
+MAX_RESOLVE_WORK = 30_000
 
 ClassKey = tuple[str, tuple[int, ...], str]
 
@@ -157,7 +160,8 @@ def refine_latency(pp: PlanningProblem, choice, mesh: MeshSpec, hw: Hardware, so
     """A plan no dearer than ``choice`` with fixed start-up charges counted (module docstring),
     and the classes forbidden to find it. Greedy: forbid each class the current plan makes,
     one at a time on top of those already forbidden, and keep the cheapest result while it
-    improves; ``solver`` solves a problem (None: no plan fits)."""
+    improves; ``solver`` solves a problem (None: no plan fits). Every try is a whole solve, so
+    large problems get the all-at-once move only (``MAX_RESOLVE_WORK``)."""
     problem = pp.problem
 
     def total(c) -> float:
@@ -172,15 +176,26 @@ def refine_latency(pp: PlanningProblem, choice, mesh: MeshSpec, hw: Hardware, so
     forbidden: tuple[ClassKey, ...] = ()
     penalty = 10.0 * best_total + NS
     resolves = 0
+    work = 0
     while resolves < MAX_RESOLVES:
         used = sorted(key for key in classes_used(pp, best, mesh) - set(forbidden)
                       if key in entries)
         # every class the plan makes at once (a plan of other classes: data parallel's one
-        # all-reduce over all axes in place of gathers and scatters over each), then each alone
-        moves = ([tuple(used)] if len(used) > 1 else []) + [(key,) for key in used]
+        # all-reduce over all axes in place of gathers and scatters over each), then each alone,
+        # keeping the cheapest; where the work budget cannot pay for the whole round, the
+        # all-at-once move alone, kept if it pays
+        everything = [tuple(used)] if len(used) > 1 else []
+        moves = everything + [(key,) for key in used]
+        size = int(problem.num_strategies.sum())
+        if work + size * len(moves) > MAX_RESOLVE_WORK:
+            moves = everything
+            if work + size * len(moves) > MAX_RESOLVE_WORK:
+                break
+        moves = moves[:MAX_RESOLVES - resolves]
         trials = []
-        for move in moves[:MAX_RESOLVES - resolves]:
+        for move in moves:
             resolves += 1
+            work += size
             tried = (*forbidden, *move)
             found = solver(forbid(problem, [entries[k] for k in tried], penalty))
             if progress:
@@ -191,11 +206,12 @@ def refine_latency(pp: PlanningProblem, choice, mesh: MeshSpec, hw: Hardware, so
             if found is None or not evaluate(problem, found).feasible:
                 continue
             trials.append((total(found), tried, move, np.asarray(found, np.int64)))
-        if not trials:
+        step = min(trials, key=lambda x: x[0]) if trials else None
+        if step is not None and step[0] >= best_total * (1 - 1e-6):
+            step = None
+        if step is None:
             break
-        cost, tried, move, found = min(trials, key=lambda x: x[0])
-        if cost >= best_total * (1 - 1e-6):
-            break
+        cost, tried, move, found = step
         if progress:
             progress(f"start-up latency: forbidding {_describe_all(move, mesh)} saves "
                      f"{(best_total - cost) / NS * 1e6:.1f} us")
