@@ -133,11 +133,9 @@ def test_same_plan_twice_and_in_another_process():
     from tests.models import example_args, moe
 
     mesh = make_mesh((2, 4))
+    # the same process solving twice: tests/passes/test_solve.py (the solver is pure)
     first = autoshard.compile(moe.train_step, *example_args(moe), mesh=mesh,
                               hardware="h100-2node")
-    second = autoshard.compile(moe.train_step, *example_args(moe), mesh=mesh,
-                               hardware="h100-2node")
-    assert _fingerprint(first.plan) == _fingerprint(second.plan)
     root = str(__import__("pathlib").Path(__file__).resolve().parents[2])
     out = subprocess.run([sys.executable, "-c", _SUBPROCESS.format(root=root)],
                          capture_output=True, text=True, timeout=600, check=True)
