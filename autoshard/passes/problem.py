@@ -128,7 +128,8 @@ class _Builder:
         self._pair_cache: dict = {}
         self._op_cache: dict = {}
         self.end = len(graph.nodes) + 2
-        self.combined = combined_values(graph, set(updated.values()))
+        self.head = head_values(graph, set(updated.values()))
+        self.combined = self.head | tail_values(graph)
         self.fused = fused_values(graph)
 
     # -- slots ----------------------------------------------------------------------------------
@@ -451,17 +452,20 @@ def head_values(graph: Graph, state_inputs: set[int]) -> set[int]:
     return head
 
 
-def combined_values(graph: Graph, state_inputs: set[int]) -> set[int]:
-    """Ids of the top-level values whose collectives XLA combines (module docstring): the
-    ``head_values``, and those from which no matmul, convolution or loop is reachable."""
-    head = head_values(graph, state_inputs)
+def tail_values(graph: Graph) -> set[int]:
+    """Ids of the top-level values from which no matmul, convolution or loop is reachable: what
+    moves after the last matmul."""
     feeds_matmul: set[int] = set()
     for node in reversed(graph.nodes):
         if (node.op in MATMUL_OPS or node.regions
                 or any(v.id in feeds_matmul for v in node.outputs)):
             feeds_matmul.update(a.id for a in node.inputs if isinstance(a, Value))
-    tail = {v.id for node in graph.nodes for v in node.outputs if v.id not in feeds_matmul}
-    return head | tail
+    return {v.id for node in graph.nodes for v in node.outputs if v.id not in feeds_matmul}
+
+
+def combined_values(graph: Graph, state_inputs: set[int]) -> set[int]:
+    """Ids of the top-level values whose collectives XLA combines (module docstring)."""
+    return head_values(graph, state_inputs) | tail_values(graph)
 
 
 def _signature(node: Node, pinned: ShardingSpec | None):
@@ -508,7 +512,7 @@ def build_problem(graph: Graph, mesh: MeshSpec, hw: Hardware, pins: Pins, *,
                           problem.edge_costs, problem.usage_limit, groups)
     return PlanningProblem(problem, builder.slots, builder.value_slot, builder.sink_slots,
                            builder.unplanned, builder.transfers,
-                           frozenset(head_values(graph, set(builder.updated.values()))))
+                           frozenset(builder.head))
 
 
 _LAYER_INDEX = re.compile(r"\[\d+\]")
