@@ -143,20 +143,42 @@ def _lp_arrays(problem: Problem, rep: np.ndarray):
     return c, tie_break, a_eq, b_eq, memory, off, constant
 
 
+#: Simplex iterations per LP variable for each ``REFERENCE_SECONDS`` of time limit. The test
+#: GPT's LPs (196k variables) take 28k iterations without a memory limit and 37k-58k with one
+#: (3.5 s and 19-74 s on one core): at the default 30 s limit the cap is 3x the largest.
+ITERATIONS_PER_VARIABLE = 1.0
+REFERENCE_SECONDS = 30.0
+MIN_ITERATIONS = 1000
+#: The wall clock stops an LP only at this multiple of its limit (a guard against a machine
+#: far slower than this one; hitting it is the one way two processes can disagree).
+WALL_CLOCK_GUARD = 4.0
+
+
+def lp_iteration_limit(variables: int, time_limit: float) -> int:
+    """The simplex iteration cap of an LP with ``variables`` under ``time_limit`` seconds: a
+    count, not a time, so that every process solving the same LP stops at the same point."""
+    return int(ITERATIONS_PER_VARIABLE * variables * time_limit / REFERENCE_SECONDS) + MIN_ITERATIONS
+
+
 def solve_local_polytope(problem: Problem, *, time_limit: float = 60.0) -> LPResult:
+    """The local polytope's optimum, its rounding and memory prices (module docstring);
+    ``time_limit`` sets the simplex's iteration cap (``lp_iteration_limit``)."""
     start = time.perf_counter()
     rep = _representatives(problem)
     c, tie_break, a_eq, b_eq, memory, off, constant = _lp_arrays(problem, rep)
     a_ub, b_ub, live_sets = memory if memory is not None else (None, None, [])
     nvar = len(c)
-    # HiGHS' serial dual simplex (scipy runs it on one thread): deterministic
+    # HiGHS' serial dual simplex (SciPy runs it on one thread) under an iteration limit, so
+    # that a loaded machine stops where an idle one does; the wall clock is only a guard
     res = linprog(c, A_ub=a_ub, b_ub=b_ub, A_eq=a_eq, b_eq=b_eq, bounds=(0.0, 1.0),
                   method="highs-ds",
-                  options={"presolve": True, "disp": False, "time_limit": max(time_limit, 0.1)})
+                  options={"presolve": True, "disp": False,
+                           "maxiter": lp_iteration_limit(nvar, time_limit),
+                           "time_limit": max(WALL_CLOCK_GUARD * time_limit, 1.0)})
     status = {0: "optimal", 2: "infeasible"}.get(res.status, "not solved")
-    if status == "not solved" and res.x is not None:
-        status = "feasible"
-    solved = res.x is not None and status in ("optimal", "feasible")
+    if res.status == 1:     # the iteration cap or the wall-clock guard (SciPy's message says)
+        status = f"stopped: {res.message.split('(')[0].strip().rstrip('.').lower()}"
+    solved = res.x is not None and res.status in (0, 1)
     k = problem.num_strategies
     choice = np.zeros(problem.num_nodes, np.int64)
     integral = status == "optimal"

@@ -39,3 +39,34 @@ def test_memory_prices_give_up_when_nothing_fits():
     lp = solve_local_polytope(problem)
     assert lp.status == "infeasible"
     assert solve_lagrangian(problem, lp) is None
+
+
+def test_memory_price_is_the_lps_marginal_cost_of_a_byte():
+    """In the problem above the LP meets the limit by shrinking the second tensor, 0.2 ns a
+    byte: that is the memory row's dual, so every strategy is priced at 0.2 ns per byte it
+    holds."""
+    problem = Problem.from_lists(costs=[[0, 2], [0, 1]], usages=[[10, 2], [10, 5]],
+                                 intervals=[(0, 2), (0, 2)], usage_limit=16)
+    lp = solve_local_polytope(problem)
+    # rtol: the LP's tie-break moves costs by 1e-6 ns per strategy index
+    np.testing.assert_allclose(lp.memory_prices, 0.2 * problem.usages, rtol=1e-5)
+
+
+def test_an_lp_stopped_by_its_iteration_cap_is_reported_and_not_used(monkeypatch):
+    """The cap is a count of simplex iterations, so a loaded machine stops where an idle one
+    does; a stopped LP gives neither a plan nor a bound, and the planner searches instead."""
+    from autoshard.passes import solve_lp
+    from autoshard.passes.plan_search import solve_plan_problem
+
+    problem = Problem.from_lists(costs=[[0, 3], [0, 3], [3, 0]], usages=[[1, 1]] * 3,
+                                 intervals=[(0, 1)] * 3, edges=[(0, 1), (1, 2)],
+                                 edge_costs=[[[0, 5], [5, 0]], [[0, 5], [5, 0]]])
+    assert solve_local_polytope(problem).status == "optimal"
+    monkeypatch.setattr(solve_lp, "ITERATIONS_PER_VARIABLE", 0.0)
+    monkeypatch.setattr(solve_lp, "MIN_ITERATIONS", 0)
+    lp = solve_local_polytope(problem)
+    assert lp.status == "stopped: iteration limit reached"
+    assert not lp.integral and np.isnan(lp.objective)
+    choice, stats = solve_plan_problem(problem, time_limit=5.0)
+    assert stats.engine != "lp (highs)"
+    assert evaluate(problem, choice).cost == 3      # all 0, paying node 2's 3: the optimum
