@@ -206,7 +206,7 @@ def solve_lagrangian(problem: Problem, lp: LPResult, *, time_limit: float = 60.0
     """A plan within ``problem.usage_limit`` from the priced problem (module docstring), or
     None. Prices are the LP's duals (or, where those are all zero, the LP's cost per byte of
     the limit) times a scale: the smallest scale whose plan fits is searched for (factors of 4
-    until one scale fits and another does not or does not solve in ``time_limit``, then three
+    until one scale fits and another does not or stops at its iteration cap, then three
     bisection steps in log space); lower prices give cheaper plans. Returns (choice, LP
     solves)."""
     limit = problem.usage_limit
@@ -218,7 +218,7 @@ def solve_lagrangian(problem: Problem, lp: LPResult, *, time_limit: float = 60.0
 
     def priced(scale: float) -> np.ndarray | None:
         # a fixed number of solves, not a wall-clock budget, so every process decides alike;
-        # ``time_limit`` only guards each solve
+        # ``time_limit`` only sets each solve's iteration cap
         relaxed = dataclasses.replace(problem, costs=problem.costs + scale * prices,
                                       usage_limit=None)
         result = solve_local_polytope(relaxed, time_limit=time_limit)
