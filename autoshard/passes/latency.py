@@ -177,6 +177,7 @@ def refine_latency(pp: PlanningProblem, choice, mesh: MeshSpec, hw: Hardware, so
     penalty = 10.0 * best_total + NS
     resolves = 0
     work = 0
+    size = int(problem.num_strategies.sum())        # the work of one re-solve
     while resolves < MAX_RESOLVES:
         used = sorted(key for key in classes_used(pp, best, mesh) - set(forbidden)
                       if key in entries)
@@ -186,7 +187,6 @@ def refine_latency(pp: PlanningProblem, choice, mesh: MeshSpec, hw: Hardware, so
         # all-at-once move alone, kept if it pays
         everything = [tuple(used)] if len(used) > 1 else []
         moves = everything + [(key,) for key in used]
-        size = int(problem.num_strategies.sum())
         if work + size * len(moves) > MAX_RESOLVE_WORK:
             moves = everything
             if work + size * len(moves) > MAX_RESOLVE_WORK:
@@ -206,12 +206,11 @@ def refine_latency(pp: PlanningProblem, choice, mesh: MeshSpec, hw: Hardware, so
             if found is None or not evaluate(problem, found).feasible:
                 continue
             trials.append((total(found), tried, move, np.asarray(found, np.int64)))
-        step = min(trials, key=lambda x: x[0]) if trials else None
-        if step is not None and step[0] >= best_total * (1 - 1e-6):
-            step = None
-        if step is None:
+        if not trials:
             break
-        cost, tried, move, found = step
+        cost, tried, move, found = min(trials, key=lambda x: x[0])
+        if cost >= best_total * (1 - 1e-6):
+            break
         if progress:
             progress(f"start-up latency: forbidding {_describe_all(move, mesh)} saves "
                      f"{(best_total - cost) / NS * 1e6:.1f} us")
