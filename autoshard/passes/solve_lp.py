@@ -65,6 +65,41 @@ def _unique_rows(matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return distinct, inverse.reshape(-1)
 
 
+@dataclass(frozen=True)
+class PairBlock:
+    """One edge's pair variables and marginal rows in the local polytope: ``table`` (row classes
+    x column classes) holds the cost of each pair variable, numbered row-major from the first
+    variable given; ``rows``, ``cols``, ``vals`` are the equality rows' entries (right-hand
+    sides 0), numbered from the first row given, row classes first."""
+
+    table: np.ndarray
+    rows: np.ndarray
+    cols: np.ndarray
+    vals: np.ndarray
+
+
+def pair_block(rest: np.ndarray, first_a: int, first_b: int, first_var: int,
+               first_row: int) -> PairBlock:
+    """The pair variables of an edge whose cost matrix is ``rest`` (its row and column minima
+    already moved into the node costs) between nodes whose strategy variables start at
+    ``first_a`` and ``first_b``. Rows (columns) of ``rest`` that are equal share one class, so
+    an edge with a few distinct layouts costs a few variables: Σ_h y_gh = Σ_{s in g} x_as for
+    each row class g, Σ_g y_gh = Σ_{t in h} x_bt for each column class h."""
+    distinct, row_of = _unique_rows(rest)
+    distinct_t, col_of = _unique_rows(distinct.T)
+    table = distinct_t.T
+    g_n, h_n = table.shape
+    cells = first_var + np.arange(g_n * h_n)
+    ones = np.ones(g_n * h_n)
+    rows = np.concatenate([first_row + np.repeat(np.arange(g_n), h_n), first_row + row_of,
+                           first_row + g_n + np.tile(np.arange(h_n), g_n),
+                           first_row + g_n + col_of])
+    cols = np.concatenate([cells, first_a + np.arange(len(row_of)), cells,
+                           first_b + np.arange(len(col_of))])
+    vals = np.concatenate([ones, -np.ones(len(row_of)), ones, -np.ones(len(col_of))])
+    return PairBlock(table, rows, cols, vals)
+
+
 def _lp_arrays(problem: Problem, rep: np.ndarray):
     """The LP as arrays: (costs c with the tie-break, the tie-break on the node variables,
     equality rows (A, b), memory rows (A, b, live nodes of each) or None, node variable offsets
@@ -103,27 +138,13 @@ def _lp_arrays(problem: Problem, rep: np.ndarray):
         rest = rest - col_low[None, :]
         if not rest.any():
             continue
-        distinct, row_of = _unique_rows(rest)
-        distinct_t, col_of = _unique_rows(distinct.T)
-        table = distinct_t.T                     # distinct rows x distinct columns
-        g_n, h_n = table.shape
-        cells = nvar + np.arange(g_n * h_n)
-        nvar += g_n * h_n
-        pair_costs.append(table.reshape(-1))
-        # Σ_h y_gh = Σ_{s in g} x_as for each row class g; Σ_g y_gh = Σ_{t in h} x_bt for h
-        rows.append(nrow + np.repeat(np.arange(g_n), h_n))
-        cols.append(cells)
-        vals.append(np.ones(g_n * h_n))
-        rows.append(nrow + row_of)
-        cols.append(off[a] + np.arange(k[a]))
-        vals.append(-np.ones(k[a]))
-        rows.append(nrow + g_n + np.tile(np.arange(h_n), g_n))
-        cols.append(cells)
-        vals.append(np.ones(g_n * h_n))
-        rows.append(nrow + g_n + col_of)
-        cols.append(off[b] + np.arange(k[b]))
-        vals.append(-np.ones(k[b]))
-        nrow += g_n + h_n
+        block = pair_block(rest, off[a], off[b], nvar, nrow)
+        pair_costs.append(block.table.reshape(-1))
+        rows.append(block.rows)
+        cols.append(block.cols)
+        vals.append(block.vals)
+        nvar += block.table.size
+        nrow += sum(block.table.shape)
     # a tie-break far below any real cost difference (1e-6 ns per strategy index), so that the
     # optimum is unique and every process finds the same one
     tie_break = np.zeros(int(off[-1]))
@@ -157,7 +178,8 @@ WALL_CLOCK_GUARD = 4.0
 def lp_iteration_limit(variables: int, time_limit: float) -> int:
     """The simplex iteration cap of an LP with ``variables`` under ``time_limit`` seconds: a
     count, not a time, so that every process solving the same LP stops at the same point."""
-    return int(ITERATIONS_PER_VARIABLE * variables * time_limit / REFERENCE_SECONDS) + MIN_ITERATIONS
+    scaled = ITERATIONS_PER_VARIABLE * variables * time_limit / REFERENCE_SECONDS
+    return int(scaled) + MIN_ITERATIONS
 
 
 def solve_local_polytope(problem: Problem, *, time_limit: float = 60.0) -> LPResult:
@@ -178,16 +200,13 @@ def solve_local_polytope(problem: Problem, *, time_limit: float = 60.0) -> LPRes
     status = {0: "optimal", 2: "infeasible"}.get(res.status, "not solved")
     if res.status == 1:     # the iteration cap or the wall-clock guard (SciPy's message says)
         status = f"stopped: {res.message.split('(')[0].strip().rstrip('.').lower()}"
-    solved = res.x is not None and res.status in (0, 1)
-    k = problem.num_strategies
     choice = np.zeros(problem.num_nodes, np.int64)
-    integral = status == "optimal"
-    for r in np.unique(rep):
-        if not solved:
-            break
-        vals = res.x[off[r]:off[r + 1]]
-        choice[rep == r] = int(np.argmax(vals))
-        integral = integral and bool(np.all((vals < 1e-6) | (vals > 1 - 1e-6)))
+    integral = False
+    if res.x is not None and res.status in (0, 1):
+        values = {r: res.x[off[r]:off[r + 1]] for r in np.unique(rep)}
+        choice = np.array([int(np.argmax(values[r])) for r in rep], np.int64)
+        integral = status == "optimal" and all(
+            np.all((v < 1e-6) | (v > 1 - 1e-6)) for v in values.values())
     value = (float(res.fun) - float(tie_break @ res.x[:len(tie_break)]) + constant
              if status == "optimal" else float("nan"))
     prices = None
@@ -196,7 +215,7 @@ def solve_local_polytope(problem: Problem, *, time_limit: float = 60.0) -> LPRes
         weight = np.zeros(problem.num_nodes)
         for dual, live in zip(duals, live_sets):
             weight[live] += dual
-        prices = problem.usages * np.repeat(weight, k)
+        prices = problem.usages * np.repeat(weight, problem.num_strategies)
     return LPResult(choice, value, bool(integral), time.perf_counter() - start, status, nvar,
                     prices)
 

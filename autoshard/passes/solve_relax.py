@@ -23,6 +23,7 @@ import numpy as np
 import scipy.sparse as sp
 from scipy.optimize import linprog
 
+from autoshard.passes.solve_lp import pair_block
 from autoshard.passes.solve_memory import MemoryModel, part_cuts
 from autoshard.passes.solve_problem import FORBIDDEN
 from autoshard.passes.solve_reduce import Reduced
@@ -45,11 +46,6 @@ class Relaxation:
     status: str
     variables: int
     seconds: float
-
-
-def _classes(matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    distinct, inverse = np.unique(matrix, axis=0, return_inverse=True)
-    return distinct, inverse.reshape(-1)
 
 
 def relax(reduced: Reduced, memory: MemoryModel, choice: np.ndarray, *, time_limit: float,
@@ -93,26 +89,16 @@ def relax(reduced: Reduced, memory: MemoryModel, choice: np.ndarray, *, time_lim
         cost[l] = cost[l] + col
         if not (np.isinf(mm) | (mm > 0)).any():
             continue
-        distinct, row_of = _classes(mm)
-        distinct_t, col_of = _classes(distinct.T)
-        table = distinct_t.T                            # row classes x column classes
-        g_n, h_n = table.shape
-        base = nvar
-        nvar += g_n * h_n
-        flat = table.reshape(-1)
+        block = pair_block(mm, off[j], off[l], nvar, r)
+        flat = block.table.reshape(-1)
         pair_cost.append(np.where(np.isinf(flat), 0.0, flat))
         pair_ub.append(np.where(np.isinf(flat), 0.0, 1.0))
-        # Σ_h y_gh = Σ_{a in g} x_ja for each row class g, Σ_g y_gh = Σ_{b in h} x_lb for h
-        marginals = [(base + g * h_n + np.arange(h_n), off[j] + np.flatnonzero(row_of == g))
-                     for g in range(g_n)]
-        marginals += [(base + np.arange(g_n) * h_n + h, off[l] + np.flatnonzero(col_of == h))
-                      for h in range(h_n)]
-        for cells, members in marginals:
-            rows.append(np.full(len(cells) + len(members), r))
-            cols.append(np.concatenate([cells, members]))
-            vals.append(np.concatenate([np.ones(len(cells)), -np.ones(len(members))]))
-            rhs_eq.append(0.0)
-            r += 1
+        rows.append(block.rows)
+        cols.append(block.cols)
+        vals.append(block.vals)
+        nvar += block.table.size
+        rhs_eq += [0.0] * sum(block.table.shape)
+        r += sum(block.table.shape)
     if nvar > MAX_VARIABLES:
         return Relaxation(None, None, False, "too large", nvar, time.perf_counter() - start)
     a_eq = sp.csr_matrix((np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))),
