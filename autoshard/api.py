@@ -601,7 +601,7 @@ class ShardedFunction:
         other = search_plan(graph, mesh_spec, opts.hardware, other_pins, in_tree=traced.in_tree,
                             out_tree=traced.out_tree, donated=donated, updated=updated,
                             memory_budget=opts.memory_budget,
-                            time_limit=opts.solver_time_limit)
+                            time_limit=opts.solver_time_limit, progress=self._progress)
         hint_pins = pins if opts.annotations == "hint" else other_pins
         if (opts.annotations == "hint" and opts.memory_budget is None
                 and other.prediction is not None and plan.prediction is not None

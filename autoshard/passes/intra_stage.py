@@ -124,7 +124,9 @@ def plan_intra_stage(loss: Callable[[list, list], Any], params: Sequence[Any],
     pins = collect_pins(graph, sub, in_specs=in_specs, in_tree=traced.in_tree,
                         out_tree=traced.out_tree)
     plan = search_plan(graph, sub, hw, pins, in_tree=traced.in_tree, out_tree=traced.out_tree,
-                       donated=set(), updated={}, memory_budget=None, time_limit=time_limit)
+                       donated=set(), updated={}, memory_budget=None, time_limit=time_limit,
+                       progress=lambda message: log.info("autoshard: intra-stage plan over %s: "
+                                                         "%s", others, message))
     specs = [s.to_partition_spec(sub, v.ndim, partial="replicate")
              for s, v in zip(plan.input_specs, graph.inputs)]
     batch_axes = set()

@@ -33,7 +33,8 @@ from autoshard.passes.latency import class_seconds, classes_used, refine_latency
 from autoshard.passes.pins import Pins
 from autoshard.passes.problem import NS, PlanningProblem, Slot, Transfer, build_problem
 from autoshard.passes.solve import solve
-from autoshard.passes.solve_lp import solve_lagrangian, solve_local_polytope
+from autoshard.passes.solve_lp import (MIN_ITERATIONS, solve_lagrangian,
+                                       solve_local_polytope)
 from autoshard.passes.solve_problem import FORBIDDEN, Problem, evaluate, usage_profile
 
 METHOD = "cost-model search"
@@ -244,6 +245,8 @@ def plan_from_choice(pp: PlanningProblem, choice, graph: Graph, mesh: MeshSpec, 
 LP_ENGINE = "lp (highs)"
 #: A priced plan further than this above the LP bound is checked against the search.
 PRICED_GAP = 0.10
+#: A start-up-latency re-solve stops at this multiple of the first LP's simplex iterations.
+RESOLVE_ITERATIONS = 1.5
 
 
 def search_plan(graph: Graph, mesh: MeshSpec, hw: Hardware, pins: Pins, *, in_tree, out_tree,
@@ -265,8 +268,12 @@ def search_plan(graph: Graph, mesh: MeshSpec, hw: Hardware, pins: Pins, *, in_tr
 
     def resolve(variant: Problem):
         # the LP alone: re-solving where it is fractional (a binding budget) takes the
-        # memory-priced LPs and the combinatorial search, minutes on the plan-quality LLaMA
-        lp = solve_local_polytope(variant, time_limit=time_limit)
+        # memory-priced LPs and the combinatorial search, minutes on the plan-quality LLaMA.
+        # A variant is the same LP with some costs raised: one that takes many times the
+        # first solve's iterations is degenerate and given up (an NNX GPT with its annotations
+        # required: 2 min at the full cap for no plan, against 3 s for the first solve)
+        cap = max(MIN_ITERATIONS, RESOLVE_ITERATIONS * stats.details.get("lp_iterations", 0))
+        lp = solve_local_polytope(variant, time_limit=time_limit, max_iterations=int(cap))
         return lp.choice if lp.integral else None
 
     refined, forbidden = (refine_latency(pp, choice, mesh, hw, resolve, progress)
@@ -291,7 +298,8 @@ def solve_plan_problem(problem: Problem, time_limit: float,
     start = time.perf_counter()
     lp = solve_local_polytope(problem, time_limit=time_limit)
     if progress:
-        progress(f"LP relaxation: {lp.status} in {lp.seconds:.1f}s, "
+        progress(f"LP relaxation: {lp.status} in {lp.seconds:.1f}s "
+                 f"({lp.iterations:,} simplex iterations), "
                  f"{'integral' if lp.integral else 'fractional'}, bound "
                  f"{lp.objective / NS * 1e3:.3f} ms")
     if lp.integral:
@@ -300,7 +308,8 @@ def solve_plan_problem(problem: Problem, time_limit: float,
         stats = SolverStats(LP_ENGINE, problem.num_nodes, problem.num_edges,
                             int(problem.num_strategies.sum()), lp.seconds, cost / NS,
                             lp.objective / NS, 0.0, "optimal",
-                            {"lp_variables": lp.variables, "groups": len(problem.groups)})
+                            {"lp_variables": lp.variables, "lp_iterations": lp.iterations,
+                             "groups": len(problem.groups)})
     else:
         priced = solve_lagrangian(problem, lp, time_limit=time_limit, progress=progress) \
             if lp.status == "optimal" and problem.usage_limit is not None else None
@@ -313,6 +322,7 @@ def solve_plan_problem(problem: Problem, time_limit: float,
                                 time.perf_counter() - start, cost / NS, lp.objective / NS,
                                 max(0.0, (cost - lp.objective) / cost) if cost else 0.0,
                                 "feasible", {"lp_variables": lp.variables,
+                                             "lp_iterations": lp.iterations,
                                              "groups": len(problem.groups),
                                              "priced_lp_solves": solves})
         if stats is None or (stats.gap or 0.0) > PRICED_GAP:

@@ -50,6 +50,7 @@ class LPResult:
     status: str
     variables: int
     memory_prices: np.ndarray | None = None   # per flat strategy: its usage x the rows' duals
+    iterations: int = 0                       # the simplex's, to cap a re-solve of a variant
 
 
 def _representatives(problem: Problem) -> np.ndarray:
@@ -164,11 +165,12 @@ def _lp_arrays(problem: Problem, rep: np.ndarray):
     return c, tie_break, a_eq, b_eq, memory, off, constant
 
 
-#: Simplex iterations per LP variable for each ``REFERENCE_SECONDS`` of time limit. The test
-#: GPT's LPs (196k variables) take 28k iterations without a memory limit and 37k-58k with one
-#: (3.5 s and 19-74 s on one core): at the default 30 s limit the cap is 3x the largest.
-ITERATIONS_PER_VARIABLE = 1.0
-REFERENCE_SECONDS = 30.0
+#: The seconds one dual-simplex iteration takes on the machine this was calibrated on (2 cores,
+#: one used), a fixed part and a part per LP variable: the test GPT's LP (196k variables) runs
+#: 28k iterations in 3.5 s, a pipeline stage's (11k) 3k in 0.2 s. Memory rows make iterations
+#: slower (37k-58k iterations in 19-74 s on the GPT under a budget), left to the wall clock.
+ITERATION_SECONDS = 6e-5
+ITERATION_SECONDS_PER_VARIABLE = 3e-10
 MIN_ITERATIONS = 1000
 #: The wall clock stops an LP only at this multiple of its limit (a guard against a machine
 #: far slower than this one; hitting it is the one way two processes can disagree).
@@ -177,25 +179,32 @@ WALL_CLOCK_GUARD = 4.0
 
 def lp_iteration_limit(variables: int, time_limit: float) -> int:
     """The simplex iteration cap of an LP with ``variables`` under ``time_limit`` seconds: a
-    count, not a time, so that every process solving the same LP stops at the same point."""
-    scaled = ITERATIONS_PER_VARIABLE * variables * time_limit / REFERENCE_SECONDS
-    return int(scaled) + MIN_ITERATIONS
+    count, not a time, so that every process solving the same LP stops at the same point; as
+    many iterations as the calibrated rate fits in the limit (a cap proportional to the
+    variables alone stopped a small LP at a short limit after 0.2 s of the 5 allowed)."""
+    per_iteration = ITERATION_SECONDS + ITERATION_SECONDS_PER_VARIABLE * variables
+    return int(time_limit / per_iteration) + MIN_ITERATIONS
 
 
-def solve_local_polytope(problem: Problem, *, time_limit: float = 60.0) -> LPResult:
+def solve_local_polytope(problem: Problem, *, time_limit: float = 60.0,
+                         max_iterations: int | None = None) -> LPResult:
     """The local polytope's optimum, its rounding and memory prices (module docstring);
-    ``time_limit`` sets the simplex's iteration cap (``lp_iteration_limit``)."""
+    ``time_limit`` sets the simplex's iteration cap (``lp_iteration_limit``), ``max_iterations``
+    a lower one (a re-solve that is only worth its cost when it is quick)."""
     start = time.perf_counter()
     rep = _representatives(problem)
     c, tie_break, a_eq, b_eq, memory, off, constant = _lp_arrays(problem, rep)
     a_ub, b_ub, live_sets = memory if memory is not None else (None, None, [])
     nvar = len(c)
+    cap = lp_iteration_limit(nvar, time_limit)
+    if max_iterations is not None:
+        cap = min(cap, max_iterations)
     # HiGHS' serial dual simplex (SciPy runs it on one thread) under an iteration limit, so
     # that a loaded machine stops where an idle one does; the wall clock is only a guard
     res = linprog(c, A_ub=a_ub, b_ub=b_ub, A_eq=a_eq, b_eq=b_eq, bounds=(0.0, 1.0),
                   method="highs-ds",
                   options={"presolve": True, "disp": False,
-                           "maxiter": lp_iteration_limit(nvar, time_limit),
+                           "maxiter": cap,
                            "time_limit": max(WALL_CLOCK_GUARD * time_limit, 1.0)})
     status = {0: "optimal", 2: "infeasible"}.get(res.status, "not solved")
     if res.status == 1:     # the iteration cap or the wall-clock guard (SciPy's message says)
@@ -217,7 +226,7 @@ def solve_local_polytope(problem: Problem, *, time_limit: float = 60.0) -> LPRes
             weight[live] += dual
         prices = problem.usages * np.repeat(weight, problem.num_strategies)
     return LPResult(choice, value, bool(integral), time.perf_counter() - start, status, nvar,
-                    prices)
+                    prices, int(getattr(res, "nit", 0) or 0))
 
 
 def solve_lagrangian(problem: Problem, lp: LPResult, *, time_limit: float = 60.0,

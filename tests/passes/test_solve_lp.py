@@ -62,7 +62,7 @@ def test_an_lp_stopped_by_its_iteration_cap_is_reported_and_not_used(monkeypatch
                                  intervals=[(0, 1)] * 3, edges=[(0, 1), (1, 2)],
                                  edge_costs=[[[0, 5], [5, 0]], [[0, 5], [5, 0]]])
     assert solve_local_polytope(problem).status == "optimal"
-    monkeypatch.setattr(solve_lp, "ITERATIONS_PER_VARIABLE", 0.0)
+    monkeypatch.setattr(solve_lp, "ITERATION_SECONDS", float("inf"))
     monkeypatch.setattr(solve_lp, "MIN_ITERATIONS", 0)
     lp = solve_local_polytope(problem)
     assert lp.status == "stopped: iteration limit reached"
@@ -70,3 +70,20 @@ def test_an_lp_stopped_by_its_iteration_cap_is_reported_and_not_used(monkeypatch
     choice, stats = solve_plan_problem(problem, time_limit=5.0)
     assert stats.engine != "lp (highs)"
     assert evaluate(problem, choice).cost == 3      # all 0, paying node 2's 3: the optimum
+
+
+def test_the_iteration_cap_lets_a_small_lp_finish_within_a_short_limit():
+    """The cap is the iterations the calibrated simplex rate fits in the time limit: this LP
+    (21k variables, 7.5k iterations, about 0.5 s) finishes at a 5 s limit, where a cap
+    proportional to the variables (nvar x 5 / 30 + 1000 = 4.6k) stopped it and sent the planner
+    to the combinatorial search; ``max_iterations`` caps a re-solve below that."""
+    rng = np.random.default_rng(0)
+    n, k = 600, 4
+    edges = [(i, i + 1) for i in range(n - 1)] + [(i, i + 7) for i in range(n - 7)]
+    problem = Problem.from_lists(costs=rng.uniform(0, 10, (n, k)).tolist(),
+                                 usages=[[1] * k] * n, intervals=[(0, 1)] * n, edges=edges,
+                                 edge_costs=[rng.uniform(0, 10, (k, k)).tolist() for _ in edges])
+    lp = solve_local_polytope(problem, time_limit=5.0)
+    assert lp.status == "optimal" and lp.iterations > lp.variables * 5 / 30 + 1000
+    capped = solve_local_polytope(problem, time_limit=5.0, max_iterations=lp.iterations // 2)
+    assert capped.status == "stopped: iteration limit reached"
