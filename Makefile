@@ -3,6 +3,8 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# pytest-xdist workers: each XLA compile uses about one core, so one per core (2 here)
+TEST_WORKERS ?= 2
 
 .PHONY: demo test bench install clean
 
@@ -18,7 +20,7 @@ demo: $(STAMP)
 	$(BIN)/python examples/gpt.py
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) tests
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/run.py
