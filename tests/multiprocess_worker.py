@@ -5,9 +5,10 @@
 Each process has 4 simulated CPU devices; together they form one (2, 4) mesh with gloo
 collectives over 127.0.0.1. The process writes ``OUT_DIR/result-<id>.json`` (and process 0 the
 new parameters as ``params.npz``) so the test can compare against a single-process run.
-Scenarios: ``train`` (plan, agree, two train steps), ``mismatch`` (process 1 pins a different
-layout), ``fail`` (process 1 is given an impossible memory budget), ``absent`` (process 1 never
-plans; process 0 must time out naming it).
+Scenarios: ``train`` (plan, agree, two train steps; the test GPT), ``mismatch`` (process 1 pins a
+different layout), ``fail`` (process 1 is given an impossible memory budget), ``absent``
+(process 1 never plans; process 0 must time out naming it); the last three plan the test MLP,
+as they test the agreement, not the plan.
 """
 
 import os
@@ -27,7 +28,7 @@ from jax.sharding import PartitionSpec as P  # noqa: E402
 
 import autoshard  # noqa: E402
 import autoshard.runtime.multihost  # noqa: E402
-from tests.models import gpt  # noqa: E402
+from tests.models import gpt, mlp  # noqa: E402
 
 
 def placement_checks(mesh, full, local):
@@ -48,10 +49,11 @@ def main(scenario, process_id, num_processes, port, out_dir):
                                num_processes=num_processes, process_id=process_id,
                                initialization_timeout=60)
     mesh = jax.make_mesh((2, 4), ("data", "model"))
-    params = gpt.init(jax.random.key(0))
-    opt_state = gpt.tx.init(params)
-    full_batch = jax.tree.map(np.asarray, gpt.batch(jax.random.key(1)))
-    rows = gpt.BATCH // num_processes
+    model = gpt if scenario == "train" else mlp
+    params = model.init(jax.random.key(0))
+    opt_state = model.tx.init(params)
+    full_batch = jax.tree.map(np.asarray, model.batch(jax.random.key(1)))
+    rows = model.BATCH // num_processes
     local_batch = jax.tree.map(lambda a: a[process_id * rows:(process_id + 1) * rows],
                                full_batch)
     # every process holds the same initial state; global arrays, replicated
@@ -61,7 +63,7 @@ def main(scenario, process_id, num_processes, port, out_dir):
     result = {"process": process_id, "devices": [d.id for d in mesh.devices.flat]}
     options = {}
     if scenario == "mismatch" and process_id == 1:
-        options["in_specs"] = (None, None, {"tokens": P("model"), "labels": None})
+        options["in_specs"] = (None, None, {"x": P("model"), "y": None})
     if scenario == "fail" and process_id == 1:
         options["memory_budget"] = 1024
     if scenario == "absent" and process_id == 1:
@@ -69,18 +71,18 @@ def main(scenario, process_id, num_processes, port, out_dir):
         result["absent"] = True
     else:
         try:
-            run_steps(result, mesh, (params, opt_state), batch_struct, local_batch, full_batch,
-                      options, process_id, out_dir)
+            run_steps(result, model, mesh, (params, opt_state), batch_struct, local_batch,
+                      full_batch, options, process_id, out_dir)
         except autoshard.AutoshardError as err:
             result["error"] = f"{type(err).__name__}: {err}"
     finish(result, process_id, num_processes, out_dir)
 
 
-def run_steps(result, mesh, state, batch_struct, local_batch, full_batch, options, process_id,
-              out_dir):
+def run_steps(result, model, mesh, state, batch_struct, local_batch, full_batch, options,
+              process_id, out_dir):
     params, opt_state = state
     start = time.perf_counter()
-    step = autoshard.compile(gpt.train_step, params, opt_state, batch_struct, mesh=mesh,
+    step = autoshard.compile(model.train_step, params, opt_state, batch_struct, mesh=mesh,
                              hardware="cpu", **options)  # as tests/test_multiprocess.py
     result.update(planning_seconds=time.perf_counter() - start, source=step.plan_source,
                   digest=step.plan_digest)
