@@ -272,7 +272,8 @@ def search_plan(graph: Graph, mesh: MeshSpec, hw: Hardware, pins: Pins, *, in_tr
         # A variant is the same LP with some costs raised: one that takes many times the
         # first solve's iterations is degenerate and given up (an NNX GPT with its annotations
         # required: 2 min at the full cap for no plan, against 3 s for the first solve)
-        cap = max(MIN_ITERATIONS, RESOLVE_ITERATIONS * stats.details.get("lp_iterations", 0))
+        # (only an integral first LP is refined: its stats hold the iterations)
+        cap = max(MIN_ITERATIONS, RESOLVE_ITERATIONS * stats.details["lp_iterations"])
         lp = solve_local_polytope(variant, time_limit=time_limit, max_iterations=int(cap))
         return lp.choice if lp.integral else None
 

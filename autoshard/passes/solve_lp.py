@@ -226,7 +226,7 @@ def solve_local_polytope(problem: Problem, *, time_limit: float = 60.0,
             weight[live] += dual
         prices = problem.usages * np.repeat(weight, problem.num_strategies)
     return LPResult(choice, value, bool(integral), time.perf_counter() - start, status, nvar,
-                    prices, int(getattr(res, "nit", 0) or 0))
+                    prices, int(res.nit))
 
 
 def solve_lagrangian(problem: Problem, lp: LPResult, *, time_limit: float = 60.0,
