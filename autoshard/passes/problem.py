@@ -56,13 +56,14 @@ from autoshard.passes.solve_problem import Problem
 from autoshard.passes.strategy import Strategy, strategies_for, tensor_specs
 
 NS = 1e9
-#: Give partial sums read more than once a fanout slot (module docstring). Off: the plan
-#: then charges the reduction per reader (conv test model: predicted collective bytes 1.47x the
-#: compiled), but XLA follows it. With fanouts, the readers' operand constraints are all the
-#: lowering can place, and on GPT-2-medium (2x4) XLA then reduced the same partial sum to
-#: several layouts: compiled collective bytes 2.9x the prediction, roofline step 26.4 ms
-#: against 13.4 ms without (benchmarks/run.py).
-FANOUT_PARTIALS = False
+#: Give partial sums read more than once a fanout slot (module docstring). Off, the plan
+#: charges the reduction per reader: on the plan-quality conv model (4x2) a data-parallel
+#: gradient read by AdamW's two moments cost two all-reduces, so the plan reduce-scattered it and
+#: all-gathered twice (0.040 ms compiled against one all-reduce's 0.027). The lowering
+#: constrains a fanout's value to the layout it is reduced to (plan_search.plan_from_choice);
+#: without that, XLA reduced a partial sum to each reader's layout separately (GPT-2-medium,
+#: 2x4: compiled collective bytes 2.9x the prediction; with it 1.00).
+FANOUT_PARTIALS = True
 _ALIAS_OPS = {"optimization_barrier"}
 
 

@@ -194,12 +194,9 @@ def test_fused_and_dead_values_hold_no_memory():
         assert bool(slot.usages.any()) is held, op
 
 
-def test_a_partial_sum_read_twice_is_reduced_once(monkeypatch):
-    """With fanouts (off by default, problem.FANOUT_PARTIALS): x.T @ y over a split batch is a
-    partial sum; read by two ops that need it replicated, it is all-reduced once (as XLA does),
-    not once per reader."""
-    import autoshard.passes.problem as problem_module
-    monkeypatch.setattr(problem_module, "FANOUT_PARTIALS", True)
+def test_a_partial_sum_read_twice_is_reduced_once():
+    """x.T @ y over a split batch is a partial sum; read by two ops that need it replicated, it
+    is all-reduced once (as XLA does), not once per reader (problem.FANOUT_PARTIALS)."""
     mesh = jax.make_mesh((8,), ("data",))
 
     def f(x, y):
@@ -216,3 +213,24 @@ def test_a_partial_sum_read_twice_is_reduced_once(monkeypatch):
     assert [(c.name, c.predicted, c.compiled) for c in report.collective_bytes] == [
         ("all-reduce bytes", 32 * 32 * 4, 32 * 32 * 4)]
 
+
+
+def test_a_partial_sum_read_in_two_layouts_is_reduced_once_where_the_plan_says():
+    """Two readers need the partial sum replicated, a third split: the plan all-reduces it once
+    (the split reader slices it), and the lowering constrains the reduced value to that layout;
+    left to the readers' operand layouts, XLA reduce-scattered it and all-gathered the result
+    instead, a program the plan did not price."""
+    mesh = jax.make_mesh((8,), ("data",))
+
+    def f(x, y):
+        g = x.T @ y
+        return g * 2.0, jnp.sin(g), g + 1.0
+
+    x = jax.ShapeDtypeStruct((64, 32), jnp.float32)
+    y = jax.ShapeDtypeStruct((64, 32), jnp.float32)
+    step = autoshard.compile(f, x, y, mesh=mesh, hardware="h100",
+                             in_specs=(P("data"), P("data")), out_specs=(P(), P(), P("data")))
+    assert step.plan.prediction.collectives == {"all-reduce": (1, 32 * 32 * 4)}
+    report = autoshard.verify(step, x, y)
+    assert [(c.name, c.predicted, c.compiled) for c in report.collective_bytes] == [
+        ("all-reduce bytes", 32 * 32 * 4, 32 * 32 * 4)]
