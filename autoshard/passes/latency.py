@@ -186,7 +186,14 @@ def refine_latency(pp: PlanningProblem, choice, mesh: MeshSpec, hw: Hardware, so
         # keeping the cheapest; where the work budget cannot pay for the whole round, the
         # all-at-once move alone, kept if it pays
         everything = [tuple(used)] if len(used) > 1 else []
-        moves = everything + [(key,) for key in used]
+        alone = [(key,) for key in used]
+        # all but one: the plan that keeps a single class (data parallel keeps its gradient
+        # all-reduce and drops the gathers and scatters in one move; on the conv model's 4x2
+        # mesh no one-class move paid, each plan between was dearer)
+        but_one = [tuple(k for k in used if k != key) for key in used] if len(used) > 2 else []
+        moves = everything + alone + but_one
+        if work + size * len(moves) > MAX_RESOLVE_WORK:
+            moves = everything + alone
         if work + size * len(moves) > MAX_RESOLVE_WORK:
             moves = everything
             if work + size * len(moves) > MAX_RESOLVE_WORK:
