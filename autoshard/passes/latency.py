@@ -99,6 +99,18 @@ def fixed_seconds(pp: PlanningProblem, choice, mesh: MeshSpec, hw: Hardware) -> 
     return sum(class_seconds(classes_used(pp, choice, mesh), mesh, hw).values())
 
 
+def total_nanoseconds(pp: PlanningProblem, choice, mesh: MeshSpec, hw: Hardware) -> float:
+    """The problem's cost of ``choice`` plus its fixed start-up charges (nanoseconds)."""
+    return float(evaluate(pp.problem, choice).cost) + fixed_seconds(pp, choice, mesh, hw) * NS
+
+
+def latency_bound(pp: PlanningProblem, choice, mesh: MeshSpec, hw: Hardware) -> bool:
+    """Whether the fixed start-up charges of ``choice`` are at least ``LATENCY_SHARE`` of its
+    total: below that, no re-solve for them is worth its time."""
+    fixed = fixed_seconds(pp, choice, mesh, hw) * NS
+    return fixed >= LATENCY_SHARE * (float(evaluate(pp.problem, choice).cost) + fixed)
+
+
 @dataclass(frozen=True)
 class _Entries:
     """Where one class arises in the problem: flat node-strategy and edge-pair indices."""
@@ -165,13 +177,12 @@ def refine_latency(pp: PlanningProblem, choice, mesh: MeshSpec, hw: Hardware, so
     problem = pp.problem
 
     def total(c) -> float:
-        return float(evaluate(problem, c).cost) + fixed_seconds(pp, c, mesh, hw) * NS
+        return total_nanoseconds(pp, c, mesh, hw)
 
     best = np.asarray(choice, np.int64)
-    best_total = total(best)
-    fixed = best_total - float(evaluate(problem, best).cost)
-    if fixed < LATENCY_SHARE * best_total:
+    if not latency_bound(pp, best, mesh, hw):
         return best, ()
+    best_total = total(best)
     entries = class_entries(pp, mesh)
     forbidden: tuple[ClassKey, ...] = ()
     penalty = 10.0 * best_total + NS

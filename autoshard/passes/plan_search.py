@@ -28,9 +28,9 @@ from autoshard.ir.graph import Graph, Value
 from autoshard.ir.mesh import MeshSpec
 from autoshard.ir.plan import (CollectiveCause, NodeExplanation, Plan, Prediction, SolverStats,
                                StrategyCost)
-from autoshard.ir.sharding import B, ShardingSpec
-from autoshard.passes.latency import (LATENCY_SHARE, class_seconds, classes_used,
-                                      fixed_seconds, refine_latency)
+from autoshard.ir.sharding import ShardingSpec
+from autoshard.passes.latency import (class_seconds, classes_used, latency_bound,
+                                      refine_latency, total_nanoseconds)
 from autoshard.passes.pins import Pins
 from autoshard.passes.problem import NS, PlanningProblem, Slot, Transfer, build_problem
 from autoshard.passes.solve import solve
@@ -316,14 +316,10 @@ def _replicated_state_seed(pp: PlanningProblem, graph: Graph, updated: dict[int,
     latency refinement ran (start-up charges at least ``LATENCY_SHARE`` of the step) and
     without a memory budget (replicated state is the plan a budget rules out)."""
     choice, forbidden = found
-    problem = pp.problem
-
-    def total(c) -> float:
-        return float(evaluate(problem, c).cost) + fixed_seconds(pp, c, mesh, hw) * NS
-
-    base = total(choice)
-    if base - float(evaluate(problem, choice).cost) < LATENCY_SHARE * base:
+    if not latency_bound(pp, choice, mesh, hw):
         return found
+    problem = pp.problem
+    base = total_nanoseconds(pp, choice, mesh, hw)
     costs = np.array(problem.costs)
     penalty = 10.0 * base + NS
     pinned = 0
@@ -331,8 +327,7 @@ def _replicated_state_seed(pp: PlanningProblem, graph: Graph, updated: dict[int,
         slot_index = pp.value_slot.get(graph.inputs[i].id, (None,))[0]
         if slot_index is None:
             continue
-        slot = pp.slots[slot_index]
-        whole = [all(e == B for e in st.outputs[0].sbp) for st in slot.strategies]
+        whole = [st.outputs[0].is_replicated for st in pp.slots[slot_index].strategies]
         if any(whole) and not all(whole):
             first = int(problem.offsets[slot_index])
             costs[first:first + len(whole)] += np.where(whole, 0.0, penalty)
@@ -343,14 +338,14 @@ def _replicated_state_seed(pp: PlanningProblem, graph: Graph, updated: dict[int,
     if seeded is None or not evaluate(problem, seeded).feasible:
         return found
     seeded, seeded_forbidden = refine_latency(pp, seeded, mesh, hw, resolve, progress)
-    if total(seeded) >= base * (1 - 1e-6):
-        if progress:
-            progress(f"replicated state: {total(seeded) / NS * 1e3:.4f} ms against "
-                     f"{base / NS * 1e3:.4f}; kept the search's plan")
-        return found
+    seeded_total = total_nanoseconds(pp, seeded, mesh, hw)
+    cheaper = seeded_total < base * (1 - 1e-6)
     if progress:
-        progress(f"replicated state: {total(seeded) / NS * 1e3:.4f} ms against "
-                 f"{base / NS * 1e3:.4f}; planning the state replicated")
+        progress(f"replicated state: {seeded_total / NS * 1e3:.4f} ms against "
+                 f"{base / NS * 1e3:.4f}; " + ("planning the state replicated" if cheaper
+                                               else "kept the search's plan"))
+    if not cheaper:
+        return found
     return np.asarray(seeded, np.int64), seeded_forbidden or ("replicated state",)
 
 

@@ -214,7 +214,6 @@ def test_a_partial_sum_read_twice_is_reduced_once():
         ("all-reduce bytes", 32 * 32 * 4, 32 * 32 * 4)]
 
 
-
 def test_a_partial_sum_read_in_two_layouts_is_reduced_once_where_the_plan_says():
     """Two readers need the partial sum replicated, a third split: the plan all-reduces it once
     (the split reader slices it), and the lowering constrains the reduced value to that layout;
