@@ -36,7 +36,8 @@ from autoshard.passes.problem import NS, PlanningProblem, Slot, Transfer, build_
 from autoshard.passes.solve import solve
 from autoshard.passes.solve_lp import (MIN_ITERATIONS, solve_lagrangian,
                                        solve_local_polytope)
-from autoshard.passes.solve_problem import FORBIDDEN, Problem, evaluate, usage_profile
+from autoshard.passes.liveness import packed_profile
+from autoshard.passes.solve_problem import FORBIDDEN, Problem, evaluate
 
 METHOD = "cost-model search"
 #: Rejected strategies an op's explanation keeps, cheapest first.
@@ -84,7 +85,7 @@ def predict(pp: PlanningProblem, choice, mesh: MeshSpec, hw: Hardware,
     # the combined ops' start-up latency, once per op (latency.py)
     for kind, t in class_seconds(classes_used(pp, choice, mesh), mesh, hw).items():
         seconds[kind] = seconds.get(kind, 0.0) + t
-    profile = usage_profile(pp.problem, choice)
+    profile = packed_profile(pp.problem, choice, pp.result_starts)
     peak = int(profile.max()) if len(profile) else 0
     total = compute + sum(seconds.values())
     return Prediction(total, compute, seconds, reshard,
@@ -241,7 +242,8 @@ def plan_from_choice(pp: PlanningProblem, choice, graph: Graph, mesh: MeshSpec, 
     operand_specs = {slot.node.id: slot.strategies[c].inputs
                      for slot, c in zip(pp.slots, choice) if slot.kind == "op"}
     explanation = {} if hw is None else explain(pp, choice, mesh, hw)
-    curve = () if hw is None else tuple(usage_profile(pp.problem, choice).tolist())
+    curve = () if hw is None else tuple(
+        packed_profile(pp.problem, choice, pp.result_starts).tolist())
     return Plan(graph, mesh, input_specs, output_specs, value_specs, in_tree, out_tree, METHOD,
                 reasons, tuple(pp.unplanned), prediction, solver, operand_specs, explanation,
                 curve, "" if hw is None else hw.name)

@@ -17,8 +17,10 @@ Problem nodes ("slots"):
   where the next step expects it, so state keeps its layout step after step.
 
 Liveness: the top-level nodes are numbered in program order; a value lives from its producer to
-its last reader, arguments and results for the whole program (XLA's argument + result + temp
-accounting), a loop body's temporaries at the loop's position. A donated argument's updated
+its last reader (later where a fused reader recomputes from it, earlier where its last reader
+writes over it: liveness.py), arguments and results for the whole program (XLA's argument +
+result + temp accounting; the prediction lets temporaries use a result's buffer until the result
+is written, ``liveness.packed_profile``), a loop body's temporaries at the loop's position. A donated argument's updated
 result reuses its buffer and adds nothing. A value XLA fuses away holds no memory: one computed
 elementwise (or by a broadcast or reshape) and read only by elementwise ops, layout ops and
 reductions, which XLA's fusion passes compute inside their readers' kernels (``fused_values``).
@@ -51,6 +53,7 @@ from autoshard.ir.graph import Graph, Literal, Node, Value
 from autoshard.ir.mesh import MeshSpec
 from autoshard.ir.primitives import ELEMENTWISE
 from autoshard.ir.sharding import B, ShardingSpec, Split
+from autoshard.passes.liveness import in_place_values, recomputed_liveness
 from autoshard.passes.pins import Pins
 from autoshard.passes.solve_problem import Problem
 from autoshard.passes.strategy import Strategy, strategies_for, tensor_specs
@@ -98,6 +101,8 @@ class PlanningProblem:
     #: the combined values moved before the forward pass (``head_values``); the other combined
     #: values move after the last matmul. XLA combines each side's collectives apart.
     head: frozenset = frozenset()
+    #: result slot -> the position it is made at (the problem counts it from 0)
+    result_starts: dict[int, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -132,6 +137,7 @@ class _Builder:
         self.head = head_values(graph, set(updated.values()))
         self.combined = self.head | tail_values(graph)
         self.fused = fused_values(graph)
+        self.result_starts: dict[int, int] = {}
 
     # -- slots ----------------------------------------------------------------------------------
 
@@ -213,6 +219,8 @@ class _Builder:
     def build(self) -> None:
         g = self.graph
         last_use = self.last_uses(g)
+        last_use = recomputed_liveness(g, last_use, self.fused)
+        in_place = in_place_values(g, last_use)
         outputs = {a.id for a in g.outputs if isinstance(a, Value)}
         for i, value in enumerate(g.inputs):
             pinned = self.pins.inputs.get(i)
@@ -221,13 +229,17 @@ class _Builder:
         for value in g.constant_values:
             self.leaf_slot("constant", value, self.value_specs(value), (0, self.end))
         for position, node in enumerate(g.nodes, start=1):
-            ends = [self.end if v.id in outputs else last_use.get(v.id, position) + 1
-                    for v in node.outputs]
-            # the runtime allocates the step's results before it runs (memory_analysis counts
-            # them apart from the temporaries), so a result holds its memory from the start
-            start = 0 if node.outputs and all(v.id in outputs for v in node.outputs) \
-                else position
-            self.node(node, (start, max(ends)), 1.0, g)
+            ends = [self.end if v.id in outputs else
+                    last_use.get(v.id, position) + (v.id not in in_place) for v in node.outputs]
+            # a step's results have buffers of their own for the whole step (memory_analysis
+            # counts them apart from the temporaries): the problem counts them from the start,
+            # an upper bound, and ``result_starts`` keeps where each is made for the
+            # prediction (liveness.packed_profile: XLA keeps temporaries in them until then)
+            is_result = node.outputs and all(v.id in outputs for v in node.outputs) \
+                and node.op not in ("scan", "while", *_ALIAS_OPS)
+            if is_result:
+                self.result_starts[len(self.slots)] = position
+            self.node(node, (0 if is_result else position, max(ends)), 1.0, g)
         self.sinks()
 
     @staticmethod
@@ -513,7 +525,7 @@ def build_problem(graph: Graph, mesh: MeshSpec, hw: Hardware, pins: Pins, *,
                           problem.edge_costs, problem.usage_limit, groups)
     return PlanningProblem(problem, builder.slots, builder.value_slot, builder.sink_slots,
                            builder.unplanned, builder.transfers,
-                           frozenset(builder.head))
+                           frozenset(builder.head), builder.result_starts)
 
 
 _LAYER_INDEX = re.compile(r"\[\d+\]")
