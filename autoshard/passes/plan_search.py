@@ -85,11 +85,43 @@ def predict(pp: PlanningProblem, choice, mesh: MeshSpec, hw: Hardware,
     # the combined ops' start-up latency, once per op (latency.py)
     for kind, t in class_seconds(classes_used(pp, choice, mesh), mesh, hw).items():
         seconds[kind] = seconds.get(kind, 0.0) + t
-    profile = packed_profile(pp.problem, choice, pp.result_starts)
+    profile = packed_profile(pp.problem, choice, pp.result_starts,
+                             gathered_buffers(pp, choice, mesh))
     peak = int(profile.max()) if len(profile) else 0
     total = compute + sum(seconds.values())
     return Prediction(total, compute, seconds, reshard,
                       {k: (v[0], v[1]) for k, v in counts.items()}, peak, memory_budget)
+
+
+def gathered_buffers(pp: PlanningProblem, choice, mesh: MeshSpec) -> list[tuple[int, int, int]]:
+    """(bytes per device, start, end) of each operand the plan all-gathers for its readers: a
+    buffer the problem's nodes do not hold (memory is per node, and the gathered layout is an
+    edge's). Values gathered from the state alone (FSDP's parameters) are gathered together
+    before the forward pass and held until their last reader, as XLA's combined all-gather
+    does; others just before their reader. Readers needing one layout share one buffer (XLA
+    gathers a value once per layout). On the plan-quality GPT under FSDP (2x4) they are 31 MiB
+    and took predicted / compiled peak from 0.74 to 0.87."""
+    spans: dict[tuple, tuple[int, int, int]] = {}
+    for t in pp.transfers:
+        consumer = pp.slots[t.consumer]
+        dst = t.required[choice[t.consumer]] if consumer.kind == "op" else None
+        if dst is None:
+            continue
+        src = pp.slots[t.producer].strategies[choice[t.producer]].outputs[t.output]
+        if t.transform is not None:
+            src = t.transform(src)
+        if src == dst or not any(step.kind == "all-gather"
+                                 for step in reshard_steps(src, dst, mesh)):
+            continue
+        at = pp.result_starts.get(t.consumer, consumer.interval[0])
+        first = 1 if t.combined and t.value.id in pp.head else at
+        nbytes = int(t.value.nbytes * dst.shard_fraction(mesh))
+        key = (t.value.id, dst)
+        if key in spans:
+            _, start, end = spans[key]
+            first, at = min(first, start), max(at, end - 1)
+        spans[key] = (nbytes, first, at + 1)
+    return list(spans.values())
 
 
 def local_costs(problem: Problem, choice) -> np.ndarray:
@@ -242,8 +274,8 @@ def plan_from_choice(pp: PlanningProblem, choice, graph: Graph, mesh: MeshSpec, 
     operand_specs = {slot.node.id: slot.strategies[c].inputs
                      for slot, c in zip(pp.slots, choice) if slot.kind == "op"}
     explanation = {} if hw is None else explain(pp, choice, mesh, hw)
-    curve = () if hw is None else tuple(
-        packed_profile(pp.problem, choice, pp.result_starts).tolist())
+    curve = () if hw is None else tuple(packed_profile(
+        pp.problem, choice, pp.result_starts, gathered_buffers(pp, choice, mesh)).tolist())
     return Plan(graph, mesh, input_specs, output_specs, value_specs, in_tree, out_tree, METHOD,
                 reasons, tuple(pp.unplanned), prediction, solver, operand_specs, explanation,
                 curve, "" if hw is None else hw.name)

@@ -5,9 +5,11 @@ write over dying operands, temporaries sit in the results' buffers before those 
 import jax.numpy as jnp
 import numpy as np
 
+from autoshard import B, S, ShardingSpec
 from autoshard.passes.liveness import packed_profile
+from autoshard.passes.plan_search import gathered_buffers
 from autoshard.passes.solve_problem import Problem, usage_profile
-from tests.passes.test_problem import problem_of
+from tests.passes.test_problem import MESH, problem_of
 
 
 def op_slot(graph, pp, op, k=0):
@@ -67,3 +69,31 @@ def test_temporaries_sit_in_results_not_yet_written():
     assert packed_profile(problem, choice, {1: 4, 2: 5}).tolist() == [18, 18, 24, 24, 18, 18]
     # results made early leave no room: the temporary is counted beside them
     assert packed_profile(problem, choice, {1: 0, 2: 0}).tolist() == [18, 21, 27, 24, 18, 18]
+
+
+def test_an_operand_gathered_for_its_reader_holds_a_buffer_of_the_gathered_size():
+    def fn(x, w):
+        return jnp.tanh(x @ w)
+
+    graph, pp = problem_of(fn, jnp.ones((64, 128)), jnp.ones((128, 256)))
+    dot = next(i for i, s in enumerate(pp.slots)
+               if s.kind == "op" and s.node.op == "dot_general")
+    x_slot, w_slot = (pp.value_slot[v.id][0] for v in graph.inputs)
+    choice = np.zeros(len(pp.slots), np.int64)
+    # the matmul splits rows over "data" and needs w whole; w arrives split over "model"
+    row_split = ShardingSpec((S(0), B))
+    k = next(k for k, s in enumerate(pp.slots[dot].strategies)
+             if s.inputs[0] == row_split and s.inputs[1].is_replicated)
+    choice[dot] = k
+    choice[x_slot] = next(i for i, s in enumerate(pp.slots[x_slot].strategies)
+                          if s.outputs[0] == row_split)
+    choice[w_slot] = next(i for i, s in enumerate(pp.slots[w_slot].strategies)
+                          if s.outputs[0] == ShardingSpec((B, S(0))))
+    tanh = next(i for i, s in enumerate(pp.slots) if s.kind == "op" and s.node.op == "tanh")
+    choice[tanh] = next(i for i, s in enumerate(pp.slots[tanh].strategies)
+                        if s.inputs[0] == row_split)
+    at = pp.slots[dot].interval[0]
+    assert gathered_buffers(pp, choice, MESH) == [(128 * 256 * 4, at, at + 1)]
+    choice[w_slot] = next(i for i, s in enumerate(pp.slots[w_slot].strategies)
+                          if s.outputs[0].is_replicated)
+    assert gathered_buffers(pp, choice, MESH) == []     # nothing gathered, no buffer
