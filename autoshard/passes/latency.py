@@ -67,11 +67,6 @@ def _step_classes(src, dst, mesh: MeshSpec, side: str, cache: dict) -> set[Class
     return {(kind, axes, side) for kind, axes in kinds}
 
 
-def _source(pp: PlanningProblem, t: Transfer, s: int):
-    spec = pp.slots[t.producer].strategies[s].outputs[t.output]
-    return spec if t.transform is None else t.transform(spec)
-
-
 def classes_used(pp: PlanningProblem, choice, mesh: MeshSpec) -> set[ClassKey]:
     """The combined-op classes the plan ``choice`` makes."""
     used: set[ClassKey] = set()
@@ -81,7 +76,7 @@ def classes_used(pp: PlanningProblem, choice, mesh: MeshSpec) -> set[ClassKey]:
     cache: dict = {}
     for t in pp.transfers:
         if t.combined:
-            used |= _step_classes(_source(pp, t, int(choice[t.producer])),
+            used |= _step_classes(pp.source(t, int(choice[t.producer])),
                                   t.required[int(choice[t.consumer])], mesh,
                                   _transfer_side(pp, t), cache)
     return used
@@ -142,7 +137,7 @@ def class_entries(pp: PlanningProblem, mesh: MeshSpec) -> dict[ClassKey, _Entrie
             continue
         base = int(problem.edge_offsets[e])
         side = _transfer_side(pp, t)
-        sources = [_source(pp, t, su) for su in range(len(pp.slots[u].strategies))]
+        sources = [pp.source(t, su) for su in range(len(pp.slots[u].strategies))]
         for su, src in enumerate(sources):
             for sc, dst in enumerate(t.required):
                 for key in _step_classes(src, dst, mesh, side, cache):

@@ -71,9 +71,7 @@ def predict(pp: PlanningProblem, choice, mesh: MeshSpec, hw: Hardware,
             collective(kind, axes, nbytes, slot.times, not slot.combined)
     reshard = 0.0
     for t in pp.transfers:
-        src = pp.slots[t.producer].strategies[choice[t.producer]].outputs[t.output]
-        if t.transform is not None:
-            src = t.transform(src)
+        src = pp.source(t, choice[t.producer])
         dst = t.required[choice[t.consumer]]
         if dst is None:
             continue
@@ -85,12 +83,18 @@ def predict(pp: PlanningProblem, choice, mesh: MeshSpec, hw: Hardware,
     # the combined ops' start-up latency, once per op (latency.py)
     for kind, t in class_seconds(classes_used(pp, choice, mesh), mesh, hw).items():
         seconds[kind] = seconds.get(kind, 0.0) + t
-    profile = packed_profile(pp.problem, choice, pp.result_starts,
-                             gathered_buffers(pp, choice, mesh))
+    profile = memory_profile(pp, choice, mesh)
     peak = int(profile.max()) if len(profile) else 0
     total = compute + sum(seconds.values())
     return Prediction(total, compute, seconds, reshard,
                       {k: (v[0], v[1]) for k, v in counts.items()}, peak, memory_budget)
+
+
+def memory_profile(pp: PlanningProblem, choice, mesh: MeshSpec) -> np.ndarray:
+    """Predicted bytes per device at every step position (``liveness.packed_profile`` with the
+    gathered operands' buffers): the peak ``predict`` reports and the viewer's memory curve."""
+    return packed_profile(pp.problem, choice, pp.result_starts,
+                          gathered_buffers(pp, choice, mesh))
 
 
 def gathered_buffers(pp: PlanningProblem, choice, mesh: MeshSpec) -> list[tuple[int, int, int]]:
@@ -107,9 +111,7 @@ def gathered_buffers(pp: PlanningProblem, choice, mesh: MeshSpec) -> list[tuple[
         dst = t.required[choice[t.consumer]] if consumer.kind == "op" else None
         if dst is None:
             continue
-        src = pp.slots[t.producer].strategies[choice[t.producer]].outputs[t.output]
-        if t.transform is not None:
-            src = t.transform(src)
+        src = pp.source(t, choice[t.producer])
         if src == dst or not any(step.kind == "all-gather"
                                  for step in reshard_steps(src, dst, mesh)):
             continue
@@ -161,10 +163,6 @@ def explain(pp: PlanningProblem, choice, mesh: MeshSpec, hw: Hardware,
     for t in pp.transfers:
         into.setdefault(t.consumer, []).append(t)
 
-    def arriving(t: Transfer) -> ShardingSpec:
-        spec = pp.slots[t.producer].strategies[choice[t.producer]].outputs[t.output]
-        return spec if t.transform is None else t.transform(spec)
-
     prices = _Prices(mesh, hw)
     table = {}
     for i, slot in enumerate(pp.slots):
@@ -173,7 +171,7 @@ def explain(pp: PlanningProblem, choice, mesh: MeshSpec, hw: Hardware,
         first = int(problem.offsets[i])
         here = local[first:first + len(slot.strategies)]
         c = int(choice[i])
-        incoming = [(t, arriving(t)) for t in into.get(i, ())]
+        incoming = [(t, pp.source(t, choice[t.producer])) for t in into.get(i, ())]
         rejected = [int(s) for s in np.argsort(here, kind="stable")[:keep + 1]
                     if s != c and here[s] < FORBIDDEN][:keep]
         priced = [prices.price(slot, s, float(problem.costs[first + s]), float(here[s]),
@@ -274,8 +272,7 @@ def plan_from_choice(pp: PlanningProblem, choice, graph: Graph, mesh: MeshSpec, 
     operand_specs = {slot.node.id: slot.strategies[c].inputs
                      for slot, c in zip(pp.slots, choice) if slot.kind == "op"}
     explanation = {} if hw is None else explain(pp, choice, mesh, hw)
-    curve = () if hw is None else tuple(packed_profile(
-        pp.problem, choice, pp.result_starts, gathered_buffers(pp, choice, mesh)).tolist())
+    curve = () if hw is None else tuple(memory_profile(pp, choice, mesh).tolist())
     return Plan(graph, mesh, input_specs, output_specs, value_specs, in_tree, out_tree, METHOD,
                 reasons, tuple(pp.unplanned), prediction, solver, operand_specs, explanation,
                 curve, "" if hw is None else hw.name)

@@ -104,6 +104,12 @@ class PlanningProblem:
     #: result slot -> the position it is made at (the problem counts it from 0)
     result_starts: dict[int, int] = field(default_factory=dict)
 
+    def source(self, t: Transfer, s: int) -> ShardingSpec:
+        """The layout ``t``'s value leaves its producer in when the producer takes strategy
+        ``s`` (mapped by the transfer's transform: a loop's stacked operand, per step)."""
+        spec = self.slots[t.producer].strategies[s].outputs[t.output]
+        return spec if t.transform is None else t.transform(spec)
+
 
 @dataclass(frozen=True)
 class Transfer:
