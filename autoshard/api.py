@@ -371,6 +371,10 @@ def auto_infeasible(name: str, budget: int, peaks: list[tuple[str, int]]
         "recompute=True) with the 1F1B schedule.")
 
 
+#: A time-limited solve this close to its lower bound is not worth a warning.
+NEGLIGIBLE_GAP = 5e-4
+
+
 class ShardedFunction:
     """A planned, sharded version of a function; behaves like the result of ``jax.jit``.
 
@@ -556,6 +560,8 @@ class ShardedFunction:
         stats = plan.solver
         if stats is None or not stats.details.get("time_limit_reached"):
             return
+        if stats.gap is not None and stats.gap < NEGLIGIBLE_GAP:
+            return                  # not proven, but within rounding of the bound
         bound = "no lower bound" if stats.bound is None else (
             f"lower bound {stats.bound * 1e3:.4g} ms, gap "
             f"{'unknown' if stats.gap is None else f'{stats.gap:.1%}'}")

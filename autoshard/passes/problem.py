@@ -12,6 +12,10 @@ Problem nodes ("slots"):
 * a partial sum read more than once (a gradient read by the optimizer and a global norm): a
   *fanout* with the layouts it may be reduced to, read by every reader, so the reduction is
   charged once, as XLA performs it once (an edge per reader would charge it per reader);
+* a value computed from the state alone (a parameter) read more than once: a *fanout* with the
+  layouts it may be moved to before its readers, so a parameter FSDP gathers for the forward
+  and the backward pass is gathered once, as XLA's partitioner does (it reshards an instruction
+  once per target layout); keeping the producer's layout leaves every reader its own reshard;
 * a result: a *sink* with the layouts it may leave in; a result that is an argument's new value
   (new parameters, optimizer state) is tied back to that argument by the cost of moving it to
   where the next step expects it, so state keeps its layout step after step.
@@ -67,6 +71,10 @@ NS = 1e9
 #: without that, XLA reduced a partial sum to each reader's layout separately (GPT-2-medium,
 #: 2x4: compiled collective bytes 2.9x the prediction; with it 1.00).
 FANOUT_PARTIALS = True
+#: Give state values read more than once a fanout slot (module docstring). Off, each reader pays
+#: its own reshard: the plan-quality GPT under FSDP (8 devices) was predicted 1.98x the
+#: all-gather bytes XLA compiled, and the search kept away from FSDP where it was fastest.
+SHARED_FANOUTS = True
 _ALIAS_OPS = {"optimization_barrier"}
 
 
@@ -86,6 +94,7 @@ class Slot:
     combined: bool = False         # its collectives are combined with others (no latency)
     source: int | None = None      # a fanout's producer slot and output
     source_output: int = 0
+    shared: bool = False           # a fanout of a value that is not a partial sum
 
 
 @dataclass
@@ -144,6 +153,12 @@ class _Builder:
         self.combined = self.head | tail_values(graph)
         self.fused = fused_values(graph)
         self.result_starts: dict[int, int] = {}
+        #: value id -> the (slot, output) its readers read it from, where that is a shared
+        #: fanout rather than the slot that makes it (``value_slot``)
+        self.reads: dict[int, tuple[int, int]] = {}
+
+    def read_from(self, value: Value) -> tuple[int, int]:
+        return self.reads.get(value.id) or self.value_slot[value.id]
 
     # -- slots ----------------------------------------------------------------------------------
 
@@ -232,6 +247,7 @@ class _Builder:
             pinned = self.pins.inputs.get(i)
             self.leaf_slot("input", value, self.value_specs(value, pinned=pinned), (0, self.end),
                            preferred=None if pinned is not None else self.pins.preferred.get(i))
+            self.shared_fanout(value, g)
         for value in g.constant_values:
             self.leaf_slot("constant", value, self.value_specs(value), (0, self.end))
         for position, node in enumerate(g.nodes, start=1):
@@ -284,9 +300,12 @@ class _Builder:
         for i, atom in enumerate(node.inputs):
             if isinstance(atom, Value):
                 required = [s.inputs[i] if i < len(s.inputs) else None for s in strategies]
-                self.connect(self.value_slot[atom.id], index, required, atom, times)
+                self.connect(self.read_from(atom), index, required, atom, times)
         if FANOUT_PARTIALS:
             self.fanouts(node, index, strategies, times, graph)
+        if times == 1.0:
+            for v in node.outputs:
+                self.shared_fanout(v, graph)
 
     def fanouts(self, node: Node, index: int, strategies: list[Strategy], times: float,
                 graph: Graph) -> None:
@@ -299,6 +318,22 @@ class _Builder:
                 fanout = self.leaf_slot("fanout", v, specs, (0, 0), counts_memory=False)
                 self.slots[fanout].source, self.slots[fanout].source_output = index, k
                 self.connect((index, k), fanout, specs, v, times)
+
+    def shared_fanout(self, value: Value, graph: Graph) -> None:
+        """A fanout for a state value (``head_values``) read by more than one op (module
+        docstring): its readers read it from there; ``value_slot`` keeps its maker."""
+        if not SHARED_FANOUTS or value.id not in self.head or \
+                self.slots[self.value_slot[value.id][0]].kind == "fanout" or \
+                len({node.id for node in graph.consumers(value)}) < 2:
+            return
+        made_by = self.value_slot[value.id]
+        specs = [s for s in self.value_specs(value) if not s.has_partial]
+        fanout = self.leaf_slot("fanout", value, specs, (0, 0), counts_memory=False)
+        self.value_slot[value.id] = made_by
+        slot = self.slots[fanout]
+        slot.source, slot.source_output, slot.shared = made_by[0], made_by[1], True
+        self.reads[value.id] = (fanout, 0)
+        self.connect(made_by, fanout, specs, value)
 
     def op_table(self, node: Node, pinned: ShardingSpec | None, combined: bool = False):
         """(strategies, nanoseconds per run, bytes, planned) of an op; identical ops (the same
@@ -364,7 +399,7 @@ class _Builder:
                 if isinstance(atom, Value):
                     specs = [s.outputs[0] for s in self.slots[port].strategies]
                     required = [_stack(s) for s in specs] if role == "x" else specs
-                    self.connect(self.value_slot[atom.id], port, required, atom, 1.0)
+                    self.connect(self.read_from(atom), port, required, atom, 1.0)
             self.region_body(region, inner, times * length)
             if region is results_from:
                 for k, (port, role) in enumerate(ports):
@@ -523,7 +558,8 @@ def build_problem(graph: Graph, mesh: MeshSpec, hw: Hardware, pins: Pins, *,
     builder = _Builder(graph, mesh, hw, pins, set(donated), dict(updated or {}))
     builder.build()
     _discount_donations(builder)
-    groups = layer_groups(builder.slots, builder.value_slot) if share_layers else ()
+    groups = layer_groups(builder.slots, {**builder.value_slot, **builder.reads}) \
+        if share_layers else ()
     problem = builder.problem(name, usage_limit)
     if groups:
         problem = Problem(problem.name, problem.offsets, problem.costs, problem.usages,

@@ -80,9 +80,16 @@ def _scatter_rule(node: Node, mesh: MeshSpec) -> list[Strategy]:
     scatter_dims = [d for d in range(updates.ndim) if d not in window]
     index_batch = [d for d in range(indices.ndim - 1)]
     adds = node.op in ("scatter-add", "scatter_add")
+    operand_batching = tuple(getattr(dn, "operand_batching_dims", ()))
+    indices_batching = tuple(getattr(dn, "scatter_indices_batching_dims", ()))
     roles = []
-    if adds:
-        for u, i in zip(scatter_dims, index_batch):
+    for u, i in zip(scatter_dims, index_batch):
+        if i in indices_batching:
+            # a batching dim (the gradient of take_along_axis): update batch i lands in operand
+            # batch i only, so all four split alike with nothing to reduce
+            d = operand_batching[indices_batching.index(i)]
+            roles.append((f"batch{d}", operand.shape[d], (d, i, u, d)))
+        elif adds:
             roles.append((f"upd{u}", updates.shape[u], ("P", i, u, "P")))
     operand_window = [d for d in range(operand.ndim) if d not in inserted]
     for u, d in zip(window, operand_window):

@@ -129,6 +129,19 @@ def test_embedding_gather_and_its_gradient():
     assert any(outs[0] == spec(S(0), B) and ins[2] == spec(B, B) for ins, outs in found)
 
 
+def test_take_along_axis_gradient_splits_its_batch():
+    """The loss gradient of a language model (the transpose of take_along_axis, a scatter-add
+    with batching dims) splits its batch like every other op of the step; with only the
+    replicated strategy its 64 MiB table sat whole on every device of the plan-quality GPT."""
+    grad = only_node(lambda x, i: jax.grad(
+        lambda x: jnp.take_along_axis(x, i[..., None], axis=-1).sum())(x),
+        jnp.ones((8, 16, 32)), jnp.ones((8, 16), jnp.int32), op="scatter-add")
+    found, _ = layouts(grad)
+    split = {(ins[0], ins[2], outs[0]) for ins, outs in found
+             if outs[0] == spec(S(0), S(1))}
+    assert split == {(spec(S(0), S(1)), spec(S(0), S(1)), spec(S(0), S(1)))}
+
+
 def test_conv_batch_and_channels():
     node = only_node(lambda x, w: jax.lax.conv_general_dilated(
         x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")),
