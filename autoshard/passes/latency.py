@@ -38,6 +38,8 @@ MAX_RESOLVES = 12
 #: and at most this many strategies summed over them: each is a whole LP solve (the test GPT's
 #: 13,583 strategies take 7 s on one core, the test MoE's 8,737 4 s, the conv model's 611 0.1 s).
 MAX_RESOLVE_WORK = 30_000
+#: A re-solve forbids entries by adding this many times the best plan's cost to them.
+PENALTY_PLANS = 1.0
 
 ClassKey = tuple[str, tuple[int, ...], str]
 
@@ -180,7 +182,9 @@ def refine_latency(pp: PlanningProblem, choice, mesh: MeshSpec, hw: Hardware, so
     best_total = total(best)
     entries = class_entries(pp, mesh)
     forbidden: tuple[ClassKey, ...] = ()
-    penalty = 10.0 * best_total + NS
+    # a forbidden entry costs a whole plan more than the best one: never worth taking. Larger
+    # penalties (10x + 1 s) made the simplex crawl (the seed below: 26 s against 2.7 s)
+    penalty = PENALTY_PLANS * best_total
     resolves = 0
     work = 0
     size = int(problem.num_strategies.sum())        # the work of one re-solve

@@ -29,7 +29,7 @@ from autoshard.ir.mesh import MeshSpec
 from autoshard.ir.plan import (CollectiveCause, NodeExplanation, Plan, Prediction, SolverStats,
                                StrategyCost)
 from autoshard.ir.sharding import ShardingSpec
-from autoshard.passes.latency import (class_seconds, classes_used, latency_bound,
+from autoshard.passes.latency import (PENALTY_PLANS, class_seconds, classes_used, latency_bound,
                                       refine_latency, total_nanoseconds)
 from autoshard.passes.pins import Pins
 from autoshard.passes.problem import NS, PlanningProblem, Slot, Transfer, build_problem
@@ -406,7 +406,7 @@ def _replicated_state_seed(pp: PlanningProblem, graph: Graph, updated: dict[int,
     problem = pp.problem
     base = total_nanoseconds(pp, choice, mesh, hw)
     costs = np.array(problem.costs)
-    penalty = 10.0 * base + NS
+    penalty = PENALTY_PLANS * base
     pinned = 0
     for i in sorted(set(updated.values())):
         slot_index = pp.value_slot.get(graph.inputs[i].id, (None,))[0]

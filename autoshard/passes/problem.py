@@ -332,6 +332,9 @@ class _Builder:
         self.value_slot[value.id] = made_by
         slot = self.slots[fanout]
         slot.source, slot.source_output, slot.shared = made_by[0], made_by[1], True
+        # the leaf slots' tie-break (a layout that holds less), without counting the memory
+        slot.costs = np.array([self.usage([value], [s]) for s in specs], float) \
+            / self.hw.memory_rate * NS * 0.01
         self.reads[value.id] = (fanout, 0)
         self.connect(made_by, fanout, specs, value)
 
