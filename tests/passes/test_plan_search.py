@@ -46,6 +46,21 @@ def test_budget_below_replication_picks_megatron_column_then_row():
     assert step.plan.prediction.collectives["all-reduce"][0] == 1
 
 
+def test_a_budget_the_free_optimum_fits_is_solved_without_memory_rows():
+    """The LP without memory rows is many times faster; where its optimum fits the budget it
+    is the budgeted optimum too (plan_search.solve_plan_problem)."""
+    mesh = make_mesh((8,))
+    args = mlp_args()
+    free = autoshard.compile(mlp_forward, *args, mesh=mesh, hardware="h100", out_specs=P(),
+                             cache=False)
+    peak = free.plan.prediction.peak_memory_bytes
+    roomy = autoshard.compile(mlp_forward, *args, mesh=mesh, hardware="h100", out_specs=P(),
+                              memory_budget=2 * peak, cache=False)
+    assert roomy.plan.solver.details["budget_free"]
+    assert roomy.plan.in_specs == free.plan.in_specs
+    assert roomy.plan.solver.objective == pytest.approx(free.plan.solver.objective)
+
+
 def test_large_batch_small_weights_picks_data_parallel():
     mesh = make_mesh((8,))
 
