@@ -147,23 +147,25 @@ def shared_fanout_readers(pp: PlanningProblem) -> dict[int, list[int]]:
 
 
 def moved_state(pp: PlanningProblem, choice) -> dict[int, ShardingSpec]:
-    """Value id -> the layout a shared fanout moves it to, where the lowering must pin it
-    there: some reader needs a third layout, which XLA would otherwise reshard to from the
-    value's own layout rather than from the moved one, as the problem prices it. Where every
-    reader needs the moved layout or the value's own, XLA's one reshard per layout is the
-    problem's, and the value is left unconstrained."""
+    """Value id -> the layout a fanout moves a whole (not partial) value to, where the lowering
+    must pin it there: some reader needs a third layout, which XLA would otherwise reshard to
+    from the value's own layout rather than from the moved one, as the problem prices it. Where
+    every reader needs the moved layout or the value's own, XLA's one reshard per layout is the
+    problem's, and the value is left unconstrained (``plan_from_choice`` pins it where it is
+    made: pinned at the moved layout, XLA moved an op's operands there rather than its result,
+    the plan-quality MoE's expert matmul on 4x2 gathering 12 MiB of operands for a 2 MiB
+    result)."""
     needs: dict[int, set] = {}
     for t in pp.transfers:
-        producer = pp.slots[t.producer]
-        if producer.kind == "fanout" and producer.shared:
+        if pp.slots[t.producer].kind == "fanout":
             needs.setdefault(t.producer, set()).add(t.required[choice[t.consumer]])
     pinned = {}
     for index, slot in enumerate(pp.slots):
-        if slot.kind != "fanout" or not slot.shared:
+        if slot.kind != "fanout":
             continue
         moved = slot.strategies[choice[index]].outputs[0]
         own = pp.slots[slot.source].strategies[choice[slot.source]].outputs[slot.source_output]
-        if moved != own and needs.get(index, set()) - {moved, own, None}:
+        if not own.has_partial and moved != own and needs.get(index, set()) - {moved, own, None}:
             pinned[slot.value.id] = moved
     return pinned
 
@@ -295,10 +297,13 @@ def plan_from_choice(pp: PlanningProblem, choice, graph: Graph, mesh: MeshSpec, 
         # takes that layout, so the lowering constrains it there and the readers reshard from
         # it (left to the readers' operand layouts, XLA reduces once per layout they need); a
         # fanout that keeps the sum partial leaves the producer's layout (unconstrained)
+        # (a whole value the fanout moves stays where it is made: ``moved_state``)
         fanout = pp.slots[slot]
         if fanout.kind == "fanout":
             reduced = fanout.strategies[choice[slot]].outputs[0]
-            if not reduced.has_partial:
+            own = pp.slots[fanout.source].strategies[choice[fanout.source]].outputs[
+                fanout.source_output]
+            if own.has_partial and not reduced.has_partial:
                 return reduced
             slot = fanout.source
             k = fanout.source_output
