@@ -146,6 +146,12 @@ def shared_fanout_readers(pp: PlanningProblem) -> dict[int, list[int]]:
     return readers
 
 
+def fanout_source(pp: PlanningProblem, fanout: Slot, choice) -> ShardingSpec:
+    """The layout the value a fanout moves leaves its maker in."""
+    return pp.slots[fanout.source].strategies[choice[fanout.source]].outputs[
+        fanout.source_output]
+
+
 def moved_state(pp: PlanningProblem, choice) -> dict[int, ShardingSpec]:
     """Value id -> the layout a fanout moves a whole (not partial) value to, where the lowering
     must pin it there: some reader needs a third layout, which XLA would otherwise reshard to
@@ -164,7 +170,7 @@ def moved_state(pp: PlanningProblem, choice) -> dict[int, ShardingSpec]:
         if slot.kind != "fanout":
             continue
         moved = slot.strategies[choice[index]].outputs[0]
-        own = pp.slots[slot.source].strategies[choice[slot.source]].outputs[slot.source_output]
+        own = fanout_source(pp, slot, choice)
         if not own.has_partial and moved != own and needs.get(index, set()) - {moved, own, None}:
             pinned[slot.value.id] = moved
     return pinned
@@ -301,12 +307,8 @@ def plan_from_choice(pp: PlanningProblem, choice, graph: Graph, mesh: MeshSpec, 
         fanout = pp.slots[slot]
         if fanout.kind == "fanout":
             reduced = fanout.strategies[choice[slot]].outputs[0]
-            own = pp.slots[fanout.source].strategies[choice[fanout.source]].outputs[
-                fanout.source_output]
-            if own.has_partial and not reduced.has_partial:
-                return reduced
-            slot = fanout.source
-            k = fanout.source_output
+            own = fanout_source(pp, fanout, choice)
+            return reduced if own.has_partial and not reduced.has_partial else own
         return pp.slots[slot].strategies[choice[slot]].outputs[k]
 
     value_specs = {vid: produced(s, k) for vid, (s, k) in pp.value_slot.items()
@@ -362,15 +364,13 @@ def search_plan(graph: Graph, mesh: MeshSpec, hw: Hardware, pins: Pins, *, in_tr
         # first solve's iterations is degenerate and given up (an NNX GPT with its annotations
         # required: 2 min at the full cap for no plan, against 3 s for the first solve)
         # (only an integral first LP is refined: its stats hold the iterations)
+        # (solved as the first LP was: without the memory rows where it was, kept if it fits)
         cap = max(MIN_ITERATIONS, RESOLVE_ITERATIONS * stats.details["lp_iterations"])
-        if stats.details.get("budget_free"):
-            # solved as the first LP was, without the memory rows; kept only where it fits
-            lp = solve_local_polytope(replace(variant, usage_limit=None), time_limit=time_limit,
-                                      max_iterations=int(cap))
-            fits = lp.integral and evaluate(variant, lp.choice).feasible
-            return lp.choice if fits else None
-        lp = solve_local_polytope(variant, time_limit=time_limit, max_iterations=int(cap))
-        return lp.choice if lp.integral else None
+        budget_free = stats.details.get("budget_free", False)
+        lp = solve_local_polytope(replace(variant, usage_limit=None) if budget_free else variant,
+                                  time_limit=time_limit, max_iterations=int(cap))
+        fits = lp.integral and (not budget_free or evaluate(variant, lp.choice).feasible)
+        return lp.choice if fits else None
 
     refined, forbidden = (refine_latency(pp, choice, mesh, hw, resolve, progress)
                           if stats.engine == LP_ENGINE else (choice, ()))

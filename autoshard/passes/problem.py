@@ -177,9 +177,11 @@ class _Builder:
         return int(sum(v.nbytes * s.shard_fraction(self.mesh) for v, s in zip(values, specs)))
 
     def leaf_slot(self, kind: str, value: Value, specs: list[ShardingSpec], interval,
-                  *, counts_memory: bool = True, preferred: ShardingSpec | None = None) -> int:
+                  *, counts_memory: bool = True, holds_less: bool | None = None,
+                  preferred: ShardingSpec | None = None) -> int:
         """A slot choosing among ``specs`` at no time cost. Ties in time go to the layout that
-        holds less (1% of writing the held bytes once), and, for an argument the user
+        holds less (1% of writing the held bytes once; ``holds_less``, by default where the slot
+        counts memory), and, for an argument the user
         annotated (``preferred``, ``annotations="hint"``), to the annotation: every other layout
         pays 1% of writing the whole value once. That is at least the largest memory tie-breaker
         difference, so ties and near-ties keep the annotation while any saving of real time
@@ -187,9 +189,10 @@ class _Builder:
         if preferred is not None and preferred not in specs:
             specs = [*specs, preferred]
         strategies = [Strategy((), (s,)) for s in specs]
-        usages = np.array([self.usage([value], [s]) if counts_memory else 0 for s in specs],
-                          np.int64)
-        costs = usages / self.hw.memory_rate * NS * 0.01
+        held = np.array([self.usage([value], [s]) for s in specs], np.int64)
+        usages = held if counts_memory else np.zeros_like(held)
+        tie_break = counts_memory if holds_less is None else holds_less
+        costs = (held if tie_break else usages) / self.hw.memory_rate * NS * 0.01
         if preferred is not None:
             penalty = preference_penalty(value, self.hw) * NS
             costs = costs + np.array([0.0 if s == preferred else penalty for s in specs])
@@ -303,9 +306,8 @@ class _Builder:
                 self.connect(self.read_from(atom), index, required, atom, times)
         if FANOUT_PARTIALS:
             self.fanouts(node, index, strategies, times, graph)
-        if times == 1.0:
-            for v in node.outputs:
-                self.shared_fanout(v, graph)
+        for v in node.outputs:
+            self.shared_fanout(v, graph)
 
     def fanouts(self, node: Node, index: int, strategies: list[Strategy], times: float,
                 graph: Graph) -> None:
@@ -328,13 +330,13 @@ class _Builder:
             return
         made_by = self.value_slot[value.id]
         specs = [s for s in self.value_specs(value) if not s.has_partial]
-        fanout = self.leaf_slot("fanout", value, specs, (0, 0), counts_memory=False)
+        # the hold-less tie-break without the memory: ties between free slices of a replicated
+        # value made the LP degenerate
+        fanout = self.leaf_slot("fanout", value, specs, (0, 0), counts_memory=False,
+                                holds_less=True)
         self.value_slot[value.id] = made_by
         slot = self.slots[fanout]
         slot.source, slot.source_output, slot.shared = made_by[0], made_by[1], True
-        # the leaf slots' tie-break (a layout that holds less), without counting the memory
-        slot.costs = np.array([self.usage([value], [s]) for s in specs], float) \
-            / self.hw.memory_rate * NS * 0.01
         self.reads[value.id] = (fanout, 0)
         self.connect(made_by, fanout, specs, value)
 
