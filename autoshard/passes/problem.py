@@ -295,6 +295,12 @@ class _Builder:
             self.unplanned.append(node.describe())
         if node.outputs and all(v.id in self.fused for v in node.outputs):
             usages = np.zeros_like(usages)
+        if node.op in _MADE_FROM_NOTHING:
+            # its layouts tie in time: the tie goes to the one that holds less (``leaf_slot``).
+            # Without it the LP left the GPT loss gradient's 64 MiB broadcast of zeros
+            # replicated (its scatter reads it split, and XLA makes it there), and the
+            # predicted peak counted it whole (2x4, h100: predicted / compiled 1.22 -> 0.96)
+            costs = costs + usages / self.hw.memory_rate * NS * 0.01
         costs = costs * times
         index = self.add_slot(Slot("op", node.describe(), strategies, node, None, costs, usages,
                                    interval, times, combined))
@@ -470,9 +476,16 @@ def preference_penalty(value: Value, hw: Hardware) -> float:
     return value.nbytes / hw.memory_rate * 0.01
 
 
+#: Free ops that make a value from a scalar or nothing: XLA makes it in the layout its reader
+#: needs, so the plan's layout for it only decides the memory the prediction counts.
+_MADE_FROM_NOTHING = {"broadcast_in_dim", "iota"}
 _FUSIBLE_PRODUCERS = ELEMENTWISE | {"broadcast_in_dim", "reshape", "squeeze", "iota"}
 _FUSING_READERS = _FUSIBLE_PRODUCERS | {"transpose", "reduce_sum", "reduce_max", "reduce_min",
                                         "reduce_prod", "argmax", "argmin"}
+#: Elementwise ops XLA's fusion will not duplicate into more than one reader's kernel (its
+#: ``InstructionFusion::IsExpensive``: transcendentals, division, powers and roots).
+_EXPENSIVE = {"atan2", "cbrt", "cos", "div", "erf", "exp", "exp2", "expm1", "log", "log1p",
+              "logistic", "pow", "rem", "rsqrt", "sin", "sqrt", "tan", "tanh"}
 
 
 def fused_values(graph: Graph) -> set[int]:
@@ -483,7 +496,9 @@ def fused_values(graph: Graph) -> set[int]:
     (2x4 and 8 meshes), predicted / compiled peak: GPT 0.95, LLaMA 1.01, MoE 1.03, conv 0.66;
     without this rule, 1.3-1.5 (transformers) and 2.2 (conv). Keeping values read again much
     later (saved for the backward pass) raised GPT to 1.4-1.5: XLA recomputes those in the
-    backward kernels.
+    backward kernels. An expensive elementwise value (``_EXPENSIVE``) read by more than one op
+    is kept: XLA will not recompute it in each reader (the GPT's GELU tanh and softmax exp,
+    held for the backward pass; 2x4 h100 under a budget, predicted / compiled 0.81 -> 0.87).
     """
     results = {a.id for a in graph.outputs if isinstance(a, Value)}
     fused = set()
@@ -494,7 +509,8 @@ def fused_values(graph: Graph) -> set[int]:
                 continue
             if not readers and not node.regions:     # dead: XLA removes it
                 fused.add(v.id)
-            elif node.op in _FUSIBLE_PRODUCERS and all(r.op in _FUSING_READERS for r in readers):
+            elif (node.op in _FUSIBLE_PRODUCERS and all(r.op in _FUSING_READERS for r in readers)
+                  and not (node.op in _EXPENSIVE and len({r.id for r in readers}) > 1)):
                 fused.add(v.id)
     return fused
 

@@ -194,6 +194,41 @@ def test_fused_and_dead_values_hold_no_memory():
         assert bool(slot.usages.any()) is held, op
 
 
+def test_an_expensive_value_read_twice_is_held_and_a_cheap_one_is_not():
+    """XLA does not recompute a transcendental in each of its readers' kernels (the GPT's GELU
+    tanh, read by the forward product and the backward derivative), so it holds memory; a
+    cheap elementwise value read twice is recomputed in both and does not."""
+    def f(x, w):
+        t = jnp.tanh(x)
+        m = jnp.abs(x)
+        return (t * 2.0 + t * t + m * 2.0 + m * m) @ w
+
+    graph, pp = problem_of(f, jnp.ones((64, 32)), jnp.ones((32, 16)))
+    from autoshard.passes.problem import fused_values
+    fused = fused_values(graph)
+    tanh = next(n for n in graph.nodes if n.op == "tanh").outputs[0]
+    cheap = next(n for n in graph.nodes if n.op == "abs").outputs[0]
+    assert tanh.id not in fused and cheap.id in fused
+    assert pp.slots[pp.value_slot[tanh.id][0]].usages.any()
+
+
+def test_a_broadcast_of_a_scalar_is_planned_in_the_layout_that_holds_least():
+    """A broadcast costs no time in any layout; XLA makes it where its reader needs it, so of
+    the tied layouts the problem prefers the most split (the GPT's loss gradient starts as a
+    64 MiB broadcast of zeros its scatter reads split; left replicated, the predicted peak
+    counted it whole)."""
+    def f(s, w):
+        return jnp.broadcast_to(s, (64, 32)) @ w
+
+    graph, pp = problem_of(f, jnp.ones(()), jnp.ones((32, 16)))
+    node = next(n for n in graph.nodes if n.op == "broadcast_in_dim")
+    slot = pp.slots[pp.value_slot[node.outputs[0].id][0]]
+    assert slot.usages.any()
+    cheapest = slot.strategies[int(np.argmin(slot.costs))].outputs[0]
+    assert cheapest.shard_fraction(MESH) == pytest.approx(1 / 8)
+    assert slot.costs.max() > slot.costs.min()
+
+
 def test_a_partial_sum_read_twice_is_reduced_once():
     """x.T @ y over a split batch is a partial sum; read by two ops that need it replicated, it
     is all-reduced once (as XLA does), not once per reader (problem.FANOUT_PARTIALS)."""
