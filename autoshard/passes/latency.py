@@ -10,7 +10,9 @@ matmuls, 5-10 us per start-up) decides between them. A fixed charge couples ever
 the pairwise problem cannot hold it; ``predict`` adds it to the plan it prices, and
 ``refine_latency`` re-solves with the classes of combined op the plan makes forbidden, all at
 once and one at a time, keeping a plan only when it is cheaper with its own fixed charges
-counted.
+counted. The LP can hold it (``solve_lp.FixedCharge``: one variable per class bounding its
+members), at several times the simplex's work per iteration; ``plan_search`` solves that LP as
+well where the problem is small or a budget binds (``class_entries`` gives its members).
 
 A class is (kind, mesh axes, side); the compiled-program measure (cost_model/hlo.py) keys
 combined collectives the same way.

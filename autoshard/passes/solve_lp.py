@@ -77,18 +77,29 @@ class PairBlock:
     rows: np.ndarray
     cols: np.ndarray
     vals: np.ndarray
+    row_of: np.ndarray | None = None    # each row's class
+    col_of: np.ndarray | None = None    # each column's class
 
 
 def pair_block(rest: np.ndarray, first_a: int, first_b: int, first_var: int,
-               first_row: int) -> PairBlock:
+               first_row: int, marks: np.ndarray | None = None) -> PairBlock:
     """The pair variables of an edge whose cost matrix is ``rest`` (its row and column minima
     already moved into the node costs) between nodes whose strategy variables start at
     ``first_a`` and ``first_b``. Rows (columns) of ``rest`` that are equal share one class, so
     an edge with a few distinct layouts costs a few variables: Σ_h y_gh = Σ_{s in g} x_as for
-    each row class g, Σ_g y_gh = Σ_{t in h} x_bt for each column class h."""
-    distinct, row_of = _unique_rows(rest)
-    distinct_t, col_of = _unique_rows(distinct.T)
-    table = distinct_t.T
+    each row class g, Σ_g y_gh = Σ_{t in h} x_bt for each column class h. ``marks`` (a stack
+    of 0/1 matrices shaped like ``rest``) splits classes further, so that every pair of one
+    cell carries the same marks (the fixed charges' member pairs)."""
+    if marks is None or not len(marks):
+        distinct, row_of = _unique_rows(rest)
+        distinct_t, col_of = _unique_rows(distinct.T)
+        table = distinct_t.T
+    else:
+        _, row_of = _unique_rows(np.hstack([rest, *marks]))
+        _, col_of = _unique_rows(np.vstack([rest, *marks]).T)
+        first_row_of = np.unique(row_of, return_index=True)[1]
+        first_col_of = np.unique(col_of, return_index=True)[1]
+        table = rest[np.ix_(first_row_of, first_col_of)]
     g_n, h_n = table.shape
     cells = first_var + np.arange(g_n * h_n)
     ones = np.ones(g_n * h_n)
@@ -98,15 +109,62 @@ def pair_block(rest: np.ndarray, first_a: int, first_b: int, first_var: int,
     cols = np.concatenate([cells, first_a + np.arange(len(row_of)), cells,
                            first_b + np.arange(len(col_of))])
     vals = np.concatenate([ones, -np.ones(len(row_of)), ones, -np.ones(len(col_of))])
-    return PairBlock(table, rows, cols, vals)
+    return PairBlock(table, rows, cols, vals, row_of, col_of)
 
 
-def _lp_arrays(problem: Problem, rep: np.ndarray):
+@dataclass(frozen=True)
+class FixedCharge:
+    """A cost paid once where any of its entries is chosen (the start-up latency of one
+    combined collective: latency.py): flat node-strategy and flat edge-pair indices of the
+    problem. In the LP, a variable y in [0, 1] pays ``cost`` and is at least the sum of the
+    member strategies' variables of each node and of the member pairs' variables of each edge:
+    exact where the optimum is integral."""
+
+    cost: float
+    nodes: np.ndarray
+    edges: np.ndarray
+
+
+def _charge_members(problem: Problem, rep: np.ndarray, charges):
+    """(per charge: representative -> its member strategies, per charge: representative edge
+    (a, b) -> 0/1 matrix of member pairs, oriented a < b)."""
+    k = problem.num_strategies
+    node_members: list[dict[int, set[int]]] = []
+    edge_members: list[dict[tuple[int, int], np.ndarray]] = []
+    for charge in charges:
+        nodes: dict[int, set[int]] = {}
+        edges: dict[tuple[int, int], np.ndarray] = {}
+        flat = np.asarray(charge.nodes, np.int64)
+        owner = np.searchsorted(problem.offsets, flat, side="right") - 1
+        for i, f in zip(owner.tolist(), flat.tolist()):
+            nodes.setdefault(int(rep[i]), set()).add(f - int(problem.offsets[i]))
+        flat = np.asarray(charge.edges, np.int64)
+        owner = np.searchsorted(problem.edge_offsets, flat, side="right") - 1
+        for e, f in zip(owner.tolist(), flat.tolist()):
+            u, v = (int(x) for x in problem.edges[e])
+            su, sv = divmod(f - int(problem.edge_offsets[e]), int(k[v]))
+            a, b = int(rep[u]), int(rep[v])
+            if a == b:                           # a group's own edge: its diagonal
+                if su == sv:
+                    nodes.setdefault(a, set()).add(su)
+                continue
+            if a > b:
+                a, b, su, sv = b, a, sv, su
+            mark = edges.get((a, b))
+            if mark is None:
+                mark = edges[(a, b)] = np.zeros((k[a], k[b]))
+            mark[su, sv] = 1.0
+        node_members.append(nodes)
+        edge_members.append(edges)
+    return node_members, edge_members
+
+
+def _lp_arrays(problem: Problem, rep: np.ndarray, charges=()):
     """The LP as arrays: (costs c with the tie-break, the tie-break on the node variables,
-    equality rows (A, b), memory rows (A, b, live nodes of each) or None, node variable offsets
-    per representative, the constant moved out of c). Built with numpy (the test GPT's LP
-    has 196k variables: building it term by term through a modelling API took longer than
-    solving it)."""
+    equality rows (A, b), memory rows (A, b, live nodes of each) or None, fixed-charge rows
+    (A, b) or None, node variable offsets per representative, the constant moved out of c).
+    Built with numpy (the test GPT's LP has 196k variables: building it term by term through a
+    modelling API took longer than solving it)."""
     k = problem.num_strategies
     reps = np.unique(rep)
     off = np.zeros(problem.num_nodes + 1, np.int64)      # x offsets, indexed by representative
@@ -129,6 +187,11 @@ def _lp_arrays(problem: Problem, rep: np.ndarray):
         edges[(a, b)] = edges[(a, b)] + matrix if (a, b) in edges else matrix.copy()
     rows, cols, vals = [np.arange(len(reps)).repeat(k[reps])], [np.arange(nvar)], [np.ones(nvar)]
     nrow = len(reps)                                     # Σ_a x_ra = 1 per representative
+    node_members, edge_members = _charge_members(problem, rep, charges)
+    # fixed-charge rows: (charge, LP variables whose sum the charge's variable bounds)
+    charge_terms: list[tuple[int, np.ndarray]] = [
+        (j, off[a] + np.array(sorted(members), np.int64))
+        for j, per_node in enumerate(node_members) for a, members in sorted(per_node.items())]
     pair_costs = []
     for (a, b), matrix in edges.items():
         low = matrix.min(axis=1)                 # the part only a's choice decides
@@ -137,9 +200,16 @@ def _lp_arrays(problem: Problem, rep: np.ndarray):
         col_low = rest.min(axis=0)               # the part only b's choice decides
         node_cost[off[b]:off[b + 1]] += col_low
         rest = rest - col_low[None, :]
-        if not rest.any():
+        marked = [(j, m[(a, b)]) for j, m in enumerate(edge_members) if (a, b) in m]
+        if not rest.any() and not marked:
             continue
-        block = pair_block(rest, off[a], off[b], nvar, nrow)
+        block = pair_block(rest, off[a], off[b], nvar, nrow,
+                           np.array([mark for _, mark in marked]) if marked else None)
+        for j, mark in marked:
+            cells = np.zeros(block.table.shape, bool)
+            rows_m, cols_m = np.nonzero(mark)
+            cells[block.row_of[rows_m], block.col_of[cols_m]] = True
+            charge_terms.append((j, nvar + np.flatnonzero(cells.reshape(-1))))
         pair_costs.append(block.table.reshape(-1))
         rows.append(block.rows)
         cols.append(block.cols)
@@ -156,13 +226,23 @@ def _lp_arrays(problem: Problem, rep: np.ndarray):
         base = seg.min()
         seg -= base
         constant += float(base)
-    c = np.concatenate([node_cost + tie_break] + pair_costs)
+    first_charge = nvar
+    nvar += len(charges)
+    c = np.concatenate([node_cost + tie_break] + pair_costs +
+                       [np.array([charge.cost for charge in charges], np.float64)])
     a_eq = sp.csr_matrix((np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))),
                          shape=(nrow, nvar))
     b_eq = np.zeros(nrow)
     b_eq[:len(reps)] = 1.0
     memory = _memory_rows(problem, rep, off, nvar) if problem.usage_limit is not None else None
-    return c, tie_break, a_eq, b_eq, memory, off, constant
+    fixed = None
+    if charge_terms:                       # Σ members - y_j <= 0
+        r = np.concatenate([np.full(len(t) + 1, i) for i, (_, t) in enumerate(charge_terms)])
+        col = np.concatenate([np.append(t, first_charge + j) for j, t in charge_terms])
+        val = np.concatenate([np.append(np.ones(len(t)), -1.0) for _, t in charge_terms])
+        fixed = (sp.csr_matrix((val, (r, col)), shape=(len(charge_terms), nvar)),
+                 np.zeros(len(charge_terms)))
+    return c, tie_break, a_eq, b_eq, memory, fixed, off, constant
 
 
 #: The seconds one dual-simplex iteration takes on the machine this was calibrated on (2 cores,
@@ -187,25 +267,38 @@ def lp_iteration_limit(variables: int, time_limit: float) -> int:
 
 
 def solve_local_polytope(problem: Problem, *, time_limit: float = 60.0,
-                         max_iterations: int | None = None) -> LPResult:
+                         max_iterations: int | None = None,
+                         charges: tuple[FixedCharge, ...] = ()) -> LPResult:
     """The local polytope's optimum, its rounding and memory prices (module docstring);
     ``time_limit`` sets the simplex's iteration cap (``lp_iteration_limit``), ``max_iterations``
-    a lower one (a re-solve that is only worth its cost when it is quick)."""
+    a lower one (a re-solve that is only worth its cost when it is quick); ``charges`` are
+    fixed charges the objective adds (``FixedCharge``; ``objective`` then counts them)."""
     start = time.perf_counter()
     rep = _representatives(problem)
-    c, tie_break, a_eq, b_eq, memory, off, constant = _lp_arrays(problem, rep)
+    c, tie_break, a_eq, b_eq, memory, fixed, off, constant = _lp_arrays(problem, rep, charges)
     a_ub, b_ub, live_sets = memory if memory is not None else (None, None, [])
+    if fixed is not None:                   # after the memory rows: their duals come first
+        a_ub = fixed[0] if a_ub is None else sp.vstack([a_ub, fixed[0]]).tocsr()
+        b_ub = fixed[1] if b_ub is None else np.concatenate([b_ub, fixed[1]])
     nvar = len(c)
     cap = lp_iteration_limit(nvar, time_limit)
     if max_iterations is not None:
         cap = min(cap, max_iterations)
     # HiGHS' serial dual simplex (SciPy runs it on one thread) under an iteration limit, so
     # that a loaded machine stops where an idle one does; the wall clock is only a guard
-    res = linprog(c, A_ub=a_ub, b_ub=b_ub, A_eq=a_eq, b_eq=b_eq, bounds=(0.0, 1.0),
-                  method="highs-ds",
-                  options={"presolve": True, "disp": False,
-                           "maxiter": cap,
-                           "time_limit": max(WALL_CLOCK_GUARD * time_limit, 1.0)})
+    def simplex(presolve: bool):
+        return linprog(c, A_ub=a_ub, b_ub=b_ub, A_eq=a_eq, b_eq=b_eq, bounds=(0.0, 1.0),
+                       method="highs-ds",
+                       options={"presolve": presolve, "disp": False,
+                                "maxiter": cap,
+                                "time_limit": max(WALL_CLOCK_GUARD * time_limit, 1.0)})
+
+    res = simplex(True)
+    if res.status in (3, 4):
+        # "unbounded" (every variable lies in [0, 1]) or numerical trouble: HiGHS lost its
+        # way after presolve (the plan-quality GPT, 2x4, 2 nodes, under a budget, reported
+        # unbounded after 35k iterations); the same LP without presolve, once
+        res = simplex(False)
     status = {0: "optimal", 2: "infeasible"}.get(res.status, "not solved")
     if res.status == 1:     # the iteration cap or the wall-clock guard (SciPy's message says)
         status = f"stopped: {res.message.split('(')[0].strip().rstrip('.').lower()}"

@@ -241,9 +241,9 @@ def test_a_priced_plan_far_above_the_bound_is_checked_by_the_search(monkeypatch)
     assert specs["w1"] == P(None, "data") and specs["w2"] == P("data")   # the known optimum
 
 
-def _plan_conv(monkeypatch, mesh_shape, channels):
+def _plan_conv(monkeypatch, mesh_shape, channels, hardware="h100", memory_budget=None):
     """The test conv model at the plan-quality benchmark's small size (second conv's width
-    ``channels``), planned from shapes on ``mesh_shape`` for h100."""
+    ``channels``), planned from shapes on ``mesh_shape`` for ``hardware``."""
     from tests.models import conv
     for name, value in dict(BATCH=64, SIZE=32, C_IN=8, C1=128, C2=channels,
                             CLASSES=64).items():
@@ -252,7 +252,7 @@ def _plan_conv(monkeypatch, mesh_shape, channels):
     opt = jax.eval_shape(conv.tx.init, params)
     batch = jax.eval_shape(conv.batch, jax.random.key(1))
     return autoshard.compile(conv.train_step, params, opt, batch, mesh=make_mesh(mesh_shape),
-                             hardware="h100", cache=False)
+                             hardware=hardware, memory_budget=memory_budget, cache=False)
 
 
 def test_a_latency_bound_step_pays_one_combined_start_up(monkeypatch):
@@ -284,3 +284,17 @@ def test_a_latency_bound_step_on_a_2d_mesh_keeps_its_state_replicated(monkeypatc
     assert all(spec == P() for spec in jax.tree.leaves(step.plan.in_specs[0]))
     assert "reduce-scatter" not in prediction.collectives
     assert prediction.step_seconds < 0.030e-3
+
+
+def test_a_latency_bound_step_under_a_budget_weighs_start_ups_in_the_lp(monkeypatch):
+    """The plan-quality conv model on (4, 2) across two nodes under its benchmark budget (data
+    parallel does not fit): the greedy latency walk stopped at a plan with three combined ops
+    over the whole mesh (predicted 0.091 ms; compiled 0.087 against Megatron's 0.063); the LP
+    with one fixed start-up charge per combined op (plan_search._fixed_charge_plan) finds one
+    predicted at 0.057 ms (compiled 0.054)."""
+    budget = int(0.018 * 2**30)
+    step = _plan_conv(monkeypatch, (4, 2), channels=256, hardware="h100-2node",
+                      memory_budget=budget)
+    prediction = step.plan.prediction
+    assert prediction.peak_memory_bytes <= budget
+    assert prediction.step_seconds < 0.06e-3

@@ -4,8 +4,9 @@ check by enumeration."""
 import itertools
 
 import numpy as np
+import pytest
 
-from autoshard.passes.solve_lp import solve_lagrangian, solve_local_polytope
+from autoshard.passes.solve_lp import FixedCharge, solve_lagrangian, solve_local_polytope
 from autoshard.passes.solve_problem import Problem, evaluate, usage_profile
 
 
@@ -87,3 +88,47 @@ def test_the_iteration_cap_lets_a_small_lp_finish_within_a_short_limit():
     assert lp.status == "optimal" and lp.iterations > lp.variables * 5 / 30 + 1000
     capped = solve_local_polytope(problem, time_limit=5.0, max_iterations=lp.iterations // 2)
     assert capped.status == "stopped: iteration limit reached"
+
+
+def _fixed_total(problem, choice, charges):
+    """A plan's cost plus each fixed charge one of its strategies or edge pairs makes."""
+    flat_nodes = set((problem.offsets[:-1] + np.asarray(choice)).tolist())
+    k = problem.num_strategies
+    flat_edges = {int(problem.edge_offsets[e] + choice[u] * k[v] + choice[v])
+                  for e, (u, v) in enumerate(problem.edges)}
+    return evaluate(problem, choice).cost + sum(
+        c.cost for c in charges
+        if flat_nodes & set(c.nodes.tolist()) or flat_edges & set(c.edges.tolist()))
+
+
+def test_a_fixed_charge_is_paid_once_for_all_its_members():
+    """Two ops whose cheap strategy makes one combined collective: 6 + 6 + the charge against
+    10 + 10. Below 8 ns the charge is worth paying for both; above it for neither (paying it
+    for one alone is never optimal). The LP with the charge finds the enumerated optimum."""
+    problem = Problem.from_lists(costs=[[10, 6], [10, 6]], usages=[[0, 0], [0, 0]],
+                                 intervals=[(0, 1), (0, 1)])
+    for latency, expected in ((5.0, [1, 1]), (9.0, [0, 0])):
+        charges = (FixedCharge(latency, np.array([1, 3]), np.array([], np.int64)),)
+        lp = solve_local_polytope(problem, charges=charges)
+        assert lp.integral and lp.choice.tolist() == expected
+        best = min(_fixed_total(problem, c, charges)
+                   for c in itertools.product(range(2), range(2)))
+        assert _fixed_total(problem, lp.choice, charges) == best
+        assert lp.objective == pytest.approx(best, abs=1e-4)
+
+
+def test_a_fixed_charge_on_edge_pairs_counts_only_the_member_pair():
+    """Node 1's strategy 1 saves 3 ns and needs node 0 at layout 1 (the pair (1, 1) is free,
+    (0, 1) costs 7); the pair (1, 1) makes a combined collective of 4 ns. Without the charge
+    the plan is (1, 1) at 0 ns against 3 for (0, 0); with it (1, 1) costs 4 and (0, 0) 3."""
+    problem = Problem.from_lists(costs=[[0, 0], [3, 0]], usages=[[0, 0], [0, 0]],
+                                 intervals=[(0, 1), (0, 1)], edges=[(0, 1)],
+                                 edge_costs=[[[0, 7], [7, 0]]])
+    assert solve_local_polytope(problem).choice.tolist() == [1, 1]
+    member = np.array([3])                 # flat index of the pair (1, 1)
+    charges = (FixedCharge(4.0, np.array([], np.int64), member),)
+    lp = solve_local_polytope(problem, charges=charges)
+    assert lp.integral and lp.choice.tolist() == [0, 0]
+    assert lp.objective == pytest.approx(3.0, abs=1e-4)
+    cheaper = (FixedCharge(2.0, np.array([], np.int64), member),)
+    assert solve_local_polytope(problem, charges=cheaper).choice.tolist() == [1, 1]
