@@ -32,7 +32,8 @@ from autoshard.ir.sharding import ShardingSpec
 from autoshard.passes.latency import (PENALTY_PLANS, class_entries, class_seconds, classes_used,
                                       latency_bound, refine_latency, total_nanoseconds)
 from autoshard.passes.pins import Pins
-from autoshard.passes.problem import NS, PlanningProblem, Slot, Transfer, build_problem
+from autoshard.passes.problem import (NS, PlanningProblem, Slot, Transfer, build_problem,
+                                      made_from_nothing)
 from autoshard.passes.solve import solve
 from autoshard.passes.solve_lp import (MIN_ITERATIONS, FixedCharge, solve_lagrangian,
                                        solve_local_polytope)
@@ -311,8 +312,12 @@ def plan_from_choice(pp: PlanningProblem, choice, graph: Graph, mesh: MeshSpec, 
             return reduced if own.has_partial and not reduced.has_partial else own
         return pp.slots[slot].strategies[choice[slot]].outputs[k]
 
+    # a broadcast of a scalar constrained to a split layout, where its reader needs it, made
+    # XLA move the GPT's loss activations and labels (2x4, 2 nodes: 48.6 MiB of collectives,
+    # compiled 0.536 ms, against 40.6 MiB, 0.379 ms left unconstrained)
     value_specs = {vid: produced(s, k) for vid, (s, k) in pp.value_slot.items()
-                   if vid not in inputs}
+                   if vid not in inputs and not (pp.slots[s].kind == "op"
+                                                 and made_from_nothing(pp.slots[s].node))}
     value_specs.update(moved_state(pp, choice))
     reasons = dict(pins.reasons)
     for i in range(len(graph.inputs)):

@@ -295,7 +295,7 @@ class _Builder:
             self.unplanned.append(node.describe())
         if node.outputs and all(v.id in self.fused for v in node.outputs):
             usages = np.zeros_like(usages)
-        if node.op in _MADE_FROM_NOTHING:
+        if made_from_nothing(node):
             # its layouts tie in time: the tie goes to the one that holds less (``leaf_slot``).
             # Without it the LP left the GPT loss gradient's 64 MiB broadcast of zeros
             # replicated (its scatter reads it split, and XLA makes it there), and the
@@ -476,9 +476,14 @@ def preference_penalty(value: Value, hw: Hardware) -> float:
     return value.nbytes / hw.memory_rate * 0.01
 
 
-#: Free ops that make a value from a scalar or nothing: XLA makes it in the layout its reader
-#: needs, so the plan's layout for it only decides the memory the prediction counts.
-_MADE_FROM_NOTHING = {"broadcast_in_dim", "iota"}
+def made_from_nothing(node: Node) -> bool:
+    """An iota, or a broadcast of a scalar: XLA makes the value in the layout its readers need
+    (a slice of a broadcast is a smaller broadcast), so the plan's layout for it decides only
+    the memory the prediction counts, and the lowering leaves it unconstrained."""
+    return node.op == "iota" or node.op == "broadcast_in_dim" and all(
+        not isinstance(a, Value) or a.ndim == 0 for a in node.inputs)
+
+
 _FUSIBLE_PRODUCERS = ELEMENTWISE | {"broadcast_in_dim", "reshape", "squeeze", "iota"}
 _FUSING_READERS = _FUSIBLE_PRODUCERS | {"transpose", "reduce_sum", "reduce_max", "reduce_min",
                                         "reduce_prod", "argmax", "argmin"}

@@ -298,3 +298,21 @@ def test_a_latency_bound_step_under_a_budget_weighs_start_ups_in_the_lp(monkeypa
     prediction = step.plan.prediction
     assert prediction.peak_memory_bytes <= budget
     assert prediction.step_seconds < 0.06e-3
+
+
+def test_a_broadcast_of_a_scalar_is_left_for_xla_to_make_where_it_is_read():
+    """The plan gives a broadcast of a scalar the layout that holds least, but the lowering does
+    not constrain it there (XLA makes it where its reader needs it; constrained, the GPT's
+    loss-gradient zeros made XLA move activations and labels: plan_from_choice); the readers'
+    operands are still constrained, and the result equals the unsharded one."""
+    def f(s, w):
+        return jnp.broadcast_to(s, (64, 32)) * 2.0 @ w
+
+    s, w = jnp.float32(1.5), jnp.arange(32 * 16, dtype=jnp.float32).reshape(32, 16) / 100
+    step = autoshard.compile(f, s, w, mesh=make_mesh((2, 4)), hardware="h100", cache=False)
+    np.testing.assert_allclose(np.asarray(step(s, w)), np.asarray(f(s, w)), rtol=1e-6)
+    plan = step.plan
+    nodes = {n.op: n for n in plan.graph.nodes}
+    assert nodes["broadcast_in_dim"].outputs[0].id not in plan.value_specs
+    assert nodes["dot_general"].outputs[0].id in plan.value_specs
+    assert plan.operand_specs[nodes["mul"].id][0] is not None
