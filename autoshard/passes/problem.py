@@ -295,12 +295,6 @@ class _Builder:
             self.unplanned.append(node.describe())
         if node.outputs and all(v.id in self.fused for v in node.outputs):
             usages = np.zeros_like(usages)
-        if made_from_nothing(node):
-            # its layouts tie in time: the tie goes to the one that holds less (``leaf_slot``).
-            # Without it the LP left the GPT loss gradient's 64 MiB broadcast of zeros
-            # replicated (its scatter reads it split, and XLA makes it there), and the
-            # predicted peak counted it whole (2x4, h100: predicted / compiled 1.22 -> 0.96)
-            costs = costs + usages / self.hw.memory_rate * NS * 0.01
         costs = costs * times
         index = self.add_slot(Slot("op", node.describe(), strategies, node, None, costs, usages,
                                    interval, times, combined))
@@ -479,7 +473,8 @@ def preference_penalty(value: Value, hw: Hardware) -> float:
 def made_from_nothing(node: Node) -> bool:
     """An iota, or a broadcast of a scalar: XLA makes the value in the layout its readers need
     (a slice of a broadcast is a smaller broadcast), so the plan's layout for it decides only
-    the memory the prediction counts, and the lowering leaves it unconstrained."""
+    the memory the prediction counts (``plan_search.least_held_free_layouts``), and the
+    lowering leaves it unconstrained."""
     return node.op == "iota" or node.op == "broadcast_in_dim" and all(
         not isinstance(a, Value) or a.ndim == 0 for a in node.inputs)
 
