@@ -343,9 +343,10 @@ PRICED_GAP = 0.10
 REPLICATED_STATE_TIE = 0.01
 #: A start-up-latency re-solve stops at this multiple of the first LP's simplex iterations.
 RESOLVE_ITERATIONS = 1.5
-#: Without a budget, the LP with fixed charges is solved for problems up to this many
-#: strategies: on the plan-quality GPT (14k) it ran 16 s into its iteration cap, fractional,
-#: and its rounding was 2.6 times dearer; the conv model (1.9k) and the MoE (8.7k) solve.
+#: The LP with fixed charges is solved for problems up to this many strategies: on the
+#: plan-quality GPT (14k) it ran 16 s into its iteration cap without a budget, fractional, its
+#: rounding 2.6 times dearer, and under a budget (4x2, 2 nodes) 124 s into the wall clock for
+#: no plan; the conv model (1.9k) and the MoE (8.7k) solve in seconds.
 FIXED_CHARGE_MAX_STRATEGIES = 10_000
 
 
@@ -436,12 +437,11 @@ def _fixed_charge_plan(pp: PlanningProblem, mesh: MeshSpec, hw: Hardware, found,
     model (4x2, 2 nodes, under a budget) it stopped at three combined ops over the whole mesh
     (predicted 0.091 ms, compiled 0.087 against Megatron's 0.063); this LP finds 0.057
     predicted, 0.054 compiled. Solved only where the start-up charges are at least
-    ``LATENCY_SHARE`` of the step, and without a budget only for small problems."""
+    ``LATENCY_SHARE`` of the step, and for small problems (``FIXED_CHARGE_MAX_STRATEGIES``)."""
     choice, forbidden = found
     problem = pp.problem
-    if not latency_bound(pp, choice, mesh, hw) or (
-            problem.usage_limit is None
-            and int(problem.num_strategies.sum()) > FIXED_CHARGE_MAX_STRATEGIES):
+    if not latency_bound(pp, choice, mesh, hw) or \
+            int(problem.num_strategies.sum()) > FIXED_CHARGE_MAX_STRATEGIES:
         return found
     charges = tuple(FixedCharge(sum(class_seconds([key], mesh, hw).values()) * NS,
                                 entries.nodes, entries.edges)
