@@ -12,7 +12,7 @@ the pairwise problem cannot hold it; ``predict`` adds it to the plan it prices, 
 once and one at a time, keeping a plan only when it is cheaper with its own fixed charges
 counted. The LP can hold it (``solve_lp.FixedCharge``: one variable per class bounding its
 members), at several times the simplex's work per iteration; ``plan_search`` solves that LP as
-well where the problem is small or a budget binds (``class_entries`` gives its members).
+well where the problem is small (``class_entries`` gives its members).
 
 A class is (kind, mesh axes, side); the compiled-program measure (cost_model/hlo.py) keys
 combined collectives the same way.

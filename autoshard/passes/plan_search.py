@@ -366,29 +366,30 @@ def search_plan(graph: Graph, mesh: MeshSpec, hw: Hardware, pins: Pins, *, in_tr
                  f"{problem.num_edges} edges; solving the LP relaxation")
     start = time.perf_counter()
     choice, stats = solve_plan_problem(problem, time_limit, progress)
+    refined_by_lp = stats.engine == LP_ENGINE
+    # a variant of the LP is the same LP with some costs raised or rows added: one that takes
+    # many times the first solve's iterations is degenerate and given up (an NNX GPT with its
+    # annotations required: 2 min at the full cap for no plan, against 3 s for the first
+    # solve) (only an integral first LP is refined: its stats hold the iterations)
+    resolve_cap = int(max(MIN_ITERATIONS, RESOLVE_ITERATIONS * stats.details["lp_iterations"])
+                      ) if refined_by_lp else MIN_ITERATIONS
 
     def resolve(variant: Problem):
         # the LP alone: re-solving where it is fractional (a binding budget) takes the
-        # memory-priced LPs and the combinatorial search, minutes on the plan-quality LLaMA.
-        # A variant is the same LP with some costs raised: one that takes many times the
-        # first solve's iterations is degenerate and given up (an NNX GPT with its annotations
-        # required: 2 min at the full cap for no plan, against 3 s for the first solve)
-        # (only an integral first LP is refined: its stats hold the iterations)
+        # memory-priced LPs and the combinatorial search, minutes on the plan-quality LLaMA
         # (solved as the first LP was: without the memory rows where it was, kept if it fits)
-        cap = max(MIN_ITERATIONS, RESOLVE_ITERATIONS * stats.details["lp_iterations"])
         budget_free = stats.details.get("budget_free", False)
         lp = solve_local_polytope(replace(variant, usage_limit=None) if budget_free else variant,
-                                  time_limit=time_limit, max_iterations=int(cap))
+                                  time_limit=time_limit, max_iterations=resolve_cap)
         fits = lp.integral and (not budget_free or evaluate(variant, lp.choice).feasible)
         return lp.choice if fits else None
 
     refined, forbidden = (refine_latency(pp, choice, mesh, hw, resolve, progress)
-                          if stats.engine == LP_ENGINE else (choice, ()))
-    if stats.engine == LP_ENGINE:
-        refined, forbidden = _fixed_charge_plan(
-            pp, mesh, hw, (refined, forbidden), time_limit,
-            int(max(MIN_ITERATIONS, RESOLVE_ITERATIONS * stats.details["lp_iterations"])), progress)
-    if stats.engine == LP_ENGINE and memory_budget is None:
+                          if refined_by_lp else (choice, ()))
+    if refined_by_lp:
+        refined, forbidden = _fixed_charge_plan(pp, mesh, hw, (refined, forbidden), time_limit,
+                                                resolve_cap, progress)
+    if refined_by_lp and memory_budget is None:
         refined, forbidden = _replicated_state_seed(pp, graph, updated, mesh, hw, resolve,
                                                     (refined, forbidden), progress)
     if forbidden:
