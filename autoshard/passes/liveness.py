@@ -7,12 +7,15 @@ and the buffer-assignment dumps (``--xla_dump_to``) of the plan-quality train st
 * An op may write its result over an operand that dies there (``in_place_values``).
 * A step's results have buffers of their own, and XLA keeps temporaries in them until the
   results are written (``packed_profile``).
+* What the program allocates is more than its live bytes at the peak: XLA places each buffer
+  at one offset for its whole life (``assigned_peak``, ``cost_model.buffers``).
 """
 
 from __future__ import annotations
 
 import numpy as np
 
+from autoshard.cost_model.buffers import assigned_bytes
 from autoshard.ir.graph import Graph, Value
 from autoshard.ir.primitives import ELEMENTWISE
 from autoshard.passes.solve_problem import Problem
@@ -115,3 +118,24 @@ def packed_profile(problem: Problem, choice, result_starts: dict[int, int],
     # all results' buffers, with the small temporaries inside them
     in_results = conservative - profile(small, iv[:, 0])
     return np.maximum(made_so_far, in_results)
+
+
+def assigned_peak(problem: Problem, choice, result_starts: dict[int, int],
+                  buffers: list[tuple[int, int, int]] = ()) -> int:
+    """Bytes per device XLA's buffer assignment allocates for the plan (``assigned_bytes``):
+    the arguments (what lives the whole step and is not a result made by an op), each result
+    written at its position, and every other node's buffer and the gathered ``buffers`` as
+    temporaries. Predicted / compiled peak on the plan-quality GPT and LLaMA (8 devices,
+    h100): 0.85-0.88 from the live-bytes peak (``packed_profile``), 0.91-0.93 from this."""
+    choice = np.asarray(choice, np.int64)
+    use = problem.usages[problem.offsets[:-1] + choice].astype(np.int64)
+    iv = problem.intervals
+    horizon = int(iv[:, 1].max()) if len(iv) else 0
+    live = (iv[:, 1] > iv[:, 0]) & (use > 0)
+    is_result = np.zeros(len(use), bool)
+    is_result[np.fromiter(result_starts, np.int64, len(result_starts))] = True
+    whole = live & ~is_result & (iv[:, 0] <= 0) & (iv[:, 1] >= horizon)
+    results = [(int(use[i]), result_starts[i]) for i in np.flatnonzero(live & is_result)]
+    temporaries = [(int(use[i]), int(iv[i, 0]), int(iv[i, 1]))
+                   for i in np.flatnonzero(live & ~is_result & ~whole)]
+    return assigned_bytes(int(use[whole].sum()), results, [*temporaries, *buffers])

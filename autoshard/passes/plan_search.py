@@ -37,7 +37,7 @@ from autoshard.passes.problem import (NS, PlanningProblem, Slot, Transfer, build
 from autoshard.passes.solve import solve
 from autoshard.passes.solve_lp import (MIN_ITERATIONS, FixedCharge, solve_lagrangian,
                                        solve_local_polytope)
-from autoshard.passes.liveness import packed_profile
+from autoshard.passes.liveness import assigned_peak, packed_profile
 from autoshard.passes.solve_problem import FORBIDDEN, Problem, evaluate
 
 METHOD = "cost-model search"
@@ -84,16 +84,18 @@ def predict(pp: PlanningProblem, choice, mesh: MeshSpec, hw: Hardware,
     # the combined ops' start-up latency, once per op (latency.py)
     for kind, t in class_seconds(classes_used(pp, choice, mesh), mesh, hw).items():
         seconds[kind] = seconds.get(kind, 0.0) + t
-    profile = memory_profile(pp, choice, mesh)
-    peak = int(profile.max()) if len(profile) else 0
+    peak = assigned_peak(pp.problem, choice, pp.result_starts,
+                         gathered_buffers(pp, choice, mesh))
     total = compute + sum(seconds.values())
     return Prediction(total, compute, seconds, reshard,
                       {k: (v[0], v[1]) for k, v in counts.items()}, peak, memory_budget)
 
 
 def memory_profile(pp: PlanningProblem, choice, mesh: MeshSpec) -> np.ndarray:
-    """Predicted bytes per device at every step position (``liveness.packed_profile`` with the
-    gathered operands' buffers): the peak ``predict`` reports and the viewer's memory curve."""
+    """Predicted live bytes per device at every step position (``liveness.packed_profile``
+    with the gathered operands' buffers): the viewer's memory curve. The peak ``predict``
+    reports is what XLA allocates for the same buffers (``liveness.assigned_peak``), above the
+    curve's top by the holes between buffers."""
     return packed_profile(pp.problem, choice, pp.result_starts,
                           gathered_buffers(pp, choice, mesh))
 

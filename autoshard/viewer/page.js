@@ -438,6 +438,9 @@
     if (!curve.length) { box.append(el("p", { class: "note", text: "No memory curve: the plan was not made by the search." })); return; }
     const budget = m.budget;
     box.append(el("h2", { text: `Predicted memory per device over the step: peak ${bytes(m.peak)}` + (budget ? `, budget ${bytes(budget)}` : ", no budget") }));
+    if (m.live_peak != null && m.peak > m.live_peak) {
+      box.append(el("p", { class: "note", text: `The curve is live bytes (top ${bytes(m.live_peak)}); the peak is what XLA's buffer assignment allocates for the same buffers, each at one offset for its whole life, holes between them included.` }));
+    }
     const W = 960, H = 280, L = 70, B = 24, T = 10;
     const bucket = Math.max(1, Math.ceil(curve.length / 1200));
     const xs = [], ys = [];
@@ -457,6 +460,10 @@
     const d = xs.map((x, i) => `${i ? "L" : "M"}${X(x).toFixed(1)},${Y(ys[i]).toFixed(1)}`).join("");
     chart.append(svg("path", { d: d + `L${X(xs[xs.length - 1])},${Y(0)}L${X(0)},${Y(0)}Z`, fill: "#dbe7fd" }));
     chart.append(svg("path", { d, fill: "none", stroke: "#2457c5", "stroke-width": 1.5 }));
+    if (m.peak && m.live_peak != null && m.peak > m.live_peak) {
+      chart.append(svg("line", { x1: L, x2: W - 10, y1: Y(m.peak), y2: Y(m.peak), stroke: "#888", "stroke-dasharray": "2 3" }));
+      const t = svg("text", { x: W - 220, y: Y(m.peak) - 4 }); t.textContent = "allocated peak"; chart.append(t);
+    }
     if (budget) {
       chart.append(svg("line", { x1: L, x2: W - 10, y1: Y(budget), y2: Y(budget), stroke: "#c5221f", "stroke-dasharray": "5 4" }));
       const t = svg("text", { x: W - 120, y: Y(budget) - 4 }); t.textContent = "budget"; chart.append(t);
