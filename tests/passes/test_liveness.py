@@ -97,3 +97,37 @@ def test_an_operand_gathered_for_its_reader_holds_a_buffer_of_the_gathered_size(
     choice[w_slot] = next(i for i, s in enumerate(pp.slots[w_slot].strategies)
                           if s.outputs[0].is_replicated)
     assert gathered_buffers(pp, choice, MESH) == []     # nothing gathered, no buffer
+
+
+def test_a_value_read_later_as_a_slice_is_sliced_when_it_is_made():
+    # h is made replicated and read so by the next matmul; the last matmul reads it row-split
+    # (a local slice, no collective). XLA slices it right away, so the replicated buffer dies
+    # at the first reader and only the half-size slice lives to the last one.
+    from autoshard.passes.plan_search import sliced_reads
+
+    def fn(x, w):
+        h = x @ w
+        a = (h @ w) @ w
+        return a @ w + h @ w
+
+    graph, pp = problem_of(fn, jnp.ones((64, 128)), jnp.ones((128, 128)))
+    dots = [i for i, s in enumerate(pp.slots) if s.kind == "op" and s.node.op == "dot_general"]
+    make, first, last = dots[0], dots[1], dots[4]
+    assert [pp.slots[d].node.inputs[0].id for d in (first, last)] == \
+        [pp.slots[make].node.outputs[0].id] * 2
+    choice = np.zeros(len(pp.slots), np.int64)
+
+    def pick(slot, lhs):
+        return next(k for k, s in enumerate(pp.slots[slot].strategies)
+                    if s.inputs[0] == lhs and s.inputs[1].is_replicated)
+
+    replicated, row_split = ShardingSpec((B, B)), ShardingSpec((S(0), B))
+    choice[make], choice[first] = pick(make, replicated), pick(first, replicated)
+    choice[last] = pick(last, row_split)
+    start, end = pp.slots[make].interval
+    assert end == pp.slots[last].interval[0] + 1
+    ends, slices = sliced_reads(pp, choice, MESH)
+    assert ends == {make: pp.slots[first].interval[0] + 1}
+    assert slices == [(64 * 128 * 4 // 2, start, end)]
+    choice[last] = pick(last, replicated)               # read whole: held whole, as before
+    assert sliced_reads(pp, choice, MESH) == ({}, [])
