@@ -18,14 +18,16 @@ from autoshard.ir.graph import Graph, Literal, Node, Value
 
 ValueHook = Callable[[Value, Any], Any]
 OperandHook = Callable[[Node, list], list]
+NodeHook = Callable[[Node, list], "list | None"]
 RegionRule = Callable[[Node, list, Callable[[Graph, Sequence], list]], list]
 
 
 def evaluate(graph: Graph, args: Sequence[Any], *, on_value: ValueHook | None = None,
-             on_operands: OperandHook | None = None) -> list:
+             on_operands: OperandHook | None = None, run_node: NodeHook | None = None) -> list:
     """Outputs of ``graph`` on ``args``; ``on_value(value, array)`` may replace every array the
     graph binds: its inputs (a loop body's too), constants and node results;
-    ``on_operands(node, arrays)`` may replace a node's operands just before it runs."""
+    ``on_operands(node, arrays)`` may replace a node's operands just before it runs;
+    ``run_node(node, arrays)`` may run a node another way (its outputs, or None)."""
     if len(args) != len(graph.inputs):
         raise TypeError(f"graph takes {len(graph.inputs)} inputs, got {len(args)}")
     env: dict[int, Any] = {v.id: (on_value(v, a) if on_value else a)
@@ -38,19 +40,22 @@ def evaluate(graph: Graph, args: Sequence[Any], *, on_value: ValueHook | None = 
         return atom.value if isinstance(atom, Literal) else env[atom.id]
 
     def run(region: Graph, region_args: Sequence[Any]) -> list:
-        return evaluate(region, region_args, on_value=on_value, on_operands=on_operands)
+        return evaluate(region, region_args, on_value=on_value, on_operands=on_operands,
+                        run_node=run_node)
 
     for node in graph.nodes:
         ins = [read(a) for a in node.inputs]
         if on_operands is not None:
             ins = on_operands(node, ins)
-        rule = region_rules.get(node.op)
-        if rule is not None:
-            outs = rule(node, ins, run)
-        else:
-            outs = node.primitive.bind(*ins, **node.params)
-            if not node.primitive.multiple_results:
-                outs = [outs]
+        outs = None if run_node is None else run_node(node, ins)
+        if outs is None:
+            rule = region_rules.get(node.op)
+            if rule is not None:
+                outs = rule(node, ins, run)
+            else:
+                outs = node.primitive.bind(*ins, **node.params)
+                if not node.primitive.multiple_results:
+                    outs = [outs]
         for value, out in zip(node.outputs, outs, strict=True):
             env[value.id] = on_value(value, out) if on_value else out
     return [read(a) for a in graph.outputs]
