@@ -124,10 +124,12 @@ def reshard_steps(src: ShardingSpec, dst: ShardingSpec, mesh: MeshSpec,
                 else:
                     cur[i] = d
                     changed.add(i)
+    scattered: set[int] = set()
     for dim in sorted({e.dim for e in dst.sbp if isinstance(e, Split)}):
         axes = [i for i, (s, d) in enumerate(zip(cur, dst.sbp))
                 if isinstance(s, Partial) and d == Split(dim)]
         if axes:
+            scattered.add(dim)
             emit("reduce-scatter", axes, _fraction(cur, mesh))
             for i in axes:
                 cur[i] = Split(dim)
@@ -142,12 +144,16 @@ def reshard_steps(src: ShardingSpec, dst: ShardingSpec, mesh: MeshSpec,
         cur[i] = dst.sbp[i]
         changed.add(i)
     # what is left partial in both stays put; B or S -> P is a local zero-fill: keep the source.
-    # On a dim the steps above split further, the axes land in the destination's order (the
-    # slice or scatter can pick any piece).
+    # On a dim the steps above split further, the axes land in the destination's order (a
+    # slice can pick any piece), except that a reduce-scatter splits the piece a device already
+    # holds: on a dim the source splits, the source's axes stay major (a permute follows where
+    # the destination puts a scattered axis first, as the lowering's shard_map does).
     target = [c if isinstance(d, Partial) else d for c, d in zip(cur, dst.sbp)]
     touched = {cur[a].dim for a in changed}
-    order = [a for a in dst.ordered_split_axes() if isinstance(cur[a], Split)
-             and cur[a] == dst.sbp[a] and cur[a].dim in touched]
+    order = [a for a in src.ordered_split_axes() if isinstance(src.sbp[a], Split)
+             and src.sbp[a].dim in scattered]
+    order += [a for a in dst.ordered_split_axes() if isinstance(cur[a], Split)
+              and cur[a] == dst.sbp[a] and cur[a].dim in touched]
     order += [a for a in src.ordered_split_axes() if isinstance(cur[a], Split)]
     here = ShardingSpec(tuple(_B if isinstance(e, Partial) else e for e in cur),
                         _order(cur, order))

@@ -220,31 +220,26 @@ def _reduced_matmuls(plan: Plan, mesh: Mesh) -> dict[int, Callable]:
 
 def _reduce_matmul(node: Node, made: ShardingSpec, target: ShardingSpec, operands,
                    plan_mesh: MeshSpec, mesh: Mesh) -> Callable | None:
-    names = plan_mesh.axis_names
+    names, sizes = plan_mesh.axis_names, plan_mesh.axis_sizes
     ndim = node.outputs[0].ndim
     psum: list[str] = []
-    scatter: dict[int, list[str]] = {}
-    for axis, (have, want) in enumerate(zip(made.sbp, target.sbp)):
-        if isinstance(have, Partial):
-            if isinstance(want, Broadcast):
-                psum.append(names[axis])
-            elif isinstance(want, Split):
-                scatter.setdefault(want.dim, [])
-            else:
-                return None
-        elif have != want:
-            return None
-    # a scattered dim is split by the matmul's own axes, then the scattered ones; where the
-    # target orders them otherwise, the readers' constraint permutes the pieces
+    for have, want, name in zip(made.sbp, target.sbp, names):
+        if isinstance(have, Partial) and isinstance(want, Broadcast):
+            psum.append(name)
+        elif isinstance(want, Partial) or not (
+                have == want or isinstance(want, Split) and isinstance(have, (Partial, Broadcast))):
+            return None                       # a gather, or a split moved to another dim
+    # each dim keeps the matmul's own splits (major), then the target's other axes in its
+    # order: a replicated axis slices the piece, a partial one reduce-scatters it; where the
+    # target puts them before the matmul's own, the readers' constraint permutes the pieces
+    steps: list[tuple[int, str, str, int]] = []          # (dim, "slice" | "scatter", axis, size)
     entries = []
     for dim in range(ndim):
         kept = made.dim_axes(dim)
-        if dim in scatter:
-            scatter[dim] = [names[a] for a in target.dim_axes(dim)
-                            if isinstance(made.sbp[a], Partial)]
-        elif kept != target.dim_axes(dim):
-            return None
-        axes = [names[a] for a in kept] + scatter.get(dim, [])
+        extra = [a for a in target.dim_axes(dim) if a not in kept]
+        steps += [(dim, "scatter" if isinstance(made.sbp[a], Partial) else "slice", names[a],
+                   sizes[a]) for a in extra]
+        axes = [names[a] for a in (*kept, *extra)]
         entries.append(None if not axes else axes[0] if len(axes) == 1 else tuple(axes))
     in_specs = tuple(s.to_partition_spec(plan_mesh, a.ndim) for s, a in zip(operands, node.inputs))
     out_spec = PartitionSpec(*entries)
@@ -252,10 +247,15 @@ def _reduce_matmul(node: Node, made: ShardingSpec, target: ShardingSpec, operand
 
     def local(*blocks):
         y = primitive.bind(*blocks, **params)
+        for dim, kind, axis, size in steps:
+            if kind == "scatter":
+                y = jax.lax.psum_scatter(y, axis, scatter_dimension=dim, tiled=True)
+            else:
+                piece = y.shape[dim] // size
+                y = jax.lax.dynamic_slice_in_dim(y, jax.lax.axis_index(axis) * piece, piece,
+                                                 axis=dim)
         if psum:
             y = jax.lax.psum(y, tuple(psum))
-        for dim, axes in sorted(scatter.items()):
-            y = jax.lax.psum_scatter(y, tuple(axes), scatter_dimension=dim, tiled=True)
         return y
 
     return jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=out_spec,

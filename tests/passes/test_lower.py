@@ -164,6 +164,9 @@ PARTIAL_MATMULS = {
     # rows already split over "data": "model" splits each piece further (data-major, as wanted)
     "split-then-scatter": ((S(0), S(1)), (B, S(0)), (S(0), PARTIAL), (S(0), S(0)), 4,
                            32 * 256 * 4, 0),
+    # rows sliced over "data" first, then scattered over "model": data-major, one scatter
+    "slice-then-scatter": ((B, S(1)), (B, S(0)), (B, PARTIAL), (S(0), S(0)), 4, 32 * 256 * 4,
+                           0),
     # rows split over "model", partial over "data": scattering makes model-major pieces, and
     # the reader wants data-major, so they are permuted into place
     "scatter-then-permute": ((S(1), S(0)), (S(0), B), (PARTIAL, S(0)), (S(0), S(0)), 2,
@@ -202,4 +205,8 @@ def test_a_partial_matmul_is_reduced_as_planned(case):
     assert stats.by_group_size[("reduce-scatter", group)] == 1
     assert stats.bytes["reduce-scatter"] == nbytes        # the local partial block
     assert stats.count.get("collective-permute", 0) == permutes
+    # the cost model prices the same steps
+    from autoshard.cost_model.reshard import reshard_steps
+    assert [s.kind for s in reshard_steps(made, needed, mesh_spec)] == \
+        ["reduce-scatter"] + ["collective-permute"] * permutes
     np.testing.assert_allclose(sharded(x, w)[0], fn(x, w), rtol=1e-4, atol=1e-4)
