@@ -232,13 +232,18 @@ def _reduce_matmul(node: Node, made: ShardingSpec, target: ShardingSpec, operand
     # each dim keeps the matmul's own splits (major), then the target's other axes in its
     # order: a replicated axis slices the piece, a partial one reduce-scatters it; where the
     # target puts them before the matmul's own, the readers' constraint permutes the pieces
-    steps: list[tuple[int, str, str, int]] = []          # (dim, "slice" | "scatter", axis, size)
+    # (consecutive partial axes on a dim are one reduce-scatter over all of them, as priced)
+    steps: list[tuple[int, str, list[str], int]] = []   # (dim, "slice" | "scatter", axes, size)
     entries = []
     for dim in range(ndim):
         kept = made.dim_axes(dim)
         extra = [a for a in target.dim_axes(dim) if a not in kept]
-        steps += [(dim, "scatter" if isinstance(made.sbp[a], Partial) else "slice", names[a],
-                   sizes[a]) for a in extra]
+        for a in extra:
+            kind = "scatter" if isinstance(made.sbp[a], Partial) else "slice"
+            if kind == "scatter" and steps and steps[-1][:2] == (dim, "scatter"):
+                steps[-1][2].append(names[a])
+            else:
+                steps.append((dim, kind, [names[a]], sizes[a]))
         axes = [names[a] for a in (*kept, *extra)]
         entries.append(None if not axes else axes[0] if len(axes) == 1 else tuple(axes))
     in_specs = tuple(s.to_partition_spec(plan_mesh, a.ndim) for s, a in zip(operands, node.inputs))
@@ -247,12 +252,12 @@ def _reduce_matmul(node: Node, made: ShardingSpec, target: ShardingSpec, operand
 
     def local(*blocks):
         y = primitive.bind(*blocks, **params)
-        for dim, kind, axis, size in steps:
+        for dim, kind, axes, size in steps:
             if kind == "scatter":
-                y = jax.lax.psum_scatter(y, axis, scatter_dimension=dim, tiled=True)
+                y = jax.lax.psum_scatter(y, tuple(axes), scatter_dimension=dim, tiled=True)
             else:
                 piece = y.shape[dim] // size
-                y = jax.lax.dynamic_slice_in_dim(y, jax.lax.axis_index(axis) * piece, piece,
+                y = jax.lax.dynamic_slice_in_dim(y, jax.lax.axis_index(axes[0]) * piece, piece,
                                                  axis=dim)
         if psum:
             y = jax.lax.psum(y, tuple(psum))

@@ -167,6 +167,9 @@ PARTIAL_MATMULS = {
     # rows sliced over "data" first, then scattered over "model": data-major, one scatter
     "slice-then-scatter": ((B, S(1)), (B, S(0)), (B, PARTIAL), (S(0), S(0)), 4, 32 * 256 * 4,
                            0),
+    # partial over both axes (FSDP's weight gradients): one reduce-scatter over all eight
+    "scatter-over-both": ((S(1), S(1)), (S(0), S(0)), (PARTIAL, PARTIAL), (S(0), S(0)), 8,
+                          64 * 256 * 4, 0),
     # rows split over "model", partial over "data": scattering makes model-major pieces, and
     # the reader wants data-major, so they are permuted into place
     "scatter-then-permute": ((S(1), S(0)), (S(0), B), (PARTIAL, S(0)), (S(0), S(0)), 2,
