@@ -84,6 +84,7 @@ def test_round_trip_keeps_specs_paths_and_costs(searched, dumped):
         assert len(row.rejected) == len(why.rejected)
     assert loaded.memory["curve"] == list(plan.memory_curve)
     assert loaded.memory["peak"] == plan.prediction.peak_memory_bytes
+    assert loaded.memory["live_peak"] == max(plan.memory_curve) <= loaded.memory["peak"]
     assert loaded.prediction["step_seconds"] == plan.prediction.step_seconds
     # the decisions section is the plan_json record: the lead's reader re-attaches it
     doc = json.loads((dumped / "plan.json").read_text())
