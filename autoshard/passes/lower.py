@@ -185,15 +185,10 @@ def lower(plan: Plan, mesh: Mesh) -> LoweredPlan:
 
 def _reduced_matmuls(plan: Plan, mesh: Mesh) -> dict[int, Callable]:
     """Top-level ``dot_general`` node id -> a ``shard_map`` that computes it as the plan does
-    and reduces its partial sum to the one layout all its readers need. Only where that layout
-    differs from the matmul's on the partial axes alone (each P becomes B or a split of a dim,
-    after the splits it already has); otherwise the partitioner is left to it."""
+    and reduces its partial sum to the one layout all its readers need. Only where reaching
+    that layout takes no gather (each P becomes B or a split, each B stays or becomes a split,
+    each split stays); otherwise the partitioner is left to it."""
     graph = plan.graph
-    readers: dict[int, list[tuple[int, int]]] = {}
-    for node in graph.nodes:
-        for k, atom in enumerate(node.inputs):
-            if isinstance(atom, Value):
-                readers.setdefault(atom.id, []).append((node.id, k))
     results = {a.id for a in graph.outputs if isinstance(a, Value)}
     out: dict[int, Callable] = {}
     for node in graph.nodes:
@@ -202,13 +197,14 @@ def _reduced_matmuls(plan: Plan, mesh: Mesh) -> dict[int, Callable]:
         value = node.outputs[0]
         made = plan.value_specs.get(value.id)
         operands = plan.operand_specs.get(node.id)
+        readers = graph.consumers(value)
         if (made is None or not made.has_partial or value.id in results or operands is None
-                or not readers.get(value.id) or any(
-                    not isinstance(a, Value) or s is None or s.has_partial
-                    for a, s in zip(node.inputs, operands))):
+                or not readers or any(not isinstance(a, Value) or s is None or s.has_partial
+                                      for a, s in zip(node.inputs, operands))):
             continue
-        needed = {(plan.operand_specs.get(n) or [None] * (k + 1))[k]
-                  for n, k in readers[value.id]}
+        needed = {(plan.operand_specs.get(r.id) or (None,) * len(r.inputs))[k]
+                  for r in readers for k, atom in enumerate(r.inputs)
+                  if isinstance(atom, Value) and atom.id == value.id}
         if len(needed) != 1 or None in needed:
             continue
         (target,) = needed
