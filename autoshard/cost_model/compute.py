@@ -56,7 +56,10 @@ def _conv_flops(node: Node) -> float:
     dn = node.params["dimension_numbers"]
     window = math.prod(rhs.shape[d] for d in dn.rhs_spec[2:])
     in_features = rhs.shape[dn.rhs_spec[1]]
-    return 2.0 * node.outputs[0].size * window * in_features
+    # a strided convolution's input gradient dilates its input with zeros; one tap in the
+    # dilation meets a value, as in the forward convolution it transposes (hlo._conv_count)
+    skipped = math.prod(node.params.get("lhs_dilation") or (1,))
+    return 2.0 * node.outputs[0].size * window * in_features / skipped
 
 
 def _reduction_flops(node: Node) -> float:

@@ -5,7 +5,9 @@ measured from ``compiled.as_text()`` (the per-device SPMD program). Work inside 
 runs once per iteration: counts, bytes and FLOPs are multiplied by the loop's
 ``known_trip_count`` (nested loops multiply); computations reached through ``call``, fusions
 and ``conditional`` are followed (a conditional's branches count as if each ran once, an upper
-bound). Async pairs are counted at their ``-start`` op.
+bound). Async pairs are counted at their ``-start`` op. Matmul FLOPs are those of ``dot`` and
+``convolution`` ops and, in a GPU build's program, of the cuBLAS and cuDNN calls that replace
+them (benchmarks/gpu_check.py reads GPU executables with this parser).
 
 Bytes follow ``collectives.py``'s convention, per device: the result for all-gather, all-reduce,
 all-to-all and permute, the *input* (result x group size) for reduce-scatter. Device groups
@@ -183,15 +185,54 @@ def _dot_flops(result: str, rest: str, shapes: dict[str, str]) -> tuple[str, flo
     return lhs[0][0], 2.0 * math.prod(out[0][1]) * k
 
 
+_LIBRARY_TARGET = re.compile(r'custom_call_target="([^"]+)"')
+_GEMM_CONTRACTING = re.compile(r'"lhs_contracting_dimensions":\[([^\]]*)\]')
+
+
+def _library_call_flops(result: str, rest: str, shapes: dict[str, str]) -> tuple[str, float]:
+    """A GPU build runs most matmuls and convolutions as library calls (custom-calls to cuBLAS
+    and cuDNN), not ``dot``/``convolution`` ops; their FLOPs are those of the op they replace.
+    The result is a tuple (output, workspace): the output is its first array."""
+    target = _LIBRARY_TARGET.search(rest)
+    if target is None:
+        return "", 0.0
+    name = target.group(1)
+    if name.startswith("__cudnn$conv"):
+        # cuDNN calls print the forward convolution's dim_labels; a backward pass costs what its
+        # forward does: the forward output is the input gradient's first operand (dy) and the
+        # filter gradient's second, and the filter is the filter gradient's own result
+        operands = re.findall(r"%([\w.\-]+)", rest.split(")", 1)[0])
+        out, filt = result, shapes.get(operands[1], "") if len(operands) > 1 else ""
+        if name == "__cudnn$convBackwardInput" and operands:
+            out = shapes.get(operands[0], "")
+        elif name == "__cudnn$convBackwardFilter":
+            out, filt = filt, result
+        return _conv_count(out, filt, rest)
+    contracting = _GEMM_CONTRACTING.search(rest)
+    if contracting is None or not ("gemm" in name or "matmul" in name):
+        return "", 0.0
+    dims = ",".join(d.strip().strip('"') for d in contracting.group(1).split(","))
+    return _dot_flops(result, f"{rest}, lhs_contracting_dims={{{dims}}}", shapes)
+
+
 def _conv_flops(result: str, rest: str, shapes: dict[str, str]) -> tuple[str, float]:
     operands = re.findall(r"%([\w.\-]+)", rest.split(")", 1)[0])
-    out = _arrays(result)
-    rhs = _arrays(shapes.get(operands[1], "")) if len(operands) > 1 else []
+    return _conv_count(result, shapes.get(operands[1], "") if len(operands) > 1 else "", rest)
+
+
+def _conv_count(out_type: str, filter_type: str, rest: str) -> tuple[str, float]:
+    """2 x output elements x (filter elements / output features), over the input dilation: a
+    strided convolution's input gradient is printed as a convolution over the gradient with
+    zeros inserted (``lhs_dilate``), and of a window's taps only one in the dilation lands on a
+    value; the library call a GPU build runs does the forward's FLOPs, which this gives."""
+    out, rhs = _arrays(out_type), _arrays(filter_type)
     labels = re.search(r"dim_labels=\w+_(\w+)->", rest)
     if not out or not rhs or not labels:
         return "", 0.0
     out_features = rhs[0][1][labels.group(1).index("o")]
-    return rhs[0][0], 2.0 * math.prod(out[0][1]) * math.prod(rhs[0][1]) / out_features
+    dilation = re.search(r"\blhs_dilate=([\dx]+)", rest)
+    skipped = math.prod(int(d) for d in dilation.group(1).split("x")) if dilation else 1
+    return rhs[0][0], 2.0 * math.prod(out[0][1]) * math.prod(rhs[0][1]) / out_features / skipped
 
 
 _NOT_KERNELS = {"parameter", "constant", "bitcast", "get-tuple-element", "tuple", "while",
@@ -248,9 +289,9 @@ def hlo_stats(hlo_text: str) -> HloStats:
             stats.collectives.append((Collective(kind, nbytes, groups), 1))
             program[current].append((name, opcode, operand_names, [], rest))
             continue
-        if opcode in ("dot", "convolution"):
-            dtype, flops = (_dot_flops if opcode == "dot" else _conv_flops)(
-                result_type, rest, shapes)
+        if opcode in ("dot", "convolution", "custom-call"):
+            dtype, flops = {"dot": _dot_flops, "convolution": _conv_flops,
+                            "custom-call": _library_call_flops}[opcode](result_type, rest, shapes)
             if flops:
                 stats.matmul_flops[dtype] = stats.matmul_flops.get(dtype, 0) + flops
         callees = [c.strip().lstrip("%") for group in _CALLEE.findall(rest)
@@ -263,7 +304,7 @@ def hlo_stats(hlo_text: str) -> HloStats:
             trip = _TRIP.search(rest) if opcode == "while" else None
             times = int(trip.group(1)) if trip else 1
             calls[current].extend((c, times) for c in callees)
-        if opcode not in _NOT_KERNELS:
+        if opcode not in _NOT_KERNELS or flops:
             operands = re.findall(r"%([\w.\-]+)", rest.split("),", 1)[0])
             nbytes = shape_bytes(result_type) + sum(shape_bytes(shapes.get(o, ""))
                                                     for o in operands)

@@ -73,3 +73,56 @@ def test_a_compiled_all_to_all_over_half_an_axis_is_read():
     stats = hlo_stats(f.lower(jax.ShapeDtypeStruct((64, 128), jnp.float32)).compile().as_text())
     sizes = {len(c.groups[0]) for c, _ in stats.collectives if c.kind == "all-to-all"}
     assert sizes == {2}
+
+
+# A GPU build's program (shapes and attributes as XLA's GPU backend prints them): the matmul is a
+# cuBLAS call and the convolutions cuDNN calls, which print the forward convolution's labels.
+GPU_PROGRAM = """HloModule gpu_library_calls
+
+ENTRY %main (x: f32[64,32], w: f32[32,16], img: f32[8,16,16,4], k: f32[8,3,3,4], dy: f32[8,8,8,8]) -> f32[64,16] {
+  %x = f32[64,32]{1,0} parameter(0)
+  %w = f32[32,16]{1,0} parameter(1)
+  %img = f32[8,16,16,4]{3,2,1,0} parameter(2)
+  %k = f32[8,3,3,4]{3,2,1,0} parameter(3)
+  %dy = f32[8,8,8,8]{3,2,1,0} parameter(4)
+  %gemm = (f32[64,16]{1,0}, s8[1024]{0}) custom-call(%x, %w), custom_call_target="__cublas$lt$matmul", backend_config={"gemm_backend_config":{"dot_dimension_numbers":{"lhs_batch_dimensions":[],"lhs_contracting_dimensions":["1"],"rhs_batch_dimensions":[],"rhs_contracting_dimensions":["0"]}}}
+  %fwd = (f32[8,8,8,8]{3,2,1,0}, u8[0]{0}) custom-call(%img, %k), window={size=3x3 stride=2x2 pad=0_1x0_1}, dim_labels=b01f_o01i->b01f, custom_call_target="__cudnn$convForward"
+  %dx = (f32[8,16,16,4]{3,2,1,0}, u8[0]{0}) custom-call(%dy, %k), window={size=3x3 stride=2x2 pad=0_1x0_1}, dim_labels=b01f_o01i->b01f, custom_call_target="__cudnn$convBackwardInput"
+  %dk = (f32[8,3,3,4]{3,2,1,0}, u8[0]{0}) custom-call(%img, %dy), window={size=3x3 stride=2x2 pad=0_1x0_1}, dim_labels=b01f_o01i->b01f, custom_call_target="__cudnn$convBackwardFilter"
+  ROOT %out = f32[64,16]{1,0} get-tuple-element(%gemm), index=0
+}
+"""
+# the forward convolution: 8x8x8 outputs of 8 features, each 3x3x4 multiply-adds
+CONV_FLOPS = 2 * (8 * 8 * 8 * 8) * (3 * 3 * 4)
+
+
+def test_gpu_library_calls_count_as_the_matmuls_they_replace():
+    """cuBLAS and cuDNN custom-calls are matmul kernels; each cuDNN backward pass does its
+    forward convolution's FLOPs."""
+    stats = hlo_stats(GPU_PROGRAM)
+    assert stats.matmul_flops == {"f32": 2 * 64 * 16 * 32 + 3 * CONV_FLOPS}
+    assert sorted(f for _, f, _, _ in stats.kernels if f) == sorted(
+        [2 * 64 * 16 * 32] + [CONV_FLOPS] * 3)
+
+
+def test_a_strided_convolution_gradient_costs_three_forward_passes():
+    """CPU prints the input gradient of a stride-2 convolution as a convolution over a
+    zero-dilated gradient; counted over its values it is the forward pass's FLOPs, as a GPU
+    build's cuDNN call (above) does, and the cost model counts it the same way."""
+    def loss(img, k):
+        y = jax.lax.conv_general_dilated(img, k, (2, 2), "SAME",
+                                         dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        return jnp.sum(y * y)
+
+    img = jax.ShapeDtypeStruct((8, 16, 16, 4), jnp.float32)
+    k = jax.ShapeDtypeStruct((3, 3, 4, 8), jnp.float32)
+    text = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(img, k).compile().as_text()
+    assert "lhs_dilate=2x2" in text
+    assert hlo_stats(text).matmul_flops == {"f32": 3 * CONV_FLOPS}
+
+    from autoshard.cost_model.compute import node_flops
+    from autoshard.passes.lift import lift
+    from autoshard.passes.trace import trace
+    graph = lift(trace(jax.grad(loss, argnums=(0, 1)), (img, k)))
+    convs = [n for n in graph.nodes if n.op == "conv_general_dilated"]
+    assert sorted(map(node_flops, convs)) == [CONV_FLOPS] * 3
