@@ -456,8 +456,9 @@ def search_plan(graph: Graph, mesh: MeshSpec, hw: Hardware, pins: Pins, *, in_tr
     # many times the first solve's iterations is degenerate and given up (an NNX GPT with its
     # annotations required: 2 min at the full cap for no plan, against 3 s for the first
     # solve) (only an integral first LP is refined: its stats hold the iterations)
-    resolve_cap = int(max(MIN_ITERATIONS, RESOLVE_ITERATIONS * stats.details["lp_iterations"])
-                      ) if refined_by_lp else MIN_ITERATIONS
+    iterations = stats.details.get("lp_iterations")  # the first LP's, where it was solved
+    resolve_cap = int(max(MIN_ITERATIONS, RESOLVE_ITERATIONS * iterations)
+                      ) if iterations else MIN_ITERATIONS
 
     def resolve(variant: Problem):
         # the LP alone: re-solving where it is fractional (a binding budget) takes the
@@ -471,9 +472,12 @@ def search_plan(graph: Graph, mesh: MeshSpec, hw: Hardware, pins: Pins, *, in_tr
 
     refined, forbidden = (refine_latency(pp, choice, mesh, hw, resolve, progress)
                           if refined_by_lp else (choice, ()))
-    if refined_by_lp:
-        refined, forbidden = _fixed_charge_plan(pp, mesh, hw, (refined, forbidden), time_limit,
-                                                resolve_cap, progress)
+    # on every path: a plan of the memory-priced LPs or the search is priced by bandwidth as
+    # much as the first LP's (the conv model, 2x4 across two nodes under a budget, whose
+    # budget-free LP no longer fit once a strided convolution's input gradient cost what its
+    # forward does: the priced plan 0.088 ms predicted, 0.085 compiled; with the charges 0.05x)
+    refined, forbidden = _fixed_charge_plan(pp, mesh, hw, (refined, forbidden), time_limit,
+                                            resolve_cap, progress)
     if refined_by_lp and memory_budget is None:
         refined, forbidden = _replicated_state_seed(pp, graph, updated, mesh, hw, resolve,
                                                     (refined, forbidden), progress)
