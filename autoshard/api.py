@@ -640,7 +640,10 @@ class ShardedFunction:
 
         The cost model's peak memory is an estimate; the budget is a promise about the program
         that runs. When XLA's buffer assignment (``memory_analysis``) exceeds the budget, the
-        search runs again with the budget scaled down by the overshoot, up to three times."""
+        search runs again with the budget scaled down by the overshoot, up to three times: the
+        budget the solver's own peak of the plan would have needed, so that the same plan never
+        fits it again (its peak is below the predicted and the compiled ones; scaled from the
+        last target, the same plan fitted four targets in a row on an MLP-Mixer)."""
         opts = self._options
         target = opts.memory_budget
         for attempt in range(4):
@@ -656,8 +659,13 @@ class ShardedFunction:
             compiled = jitted.lower(*self._abstract(planned, args)).compile()
             peak = peak_memory(compiled)
             if peak <= opts.memory_budget:
+                if target != opts.memory_budget and plan.prediction is not None:
+                    # the summary states the user's budget, not the scaled-down target
+                    plan = replace(plan, prediction=replace(
+                        plan.prediction, memory_budget=opts.memory_budget))
                 return plan, lowered, jitted
-            target = int(target * opts.memory_budget / peak * 0.97)
+            constrained = plan.solver.details.get("constrained_peak", target)
+            target = int(min(target, constrained) * opts.memory_budget / peak * 0.97)
             predicted = plan.prediction.peak_memory_bytes
             self._progress(f"compiled peak {peak:,} bytes exceeds the budget "
                            f"{opts.memory_budget:,} (predicted {predicted:,}); planning again "

@@ -294,3 +294,32 @@ def test_solver_time_limit_warns_with_the_gap():
                                  solver_time_limit=0.001)
     assert step.plan.solver.status == "feasible"
     assert step.plan.solver.details["time_limit_reached"]
+
+
+def test_an_over_budget_program_is_planned_again_below_the_solvers_own_peak(mesh, monkeypatch):
+    """When the compiled program exceeds the budget, the next search gets the budget that the
+    peak the solver's constraint saw for the plan would have needed: below it, so the same plan
+    cannot fit again (scaled from the last budget instead, it did four times in a row)."""
+    from autoshard import api
+    plans, peaks = [], []
+    search = api.search_plan
+
+    def recording_search(*args, **kwargs):
+        plans.append((kwargs["memory_budget"], search(*args, **kwargs)))
+        return plans[-1][1]
+
+    def compiled_peak(compiled):   # the first program 10% over the budget, then within it
+        peaks.append(budget * 11 // 10 if not peaks else peak_memory(compiled))
+        return peaks[-1]
+
+    peak_memory = api.peak_memory
+    monkeypatch.setattr(api, "search_plan", recording_search)
+    monkeypatch.setattr(api, "peak_memory", compiled_peak)
+    budget = 2**30
+    step = autoshard.compile(mlp.train_step, *example_args(mlp), mesh=mesh,
+                             memory_budget=budget, cache=False)
+    assert len(plans) == 2 and plans[0][0] == budget
+    assert step.plan.prediction.memory_budget == budget  # the user's, not the scaled target
+    constrained = plans[0][1].solver.details["constrained_peak"]
+    assert 0 < constrained < budget
+    assert plans[1][0] == int(constrained * budget / peaks[0] * 0.97)

@@ -1,5 +1,6 @@
 """The plan cache: hit, miss, corrupt and stale entries, bypass, and atomic concurrent writes."""
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -10,6 +11,7 @@ import numpy as np
 import pytest
 
 import autoshard
+from autoshard import ShardingSpec
 from autoshard.ir.plan_json import SCHEMA_VERSION, plan_from_json, plan_to_json
 from autoshard.ir.errors import PlanError
 from autoshard.plan_cache import PlanCacheWarning, atomic_write_text
@@ -94,6 +96,11 @@ def test_plan_record_round_trip_and_rejects_other_graph(example):
     assert dict(back.value_specs) == dict(plan.value_specs)
     assert dict(back.operand_specs) == dict(plan.operand_specs)
     assert back.solver == plan.solver and back.prediction == plan.prediction
+    # the layouts values are made in before the plan moves them (Plan.made_specs)
+    made = {next(iter(plan.value_specs)): ShardingSpec.replicated(plan.mesh.ndim)}
+    moved = dataclasses.replace(plan, made_specs=made)
+    assert dict(plan_from_json(json.loads(json.dumps(plan_to_json(moved))), plan.graph,
+                               in_tree=plan.in_tree, out_tree=plan.out_tree).made_specs) == made
     # what the viewer shows survives too, so a cache hit dumps with its costs
     assert plan.explanation and dict(back.explanation) == dict(plan.explanation)
     assert back.memory_curve == plan.memory_curve and back.hardware == plan.hardware == "h100"

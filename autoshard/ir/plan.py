@@ -190,6 +190,9 @@ class Plan:
     t >= 1 runs ``graph.nodes[t - 1]``), and ``hardware`` names the cost model's profile.
     ``annotation_report`` (steps with Flax sharding annotations) compares the annotated layouts
     with the searched ones.
+    ``made_specs`` gives, per value id, the layout its op makes it in where the plan then
+    pins it in another (``value_specs``): the lowering constrains it to both in turn, or the
+    partitioner reaches the pinned layout by moving the op's operands, not its result.
     """
 
     graph: Graph
@@ -209,6 +212,7 @@ class Plan:
     memory_curve: tuple[int, ...] = ()
     hardware: str = ""
     annotation_report: AnnotationReport | None = None
+    made_specs: Mapping[int, ShardingSpec] = field(default_factory=dict)
 
     def __post_init__(self):
         if len(self.input_specs) != len(self.graph.inputs):
@@ -223,6 +227,7 @@ class Plan:
             raise PlanError(f"plan pins value ids {unknown[:5]} that are not in the graph")
         object.__setattr__(self, "value_specs", MappingProxyType(dict(self.value_specs)))
         object.__setattr__(self, "operand_specs", MappingProxyType(dict(self.operand_specs)))
+        object.__setattr__(self, "made_specs", MappingProxyType(dict(self.made_specs)))
         object.__setattr__(self, "reasons", MappingProxyType(dict(self.reasons)))
         object.__setattr__(self, "explanation", MappingProxyType(dict(self.explanation)))
         object.__setattr__(self, "memory_curve", tuple(int(x) for x in self.memory_curve))

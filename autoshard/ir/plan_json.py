@@ -10,7 +10,8 @@ this record (``autoshard.dump``), so both read the same ``decisions`` section.
 Schema (``SCHEMA_VERSION`` is bumped on any incompatible change; readers reject other versions):
   schema, version, autoshard_version, method, mesh {axis_names, axis_sizes}, graph_fingerprint,
   inputs / outputs: [{path, shape, dtype, spec, partition_spec, bytes_per_device, reason}],
-  values {value id: spec}, operands {node id: [spec | null, ...]}, reasons {value id: text},
+  values {value id: spec}, made {value id: spec} (added within version 1: a record without it
+  reads as {}), operands {node id: [spec | null, ...]}, reasons {value id: text},
   unplanned [...], prediction {...} | null, solver {...} | null, hardware_profile,
   memory_curve [bytes per step], explanation {node id: {chosen, rejected, collectives,
   num_strategies}} with strategies as [label, operand specs, output specs, compute, collective,
@@ -161,6 +162,7 @@ def plan_to_json(plan: Plan, *, graph_digest: str | None = None) -> dict:
                             [v.name or f"in[{i}]" for i, v in enumerate(g.inputs)], "in"),
         "outputs": _boundary(plan, g.outputs, plan.output_specs, list(g.output_names), "out"),
         "values": {str(k): str(v) for k, v in sorted(plan.value_specs.items())},
+        "made": {str(k): str(v) for k, v in sorted(plan.made_specs.items())},
         "operands": {str(k): [None if x is None else str(x) for x in v]
                      for k, v in sorted(plan.operand_specs.items())},
         "reasons": {str(k): v for k, v in plan.reasons.items() if isinstance(k, int)},
@@ -278,7 +280,8 @@ def plan_from_json(doc: dict, graph: Graph, *, in_tree: Any, out_tree: Any,
                     {int(k): _explanation_from_json(e)
                      for k, e in doc.get("explanation", {}).items()},
                     tuple(doc.get("memory_curve", ())), doc.get("hardware_profile", ""),
-                    _annotations_from_json(doc.get("annotations")))
+                    _annotations_from_json(doc.get("annotations")),
+                    {int(k): ShardingSpec.parse(v) for k, v in doc.get("made", {}).items()})
     except PlanError:
         raise
     except (KeyError, TypeError, ValueError, AttributeError) as err:
@@ -291,6 +294,7 @@ def plan_decisions(doc: dict) -> dict:
     times differ."""
     decisions = {k: doc[k] for k in ("method", "mesh", "graph_fingerprint", "values",
                                      "operands", "unplanned")}
+    decisions["made"] = doc.get("made", {})
     decisions["inputs"] = [[r["path"], r["spec"]] for r in doc["inputs"]]
     decisions["outputs"] = [[r["path"], r["spec"]] for r in doc["outputs"]]
     return decisions

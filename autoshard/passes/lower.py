@@ -144,8 +144,13 @@ def lower(plan: Plan, mesh: Mesh) -> LoweredPlan:
     constants = {v.id: on_mesh(data, amesh) for g in _graphs(graph)
                  for v, data in ((v, g.constants[v.id]) for v in g.constant_values)}
 
+    made = {vid: named_sharding(spec, values[vid].ndim, plan.mesh, amesh)
+            for vid, spec in plan.made_specs.items() if not spec.has_partial}
+
     def constrain(value: Value, array: Any) -> Any:
         array = constants.get(value.id, array)
+        if value.id in made:    # made in one layout, then moved (Plan.made_specs)
+            array = jax.lax.with_sharding_constraint(array, made[value.id])
         sharding = constraints.get(value.id)
         return array if sharding is None else jax.lax.with_sharding_constraint(array, sharding)
 

@@ -403,7 +403,10 @@ def plan_from_choice(pp: PlanningProblem, choice, graph: Graph, mesh: MeshSpec, 
     value_specs = {vid: produced(s, k) for vid, (s, k) in pp.value_slot.items()
                    if vid not in inputs and not (pp.slots[s].kind == "op"
                                                  and made_from_nothing(pp.slots[s].node))}
-    value_specs.update(moved_state(pp, choice))
+    moved = moved_state(pp, choice)
+    made_specs = {vid: value_specs[vid] for vid in moved
+                  if vid in value_specs and value_specs[vid] != moved[vid]}
+    value_specs.update(moved)
     reasons = dict(pins.reasons)
     for i in range(len(graph.inputs)):
         reasons.setdefault(f"in:{i}", "chosen by the solver")
@@ -415,7 +418,7 @@ def plan_from_choice(pp: PlanningProblem, choice, graph: Graph, mesh: MeshSpec, 
     curve = () if hw is None else tuple(memory_profile(pp, choice, mesh).tolist())
     return Plan(graph, mesh, input_specs, output_specs, value_specs, in_tree, out_tree, METHOD,
                 reasons, tuple(pp.unplanned), prediction, solver, operand_specs, explanation,
-                curve, "" if hw is None else hw.name)
+                curve, "" if hw is None else hw.name, made_specs=made_specs)
 
 
 LP_ENGINE = "lp (highs)"
@@ -493,6 +496,12 @@ def search_plan(graph: Graph, mesh: MeshSpec, hw: Hardware, pins: Pins, *, in_tr
                             for key in forbidden]))
     choice = least_held_free_layouts(pp, choice)
     prediction = predict(pp, choice, mesh, hw, memory_budget)
+    if memory_budget is not None:
+        # the peak the budget constraint saw (below the predicted peak, which adds the buffers
+        # resharding makes and the allocator's holes): a caller that finds the compiled program
+        # over budget scales this one down, or the same plan fits the next budget again
+        stats = replace(stats, details=dict(
+            stats.details, constrained_peak=int(evaluate(problem, choice).peak_usage)))
     return plan_from_choice(pp, choice, graph, mesh, in_tree=in_tree, out_tree=out_tree,
                             pins=pins, prediction=prediction, solver=stats, hw=hw)
 
