@@ -173,15 +173,23 @@ def group_size(attrs: str) -> int:
     return len(groups[0]) if groups else 1
 
 
+def _operands(rest: str) -> list[str]:
+    return re.findall(r"%([\w.\-]+)", rest.split(")", 1)[0])
+
+
 def _dot_flops(result: str, rest: str, shapes: dict[str, str]) -> tuple[str, float]:
-    operands = re.findall(r"%([\w.\-]+)", rest.split(")", 1)[0])
-    out = _arrays(result)
-    lhs = _arrays(shapes.get(operands[0], "")) if operands else []
+    operands = _operands(rest)
+    contracting = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", rest)
+    return _dot_count(result, shapes.get(operands[0], "") if operands else "",
+                      contracting.group(1).split(",") if contracting else [])
+
+
+def _dot_count(out_type: str, lhs_type: str, contracting: list[str]) -> tuple[str, float]:
+    """2 x output elements x the lhs's contracted elements."""
+    out, lhs = _arrays(out_type), _arrays(lhs_type)
     if not out or not lhs:
         return "", 0.0
-    contracting = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", rest)
-    k = math.prod(lhs[0][1][int(d)] for d in contracting.group(1).split(",") if d) \
-        if contracting else 1
+    k = math.prod(lhs[0][1][int(d)] for d in contracting if d)
     return lhs[0][0], 2.0 * math.prod(out[0][1]) * k
 
 
@@ -197,26 +205,26 @@ def _library_call_flops(result: str, rest: str, shapes: dict[str, str]) -> tuple
     if target is None:
         return "", 0.0
     name = target.group(1)
+    operand_types = [shapes.get(o, "") for o in _operands(rest)] + ["", ""]
     if name.startswith("__cudnn$conv"):
         # cuDNN calls print the forward convolution's dim_labels; a backward pass costs what its
         # forward does: the forward output is the input gradient's first operand (dy) and the
         # filter gradient's second, and the filter is the filter gradient's own result
-        operands = re.findall(r"%([\w.\-]+)", rest.split(")", 1)[0])
-        out, filt = result, shapes.get(operands[1], "") if len(operands) > 1 else ""
-        if name == "__cudnn$convBackwardInput" and operands:
-            out = shapes.get(operands[0], "")
+        out, filt = result, operand_types[1]
+        if name == "__cudnn$convBackwardInput":
+            out = operand_types[0]
         elif name == "__cudnn$convBackwardFilter":
             out, filt = filt, result
         return _conv_count(out, filt, rest)
     contracting = _GEMM_CONTRACTING.search(rest)
     if contracting is None or not ("gemm" in name or "matmul" in name):
         return "", 0.0
-    dims = ",".join(d.strip().strip('"') for d in contracting.group(1).split(","))
-    return _dot_flops(result, f"{rest}, lhs_contracting_dims={{{dims}}}", shapes)
+    return _dot_count(result, operand_types[0],
+                      [d.strip().strip('"') for d in contracting.group(1).split(",")])
 
 
 def _conv_flops(result: str, rest: str, shapes: dict[str, str]) -> tuple[str, float]:
-    operands = re.findall(r"%([\w.\-]+)", rest.split(")", 1)[0])
+    operands = _operands(rest)
     return _conv_count(result, shapes.get(operands[1], "") if len(operands) > 1 else "", rest)
 
 

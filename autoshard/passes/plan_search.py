@@ -458,7 +458,7 @@ def search_plan(graph: Graph, mesh: MeshSpec, hw: Hardware, pins: Pins, *, in_tr
     # a variant of the LP is the same LP with some costs raised or rows added: one that takes
     # many times the first solve's iterations is degenerate and given up (an NNX GPT with its
     # annotations required: 2 min at the full cap for no plan, against 3 s for the first
-    # solve) (only an integral first LP is refined: its stats hold the iterations)
+    # solve) (a plan of the search, whose stats hold no LP iterations, gets the floor)
     iterations = stats.details.get("lp_iterations")  # the first LP's, where it was solved
     resolve_cap = int(max(MIN_ITERATIONS, RESOLVE_ITERATIONS * iterations)
                       ) if iterations else MIN_ITERATIONS
@@ -478,7 +478,8 @@ def search_plan(graph: Graph, mesh: MeshSpec, hw: Hardware, pins: Pins, *, in_tr
     # on every path: a plan of the memory-priced LPs or the search is priced by bandwidth as
     # much as the first LP's (the conv model, 2x4 across two nodes under a budget, whose
     # budget-free LP no longer fit once a strided convolution's input gradient cost what its
-    # forward does: the priced plan 0.088 ms predicted, 0.085 compiled; with the charges 0.05x)
+    # forward does: the priced plan 0.088 ms predicted, 0.085 compiled; with the charges
+    # 0.054 ms predicted)
     refined, forbidden = _fixed_charge_plan(pp, mesh, hw, (refined, forbidden), time_limit,
                                             resolve_cap, progress)
     if refined_by_lp and memory_budget is None:
