@@ -92,9 +92,10 @@ def _infeasible(problem: Problem, bound: int, t: int, found: int | None) -> Plan
 
 
 def solve(problem: Problem, *, time_limit: float = 60.0, deterministic: bool = True,
-          seed: int = 0, workers: int = 2, progress=None) -> Solution:
+          seed: int = 0, workers: int = 2, progress=None, toulbar2: bool = True) -> Solution:
     """Best plan found within ``time_limit``; raises ``PlanInfeasibleError`` when no plan fits
-    the memory limit, stating the smallest peak that can be reached."""
+    the memory limit, stating the smallest peak that can be reached. ``toulbar2``: let
+    toulbar2 take a small core with few memory constraints before CP-SAT (``solve_cfn``)."""
     start = time.monotonic()
     bound, t_peak, _ = min_peak_bound(problem)
     if problem.usage_limit is not None and bound > problem.usage_limit:
@@ -108,7 +109,7 @@ def solve(problem: Problem, *, time_limit: float = 60.0, deterministic: bool = T
         search_budget = max(0.3, time_limit - (time.monotonic() - start) - 0.5
                             - 0.02 * time_limit)
     result = search(reduced, memory, time_limit=search_budget, deterministic=deterministic,
-                    seed=seed, workers=workers, progress=progress)
+                    seed=seed, workers=workers, progress=progress, toulbar2=toulbar2)
     choice = reduced.expand(result.choice)
     ev = evaluate(problem, choice)
     if not ev.feasible:

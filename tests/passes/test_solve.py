@@ -225,7 +225,8 @@ def test_deterministic_across_runs_and_processes(monkeypatch, whole_max):
     b = solve(p, time_limit=1)
     assert a.feasible and a.choice == b.choice
     assert a.stats["engine"] in ({"lns", "greedy+repair", "greedy", "local search"}
-                                 if whole_max == 10 else {"cp-sat", "greedy+repair", "greedy"})
+                                 if whole_max == 10 else
+                                 {"toulbar2", "lp rounding", "cp-sat", "greedy+repair", "greedy"})
     out = subprocess.run([sys.executable, "-c", _DETERMINISM_SCRIPT, str(whole_max)],
                          cwd=pathlib.Path(__file__).resolve().parents[2], capture_output=True,
                          text=True, check=True).stdout
@@ -282,3 +283,42 @@ def test_lp_relaxation_is_integral_on_a_chain():
         rounded = red.expand([int(np.argmax(v)) for v in rel.marginals])
         assert evaluate(p, rounded).cost == best
     assert solve(p, time_limit=5).cost == best
+
+
+@pytest.mark.parametrize("case", range(8))
+def test_toulbar2_solves_a_core_with_its_memory_constraints_exactly(case):
+    pytest.importorskip("pytoulbar2")
+    from autoshard.passes.solve_cfn import solve_network
+    from autoshard.passes.solve_cpsat import Limits
+    from autoshard.passes.solve_memory import part_cuts
+    from autoshard.passes.solve_search import cost_scale
+    rng = np.random.default_rng(300 + case)
+    p = None
+    while p is None:
+        p = random_problem(rng, int(rng.integers(4, 8)), floats=case % 4 == 3)
+    best, _, _ = brute_force(p)
+    assert best is not None  # random_problem's limit lets some plan fit
+    reduced = presolve(p)
+    memory = memory_model(p, reduced)
+    start = np.zeros(reduced.num_nodes, np.int64)
+    cuts = part_cuts(memory, np.arange(reduced.num_nodes), start, memory.profile(start))
+    res = solve_network(reduced.costs, reduced.edges, cuts, cost_scale(reduced),
+                        Limits(5.0, True, 1, 0))
+    assert res.optimal
+    ev = evaluate(p, reduced.expand(res.choice))
+    assert ev.feasible and ev.cost == pytest.approx(best)
+    assert res.objective + reduced.constant == pytest.approx(best)
+    # told of a plan at the optimum, it finds that cost again and proves it
+    again = solve_network(reduced.costs, reduced.edges, cuts, cost_scale(reduced),
+                          Limits(5.0, True, 1, 0), upper=best - reduced.constant)
+    assert again.optimal and again.objective + reduced.constant == pytest.approx(best)
+
+
+def test_a_core_with_many_memory_constraints_is_left_to_cp_sat():
+    from autoshard.passes import solve_cfn
+    from autoshard.passes.solve_memory import Cuts
+    few = Cuts([np.array([0, 1])] * 3, [np.array([1, 1])] * 3, np.ones(3, np.int64))
+    many = Cuts([np.array([0, 1])] * (solve_cfn.MAX_CUTS + 1),
+                [np.array([1, 1])] * (solve_cfn.MAX_CUTS + 1),
+                np.ones(solve_cfn.MAX_CUTS + 1, np.int64))
+    assert solve_cfn.suits(few) and not solve_cfn.suits(many)
