@@ -322,3 +322,24 @@ def test_a_core_with_many_memory_constraints_is_left_to_cp_sat():
                 [np.array([1, 1])] * (solve_cfn.MAX_CUTS + 1),
                 np.ones(solve_cfn.MAX_CUTS + 1, np.int64))
     assert solve_cfn.suits(few) and not solve_cfn.suits(many)
+
+
+@pytest.mark.parametrize("case", range(6))
+def test_memory_constraints_added_lazily_still_give_the_optimum(monkeypatch, case):
+    """With every core treated as having too many memory constraints, toulbar2 starts from
+    none and adds the violated ones round by round; its optimum must be the true one."""
+    pytest.importorskip("pytoulbar2")
+    from autoshard.passes import solve_cfn
+    monkeypatch.setattr(solve_cfn, "MAX_CUTS", 0)
+    rounds = []
+    real = solve_cfn.solve_network
+    monkeypatch.setattr(solve_cfn, "solve_network",
+                        lambda *a, **k: rounds.append(len(a[2])) or real(*a, **k))
+    rng = np.random.default_rng(400 + case)
+    p = None
+    while p is None or presolve(p).num_nodes < 2:   # a core is left for the search
+        p = random_problem(rng, int(rng.integers(5, 8)), floats=case % 3 == 2)
+    best, _, _ = brute_force(p)
+    sol = solve(p, time_limit=10)
+    assert sol.feasible and sol.cost == pytest.approx(best) and sol.status == "optimal"
+    assert rounds and rounds[0] == 0   # the first round has no memory constraint
