@@ -314,7 +314,7 @@ def test_toulbar2_solves_a_core_with_its_memory_constraints_exactly(case):
     assert again.optimal and again.objective + reduced.constant == pytest.approx(best)
 
 
-def test_a_core_with_many_memory_constraints_is_left_to_cp_sat():
+def test_only_a_core_with_few_memory_constraints_states_them_all_at_once():
     from autoshard.passes import solve_cfn
     from autoshard.passes.solve_memory import Cuts
     few = Cuts([np.array([0, 1])] * 3, [np.array([1, 1])] * 3, np.ones(3, np.int64))
