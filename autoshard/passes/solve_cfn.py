@@ -58,7 +58,9 @@ def solve_network(costs, edges: dict, cuts: Cuts, scale: float, limits: Limits,
                   upper: float | None = None) -> SubResult:
     """Optimise every node of a reduced problem (``costs``, ``edges`` as in ``Reduced``, without
     its constant) under ``cuts``. ``upper``: the cost of a plan that fits (the search looks only
-    for cheaper ones; ``choice`` is None when it finds none). ``scale`` makes costs integers.
+    for plans at or below it; ``choice`` is None when it finds none, and a complete search
+    then proves that plan optimal). ``scale`` makes costs integers. In contest mode a search
+    gets at least one second (toulbar2's limit is whole seconds).
     ``det_time`` of the result is in deterministic units (backtracks times the
     ``UNITS_PER_BACKTRACK*`` estimate of one backtrack's cost)."""
     import pytoulbar2
