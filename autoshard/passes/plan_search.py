@@ -670,9 +670,10 @@ def solve_plan_problem(problem: Problem, time_limit: float,
             try:
                 # twice the per-solve limit: CP-SAT needs it on these problems (the GPT above:
                 # 1.69 ms at 30 s of deterministic time, 0.94 ms at 60 s)
-                # CP-SAT only: toulbar2 gave none of the 48 plan-quality rows a better plan
-                # and added up to 44 s of planning (its preprocessing of a 954-node GPT core
-                # with 120 memory rows alone takes 20 s)
+                # CP-SAT only: toulbar2 with every memory row stated gave none of the 48
+                # plan-quality rows a better plan and added up to 44 s of planning (its
+                # preprocessing of a 954-node GPT core with 120 memory rows alone takes 20 s);
+                # the lazy rows came later and were not tried here
                 solution = solve(problem, time_limit=2 * time_limit if stats else time_limit,
                                  deterministic=True, progress=progress, toulbar2=False)
             except PlanInfeasibleError:

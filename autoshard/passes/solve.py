@@ -95,7 +95,7 @@ def solve(problem: Problem, *, time_limit: float = 60.0, deterministic: bool = T
           seed: int = 0, workers: int = 2, progress=None, toulbar2: bool = True) -> Solution:
     """Best plan found within ``time_limit``; raises ``PlanInfeasibleError`` when no plan fits
     the memory limit, stating the smallest peak that can be reached. ``toulbar2``: let
-    toulbar2 take a small core with few memory constraints before CP-SAT (``solve_cfn``)."""
+    toulbar2 take a small core before the LP start and CP-SAT (``solve_cfn``)."""
     start = time.monotonic()
     bound, t_peak, _ = min_peak_bound(problem)
     if problem.usage_limit is not None and bound > problem.usage_limit:

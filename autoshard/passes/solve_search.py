@@ -11,8 +11,9 @@
   bisected on the greedy, whose plans on IOPDDL's S, K and M stayed 2-8x the best known.
 - *Small cores*, first: toulbar2 (``solve_cfn``), which keeps edge matrices as tables, with
   the memory constraints all at once where they are few, else added lazily (cutting planes);
-  on IOPDDL's A, B, C, G, P and Q it proves the optimum in 1-20 s, on V it reaches it where
-  CP-SAT ended at 1.69x. When it proves nothing, the rest below follows with its plans.
+  on IOPDDL's A, B, C, G, P and Q it proves the optimum within 3-23 s of the contest's wall
+  clock (loading included), on V it reaches it where CP-SAT ended at 1.69x. When it proves
+  nothing, the rest below follows with its plans.
 - *Small cores*, first: the local-polytope LP (``solve_relax``), whose rounded marginals are a
   start (on IOPDDL's B, C, D and G far better than the greedy one) and whose optimum is a bound.
 - *Small cores* (presolve leaves a few hundred nodes on half the contest instances): the whole
@@ -49,7 +50,8 @@ from autoshard.passes.solve_relax import relax
 #: Cores up to this size go to CP-SAT whole; larger ones to LNS.
 WHOLE_MAX_NODES = 1500
 #: Share of the search budget toulbar2 takes on a small core with few memory constraints
-#: (``solve_cfn.suits``); CP-SAT gets the rest, hinted with its plan, when it proves nothing.
+#: (``solve_cfn.suits``), all stated at once; the LP start and CP-SAT get the rest, with its
+#: plan as the incumbent, when it proves nothing.
 NETWORK_SHARE = 0.75
 #: With many memory constraints, added lazily: the most violated rows added per round, and the
 #: share of the budget left that one round may take.
@@ -222,7 +224,7 @@ def _feasible(memory: MemoryModel, profile: np.ndarray) -> bool:
 
 def search(reduced: Reduced, memory: MemoryModel, *, time_limit: float, deterministic: bool,
            seed: int, workers: int, progress=None, toulbar2: bool = True) -> SearchResult:
-    """``toulbar2``: let toulbar2 take a small core with few memory constraints first."""
+    """``toulbar2``: let toulbar2 take a small core first (``_network``)."""
     start = time.monotonic()
     budget = _Budget(time_limit, deterministic, start)
     costs, adj = reduced.costs, adjacency(reduced)
@@ -244,8 +246,8 @@ def search(reduced: Reduced, memory: MemoryModel, *, time_limit: float, determin
     if n <= WHOLE_MAX_NODES:
         # with every node free the constraints do not depend on the incumbent: built once
         cuts = part_cuts(memory, np.arange(n), best.choice, best.profile)
-        network = _network(reduced, memory, cuts, scale, budget, seed, best, report) \
-            if toulbar2 else None
+        network = _network(reduced, memory, cuts, costs, adj, scale, budget, seed, best,
+                           report) if toulbar2 else None
         if network is not None and network[1]:
             lb, optimal, rounds = network
         else:
@@ -369,7 +371,7 @@ def _lp_start(reduced, memory, costs, adj, budget, best, report) -> tuple[float 
     return rel.bound, False
 
 
-def _network(reduced, memory, cuts, scale, budget, seed, best, report):
+def _network(reduced, memory, cuts, costs, adj, scale, budget, seed, best, report):
     """toulbar2 on the whole core (``solve_cfn``); (bound, optimal, rounds), or None where it
     is not installed.
 
@@ -378,7 +380,7 @@ def _network(reduced, memory, cuts, scale, budget, seed, best, report):
     with the active ones, add the ``LAZY_ROWS`` most violated by the answer, repeat; an answer
     that violates none is optimal for the whole problem. Only a few segments bind: on IOPDDL's
     A, C, P and Q (4,000-17,000 constraints) 20-24 were active when toulbar2 proved the optimum,
-    in 8-18 s. The loop stops when toulbar2 proves nothing within ``LAZY_SHARE`` of the budget
+    12-23 s into the contest's wall clock. The loop stops when toulbar2 proves nothing within ``LAZY_SHARE`` of the budget
     left (D: the rest of the search goes on from its plans)."""
     if not solve_cfn.available():
         report("toulbar2 (pytoulbar2) is not installed: CP-SAT takes the core", force=True)
@@ -417,7 +419,7 @@ def _network(reduced, memory, cuts, scale, budget, seed, best, report):
                 return best.cost, True, rounds
             report(f"toulbar2: cost {best.cost:.6g}, bound {lb}", force=True)
             return (res.bound + reduced.constant if lb is None else lb), False, rounds
-        if best.offer(repair(reduced.costs, adjacency(reduced), memory, res.choice,
+        if best.offer(repair(costs, adj, memory, res.choice,
                              max_rounds=4 * reduced.num_nodes + 100), "toulbar2+repair"):
             report(f"toulbar2+repair: cost {best.cost:.6g}", force=True)
         if not res.optimal:
