@@ -7,9 +7,10 @@
 The pipeline (DESIGN.md, "Solver"): exact presolve (``solve_reduce``: forbidden pruning,
 dominance, folding single-strategy nodes, merging functional edges, groups) shrinks the contest's
 instances from tens of thousands of nodes to hundreds on half of them; then ``solve_search``:
-a greedy start with memory repair, the local-polytope LP's rounding (``solve_relax``) and CP-SAT
-on the whole core with lazy memory cuts when it is small, large-neighbourhood search with CP-SAT
-otherwise. Memory is checked exactly, at every time, on the original problem before a solution
+a greedy start with memory repair; on a small core toulbar2 with memory constraints added
+lazily, the local-polytope LP's rounding (``solve_relax``) and CP-SAT on the whole core; on a
+large one, memory prices with each priced problem solved by toulbar2 (``solve_priced``), then
+large-neighbourhood search with CP-SAT. Memory is checked exactly, at every time, on the original problem before a solution
 is returned.
 
 With ``deterministic=True`` the same inputs give the same choice in any process (a fixed seed,
@@ -95,7 +96,8 @@ def solve(problem: Problem, *, time_limit: float = 60.0, deterministic: bool = T
           seed: int = 0, workers: int = 2, progress=None, toulbar2: bool = True) -> Solution:
     """Best plan found within ``time_limit``; raises ``PlanInfeasibleError`` when no plan fits
     the memory limit, stating the smallest peak that can be reached. ``toulbar2``: let
-    toulbar2 take a small core before the LP start and CP-SAT (``solve_cfn``)."""
+    toulbar2 take a small core before the LP start and CP-SAT (``solve_cfn``), and a large
+    core's memory-priced problems (``solve_priced``)."""
     start = time.monotonic()
     bound, t_peak, _ = min_peak_bound(problem)
     if problem.usage_limit is not None and bound > problem.usage_limit:

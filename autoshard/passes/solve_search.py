@@ -7,8 +7,11 @@
 - *Large cores*, first: the local search of ``solve_local``: tree-block steps (exact dynamic
   programming over an induced forest) from the greedy plan, then Lagrangian prices on memory
   per time step (soft memory, as the 1st IOPDDL team did with penalties and toulbar2), each
-  priced plan repaired and improved by single-node moves that fit. It replaced one global λ
-  bisected on the greedy, whose plans on IOPDDL's S, K and M stayed 2-8x the best known.
+  priced plan repaired and improved by single-node moves that fit. Each priced problem goes
+  to toulbar2 (``solve_priced``) where it is installed and ``toulbar2`` is asked for, else to
+  tree-block steps (``solve_local.priced_search``; on IOPDDL's K 3.41e9 where toulbar2 reaches
+  2.25e9). It replaced one global λ bisected on the greedy, whose plans on IOPDDL's S, K and M
+  stayed 2-8x the best known.
 - *Small cores*, first: toulbar2 (``solve_cfn``), which keeps edge matrices as tables, with
   the memory constraints all at once where they are few, else added lazily (cutting planes);
   on IOPDDL's A, B, C, G, P and Q it proves the optimum within 3-23 s of the contest's wall
@@ -43,6 +46,7 @@ from autoshard.passes import solve_cfn
 from autoshard.passes.solve_cpsat import Limits, solve_part
 from autoshard.passes.solve_local import LocalSearch, priced_search
 from autoshard.passes.solve_memory import Cuts, MemoryModel, part_cuts
+from autoshard.passes.solve_priced import network_priced_search
 from autoshard.passes.solve_problem import FORBIDDEN
 from autoshard.passes.solve_reduce import Reduced
 from autoshard.passes.solve_relax import relax
@@ -75,6 +79,11 @@ LOCAL_PATIENCE = 150
 #: Most tree-block steps without memory before the first repair (T: 12 steps take the cost
 #: from 1.04e12 to 0.73e12, and the repaired plan from 0.83e12 after 5 steps to 0.77e12).
 START_TREE_STEPS = 20
+#: Budget of one toulbar2 call on a priced large core (``solve_priced``), in seconds or
+#: deterministic units: K's 5,160-node core takes 1.5-6 s a call (toulbar2's time limit is
+#: whole seconds), T's 15,908 ~8 s with its preprocessing; 25-30 calls fit in K's 180 s.
+PRICED_CALL = 5.0
+_NO_CUTS = Cuts([], [], np.zeros(0, np.int64))
 #: Deterministic budget units charged per node and edge for one round of the local search.
 LOCAL_UNITS_PER_ELEMENT = 1e-4
 
@@ -127,7 +136,12 @@ def reduced_cost(reduced: Reduced, choice) -> float:
 def cost_scale(reduced: Reduced) -> float:
     """Multiplier that makes the costs CP-SAT sees integers: 1 for integral costs, else a power
     of two that keeps the whole objective below 2**50."""
-    arrays = list(reduced.costs) + list(reduced.edges.values())
+    return scale_for(reduced.costs, reduced.edges)
+
+
+def scale_for(costs, edges: dict) -> float:
+    """``cost_scale`` for node costs ``costs`` and edge matrices ``edges``."""
+    arrays = list(costs) + list(edges.values())
     finite = [a[a < FORBIDDEN] for a in arrays]
     integral = all(np.all(f == np.round(f)) for f in finite)
     span = sum(float(np.abs(f).max()) for f in finite if len(f)) or 1.0
@@ -224,7 +238,8 @@ def _feasible(memory: MemoryModel, profile: np.ndarray) -> bool:
 
 def search(reduced: Reduced, memory: MemoryModel, *, time_limit: float, deterministic: bool,
            seed: int, workers: int, progress=None, toulbar2: bool = True) -> SearchResult:
-    """``toulbar2``: let toulbar2 take a small core first (``_network``)."""
+    """``toulbar2``: let toulbar2 take a small core first (``_network``) and solve a large
+    core's priced problems (``_network_priced``)."""
     start = time.monotonic()
     budget = _Budget(time_limit, deterministic, start)
     costs, adj = reduced.costs, adjacency(reduced)
@@ -241,7 +256,8 @@ def search(reduced: Reduced, memory: MemoryModel, *, time_limit: float, determin
         engine = "greedy+repair"
     best = _Best(reduced, memory, choice, engine)
     if n > WHOLE_MAX_NODES:
-        _local_phase(memory, costs, adj, budget, seed, best, report, LOCAL_SHARE)
+        _local_phase(memory, costs, adj, budget, seed, best, report, LOCAL_SHARE,
+                     edges=reduced.edges if toulbar2 else None)
     report(f"start: cost {best.cost:.6g}, feasible {best.feasible}")
     if n <= WHOLE_MAX_NODES:
         # with every node free the constraints do not depend on the incumbent: built once
@@ -304,11 +320,13 @@ class _Best:
         return False
 
 
-def _local_phase(memory, costs, adj, budget, seed, best, report, share: float) -> None:
+def _local_phase(memory, costs, adj, budget, seed, best, report, share: float,
+                 edges: dict | None = None) -> None:
     """Large cores: tree-block steps (``solve_local``) from the greedy plan, which is far from
     a local optimum (on IOPDDL's S five steps take the cost without memory from 2.04e9 to
     0.65e9), then the Lagrangian priced search for ``share`` of the budget left; every plan
-    that fits is offered to the incumbent."""
+    that fits is offered to the incumbent. Given the core's ``edges``, toulbar2 solves each
+    priced problem (``solve_priced``) where it is installed; else tree-block steps do."""
     search_ = LocalSearch(costs, adj, memory)
     rng = np.random.default_rng(seed)
     n = len(costs)
@@ -342,10 +360,49 @@ def _local_phase(memory, costs, adj, budget, seed, best, report, share: float) -
     if memory.limit is None:
         return
     stop = budget.left() - share * budget.left()
+    if edges is not None and solve_cfn.available():
+        _network_priced(search_, edges, budget, stop, seed, best, fit, offer, report)
+        return
     priced_search(search_, choice, rng=rng, repair=fit, offer=offer,
                   keep_going=lambda: budget.left() > stop, patience=LOCAL_PATIENCE,
                   spend=(lambda: budget.spend(units)) if budget.deterministic else None)
     report(f"local search done: cost {best.cost:.6g}", force=True)
+
+
+def _network_priced(search_, edges, budget, stop, seed, best, fit, offer, report) -> None:
+    """``solve_priced`` until the budget left falls to ``stop``, each priced problem given
+    toulbar2 for at most ``PRICED_CALL`` (seconds, or deterministic units); where a call ends
+    without a plan, two tree-block steps from the last priced plan stand in for it."""
+    calls, found = [0], [0]
+    last = [best.choice]
+    rng = np.random.default_rng(seed)
+
+    def minimise(priced):
+        left = budget.left() - stop
+        if left < (0.05 if budget.deterministic else 1.0):
+            return None
+        calls[0] += 1
+        res = solve_cfn.solve_network(priced, edges, _NO_CUTS, scale_for(priced, edges),
+                                      budget.limits(min(PRICED_CALL, left), 1,
+                                                    seed + calls[0]))
+        budget.spend(res.det_time)
+        if res.choice is not None:
+            found[0] += 1
+            last[0] = res.choice
+            return res.choice
+        # no plan within the call (S: once in 30 calls): tree-block steps from the last one
+        extra = [p - c for p, c in zip(priced, search_.costs)]
+        choice = last[0]
+        for _ in range(2):
+            choice = search_.tree_step(choice, search_.forest(rng.permutation(len(choice))),
+                                       extra)
+        last[0] = choice
+        return choice
+
+    rounds = network_priced_search(search_, minimise=minimise, repair=fit, offer=offer,
+                                   keep_going=lambda: budget.left() > stop)
+    report(f"priced toulbar2 done: {rounds} priced problems ({found[0]} solved by toulbar2), "
+           f"cost {best.cost:.6g}", force=True)
 
 
 def _lp_start(reduced, memory, costs, adj, budget, best, report) -> tuple[float | None, bool]:

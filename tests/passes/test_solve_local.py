@@ -153,3 +153,61 @@ def test_large_core_path_is_deterministic_and_feasible(monkeypatch):
     b = solve(p, time_limit=1)
     assert a.feasible and a.choice == b.choice
     assert evaluate(p, a.choice).peak_usage <= p.usage_limit
+
+
+def _brute_priced(costs, red):
+    """Exact minimiser of node costs ``costs`` with ``red``'s edges, no memory limit."""
+    best, arg = float("inf"), None
+    for combo in itertools.product(*[range(len(c)) for c in costs]):
+        total = sum(float(c[a]) for c, a in zip(costs, combo))
+        total += sum(float(m[combo[j], combo[l]]) for (j, l), m in red.edges.items())
+        if total < best:
+            best, arg = total, np.array(combo)
+    return arg
+
+
+@pytest.mark.parametrize("seed", [3, 5, 7, 11])
+def test_network_priced_search_with_an_exact_minimiser_reaches_the_optimum(seed):
+    """The price sawtooth of ``solve_priced`` with exact priced solves (toulbar2's role) finds
+    the optimum that fits on small cases whose cheapest plan overflows; every priced problem
+    keeps the search's own costs where no price applies."""
+    from autoshard.passes.solve_priced import network_priced_search
+    p, red, mem = _random_reduced(seed, 6, tree=False, limit_factor=1.1)
+    adj = adjacency(red)
+    search = LocalSearch(red.costs, adj, mem)
+    assert mem.profile(_brute_priced(red.costs, red)).max() > mem.limit
+    offered, rounds = [], iter(range(30))
+    network_priced_search(search, minimise=lambda costs: _brute_priced(costs, red),
+                          repair=lambda c: repair(red.costs, adj, mem, c, 500),
+                          offer=lambda c: offered.append(c.copy()),
+                          keep_going=lambda: next(rounds, None) is not None)
+    fitting = [c for c in offered if mem.profile(c).max() <= mem.limit]
+    best, _ = _brute(red, mem, fits=True)
+    assert fitting and min(reduced_cost(red, c) for c in fitting) == pytest.approx(best)
+
+
+def test_prices_never_make_a_forbidden_strategy_allowed():
+    """A forbidden strategy that uses less memory than strategy 0 gets a negative price; the
+    priced problem must keep it forbidden."""
+    from autoshard.passes.solve_memory import MemoryModel
+    from autoshard.passes.solve_priced import network_priced_search
+    from autoshard.passes.solve_problem import FORBIDDEN
+    costs = [np.array([0.0, FORBIDDEN, 5.0]), np.array([1e17, 2e17])]
+    mem = MemoryModel(starts=(np.array([0]), np.array([0])), ends=(np.array([4]), np.array([4])),
+                      usage=(np.array([[0], [-90], [-50]]), np.array([[0], [-10]])),
+                      baseline=np.full(4, 100, np.int64), limit=60)
+    adj = [{1: np.zeros((3, 2))}, {0: np.zeros((2, 3))}]
+    search = LocalSearch(costs, adj, mem)
+    seen, rounds = [], iter(range(12))
+
+    def minimise(priced):
+        seen.append([c.copy() for c in priced])
+        return np.array([int(np.argmin(c)) for c in priced])
+
+    offered = []
+    network_priced_search(search, minimise=minimise, repair=lambda c: np.array([2, 1]),
+                          offer=lambda c: offered.append(c.copy()),
+                          keep_going=lambda: next(rounds, None) is not None)
+    assert len(seen) > 2 and all(s[0][1] >= FORBIDDEN for s in seen)
+    # repaired to (2, 1), then node 1 moves back to its cheaper strategy, which still fits
+    assert any((c == [2, 0]).all() for c in offered)
