@@ -85,6 +85,9 @@ def solve_network(costs, edges: dict, cuts: Cuts, scale: float, limits: Limits,
     if top <= 0:
         return SubResult(None, float("inf"), float("-inf"), False, False, 0.0)
     cfn = pytoulbar2.CFN(top, seed=max(1, limits.seed + 1), verbose=-1)
+    # a search leaves its hybrid best-first setting changed (1 -> 256 -> 1 ...) and CFN() does
+    # not reset it: same problem, different plans on alternate calls in one process
+    cfn.Option.hbfs = 1
     for j, c in enumerate(unary):
         cfn.AddVariable(f"x{j}", range(len(c)))
     for scope, table, bad in tables:

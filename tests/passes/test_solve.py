@@ -314,6 +314,26 @@ def test_toulbar2_solves_a_core_with_its_memory_constraints_exactly(case):
     assert again.optimal and again.objective + reduced.constant == pytest.approx(best)
 
 
+def test_toulbar2_gives_the_same_plan_on_every_call_in_one_process():
+    """A search stopped by its backtrack limit must not depend on the searches before it
+    (toulbar2 leaves its hybrid best-first setting changed: alternate calls differed)."""
+    pytest.importorskip("pytoulbar2")
+    from autoshard.passes.solve_cfn import solve_network
+    from autoshard.passes.solve_cpsat import Limits
+    from autoshard.passes.solve_memory import part_cuts
+    from autoshard.passes.solve_search import cost_scale
+    p = _chain_problem(3, 150)
+    reduced = presolve(p)
+    memory = memory_model(p, reduced)
+    start = np.zeros(reduced.num_nodes, np.int64)
+    cuts = part_cuts(memory, np.arange(reduced.num_nodes), start, memory.profile(start))
+    runs = [solve_network(reduced.costs, reduced.edges, cuts, cost_scale(reduced),
+                          Limits(0.75, True, 1, 0)) for _ in range(3)]
+    assert not runs[0].optimal   # stopped by the limit, where the search order matters
+    assert all(r.objective == runs[0].objective and (r.choice == runs[0].choice).all()
+               for r in runs[1:])
+
+
 def test_only_a_core_with_few_memory_constraints_states_them_all_at_once():
     from autoshard.passes import solve_cfn
     from autoshard.passes.solve_memory import Cuts
