@@ -15,9 +15,10 @@ while plans fit, the prices shrink (by ``FAST_DECAY`` until a plan first overflo
 by ``DECAY``); when a plan overflows, the prices grow where it overflows, by ``BUMP`` times their
 current total. The best plans come from priced plans at the edge of the limit.
 
-Measured at contest timeouts on this 2-core machine (two runs side by side), against the
-tree-block priced search (``solve_local.priced_search``) and its LNS: K 3.41e9 -> 2.25e9 (best
-known 2.24e9), T 7.54e11 -> 6.92e11 (best known 6.57e11).
+Measured at the contest's timeouts on this 2-core machine (``benchmarks/iopddl.py``, run 6),
+cost / best known, against the tree-block priced search (``solve_local.priced_search``), each
+followed by the LNS: K 1.519 -> 1.002, M 1.047 -> 1.004, N 1.129 -> 1.071, R 1.323 -> 1.085,
+S 1.123 -> 1.060, T 1.148 -> 1.099, U 1.075 -> 1.045.
 """
 
 from __future__ import annotations
