@@ -84,10 +84,8 @@ def solve_network(costs, edges: dict, cuts: Cuts, scale: float, limits: Limits,
         top = min(top, int(np.floor((upper - offset) * scale)) + 1)
     if top <= 0:
         return SubResult(None, float("inf"), float("-inf"), False, False, 0.0)
+    _reset_options()
     cfn = pytoulbar2.CFN(top, seed=max(1, limits.seed + 1), verbose=-1)
-    # a search leaves its hybrid best-first setting changed (1 -> 256 -> 1 ...) and CFN() does
-    # not reset it: same problem, different plans on alternate calls in one process
-    cfn.Option.hbfs = 1
     for j, c in enumerate(unary):
         cfn.AddVariable(f"x{j}", range(len(c)))
     for scope, table, bad in tables:
@@ -118,6 +116,8 @@ def solve_network(costs, edges: dict, cuts: Cuts, scale: float, limits: Limits,
         seconds = max(1, int(left))
     search_start = time.monotonic()
     res = cfn.Solve(timeLimit=seconds)
+    if seconds:
+        cfn.CFN.timerStop()   # Solve leaves its alarm armed when the search ends early
     done = cfn.GetNbBacktracks()
     # toulbar2 stops at a limit or when its search is complete; complete means optimal
     complete = (done < backtracks) if backtracks is not None else (
@@ -133,6 +133,18 @@ def solve_network(costs, edges: dict, cuts: Cuts, scale: float, limits: Limits,
     # after a complete search GetDDualBound is not the optimum (it stays at an earlier bound)
     bound = objective if complete else float(cfn.GetDDualBound()) / scale + offset
     return SubResult(choice, objective, bound, complete, False, det)
+
+
+def _reset_options() -> None:
+    """Put toulbar2's global settings back to what a fresh process has (``pytb2.init``;
+    ``CFN()`` only calls ``reinit``, which keeps them). A search changes some: the hybrid
+    best-first setting goes 1 -> 256 -> 1 ..., the backtrack limit stays, and a search whose
+    upper bound admits only cost 0 lowers the soft consistency level for every later search.
+    Without this the same problem gave different plans on alternate calls in one process, and
+    after such a search (a small core proven optimal at its incumbent's cost)."""
+    import pytoulbar2
+
+    pytoulbar2.pytb2.init()
 
 
 def _finite_min(a: np.ndarray) -> float:
