@@ -51,7 +51,6 @@ def network_priced_search(search: LocalSearch, *, minimise, repair, offer, keep_
     mu = np.zeros(search.memory.horizon)
     rounds, bracketed = 0, False
     while keep_going():
-        rounds += 1
         costs = search.costs
         if mu.any():
             costs = [np.where(c >= FORBIDDEN, c, c + p)
@@ -59,6 +58,7 @@ def network_priced_search(search: LocalSearch, *, minimise, repair, offer, keep_
         choice = minimise(costs)
         if choice is None:
             break
+        rounds += 1
         over = np.maximum(search.profile(choice) - limit, 0)
         fitted = repair(choice) if over.any() else choice
         fitted, _ = search.descend(fitted, search.profile(fitted), sweeps=2)
