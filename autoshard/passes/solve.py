@@ -10,8 +10,8 @@ instances from tens of thousands of nodes to hundreds on half of them; then ``so
 a greedy start with memory repair; on a small core toulbar2 with memory constraints added
 lazily, the local-polytope LP's rounding (``solve_relax``) and CP-SAT on the whole core; on a
 large one, memory prices with each priced problem solved by toulbar2 (``solve_priced``), then
-large-neighbourhood search with CP-SAT. Memory is checked exactly, at every time, on the original problem before a solution
-is returned.
+large-neighbourhood search with CP-SAT. Memory is checked exactly, at every time, on the original
+problem before a solution is returned.
 
 With ``deterministic=True`` the same inputs give the same choice in any process (a fixed seed,
 CP-SAT's deterministic time as the budget, no wall-clock decision); the wall time is then roughly,

@@ -378,35 +378,31 @@ def _network_priced(search_, edges, budget, stop, seed, best, fit, offer, report
     (building the network, repair, descent): toulbar2's backtracks alone charged almost
     nothing where it solves priced problems at once (a 142-node chain: 1,900 rounds in a
     one-unit budget)."""
-    calls, found = [0], [0]
-    last = [best.choice]
+    calls, found, last = 0, 0, best.choice
     rng = np.random.default_rng(seed)
 
     def minimise(priced):
+        nonlocal calls, found, last
         left = budget.left() - stop
         if left < (0.05 if budget.deterministic else 1.0):
             return None
-        calls[0] += 1
+        calls += 1
         res = solve_cfn.solve_network(priced, edges, _NO_CUTS, scale_for(priced, edges),
-                                      budget.limits(min(PRICED_CALL, left), 1,
-                                                    seed + calls[0]))
+                                      budget.limits(min(PRICED_CALL, left), 1, seed + calls))
         budget.spend(res.det_time + units)
         if res.choice is not None:
-            found[0] += 1
-            last[0] = res.choice
-            return res.choice
+            found += 1
+            last = res.choice
+            return last
         # no plan within the call (S: once in 30 calls): tree-block steps from the last one
         extra = [p - c for p, c in zip(priced, search_.costs)]
-        choice = last[0]
         for _ in range(2):
-            choice = search_.tree_step(choice, search_.forest(rng.permutation(len(choice))),
-                                       extra)
-        last[0] = choice
-        return choice
+            last = search_.tree_step(last, search_.forest(rng.permutation(len(last))), extra)
+        return last
 
     rounds = network_priced_search(search_, minimise=minimise, repair=fit, offer=offer,
                                    keep_going=lambda: budget.left() > stop)
-    report(f"priced toulbar2 done: {rounds} priced problems ({found[0]} solved by toulbar2), "
+    report(f"priced toulbar2 done: {rounds} priced problems ({found} solved by toulbar2), "
            f"cost {best.cost:.6g}", force=True)
 
 
@@ -442,8 +438,8 @@ def _network(reduced, memory, cuts, costs, adj, scale, budget, seed, best, repor
     with the active ones, add the ``LAZY_ROWS`` most violated by the answer, repeat; an answer
     that violates none is optimal for the whole problem. Only a few segments bind: on IOPDDL's
     A, C, P and Q (4,000-17,000 constraints) 20-24 were active when toulbar2 proved the optimum,
-    12-23 s into the contest's wall clock. The loop stops when toulbar2 proves nothing within ``LAZY_SHARE`` of the budget
-    left (D: the rest of the search goes on from its plans)."""
+    12-23 s into the contest's wall clock. The loop stops when toulbar2 proves nothing within
+    ``LAZY_SHARE`` of the budget left (D: the rest of the search goes on from its plans)."""
     if not solve_cfn.available():
         report("toulbar2 (pytoulbar2) is not installed: CP-SAT takes the core", force=True)
         return None

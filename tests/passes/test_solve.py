@@ -285,12 +285,20 @@ def test_lp_relaxation_is_integral_on_a_chain():
     assert solve(p, time_limit=5).cost == best
 
 
+def _whole_core_cuts(p):
+    """The presolved core of ``p`` and its memory constraints with every node free."""
+    from autoshard.passes.solve_memory import part_cuts
+    reduced = presolve(p)
+    memory = memory_model(p, reduced)
+    start = np.zeros(reduced.num_nodes, np.int64)
+    return reduced, part_cuts(memory, np.arange(reduced.num_nodes), start, memory.profile(start))
+
+
 @pytest.mark.parametrize("case", range(8))
 def test_toulbar2_solves_a_core_with_its_memory_constraints_exactly(case):
     pytest.importorskip("pytoulbar2")
     from autoshard.passes.solve_cfn import solve_network
     from autoshard.passes.solve_cpsat import Limits
-    from autoshard.passes.solve_memory import part_cuts
     from autoshard.passes.solve_search import cost_scale
     rng = np.random.default_rng(300 + case)
     p = None
@@ -298,10 +306,7 @@ def test_toulbar2_solves_a_core_with_its_memory_constraints_exactly(case):
         p = random_problem(rng, int(rng.integers(4, 8)), floats=case % 4 == 3)
     best, _, _ = brute_force(p)
     assert best is not None  # random_problem's limit lets some plan fit
-    reduced = presolve(p)
-    memory = memory_model(p, reduced)
-    start = np.zeros(reduced.num_nodes, np.int64)
-    cuts = part_cuts(memory, np.arange(reduced.num_nodes), start, memory.profile(start))
+    reduced, cuts = _whole_core_cuts(p)
     res = solve_network(reduced.costs, reduced.edges, cuts, cost_scale(reduced),
                         Limits(5.0, True, 1, 0))
     assert res.optimal
@@ -320,13 +325,9 @@ def test_toulbar2_gives_the_same_plan_on_every_call_in_one_process():
     pytest.importorskip("pytoulbar2")
     from autoshard.passes.solve_cfn import solve_network
     from autoshard.passes.solve_cpsat import Limits
-    from autoshard.passes.solve_memory import part_cuts
     from autoshard.passes.solve_search import cost_scale
     p = _chain_problem(3, 150)
-    reduced = presolve(p)
-    memory = memory_model(p, reduced)
-    start = np.zeros(reduced.num_nodes, np.int64)
-    cuts = part_cuts(memory, np.arange(reduced.num_nodes), start, memory.profile(start))
+    reduced, cuts = _whole_core_cuts(p)
     runs = [solve_network(reduced.costs, reduced.edges, cuts, cost_scale(reduced),
                           Limits(0.75, True, 1, 0)) for _ in range(3)]
     assert not runs[0].optimal   # stopped by the limit, where the search order matters

@@ -1,6 +1,7 @@
 """The local search of large cores (autoshard/passes/solve_local.py) against brute force and
 exact recomputation."""
 
+import dataclasses
 import itertools
 
 import numpy as np
@@ -155,29 +156,21 @@ def test_large_core_path_is_deterministic_and_feasible(monkeypatch):
     assert evaluate(p, a.choice).peak_usage <= p.usage_limit
 
 
-def _brute_priced(costs, red):
-    """Exact minimiser of node costs ``costs`` with ``red``'s edges, no memory limit."""
-    best, arg = float("inf"), None
-    for combo in itertools.product(*[range(len(c)) for c in costs]):
-        total = sum(float(c[a]) for c, a in zip(costs, combo))
-        total += sum(float(m[combo[j], combo[l]]) for (j, l), m in red.edges.items())
-        if total < best:
-            best, arg = total, np.array(combo)
-    return arg
-
-
 @pytest.mark.parametrize("seed", [3, 5, 7, 11])
 def test_network_priced_search_with_an_exact_minimiser_reaches_the_optimum(seed):
     """The price sawtooth of ``solve_priced`` with exact priced solves (toulbar2's role) finds
-    the optimum that fits on small cases whose cheapest plan overflows; every priced problem
-    keeps the search's own costs where no price applies."""
+    the optimum that fits on small cases whose cheapest plan overflows."""
     from autoshard.passes.solve_priced import network_priced_search
+
+    def exact(costs):   # the cheapest plan for node costs ``costs``, without memory
+        return _brute(dataclasses.replace(red, costs=tuple(costs)), mem, fits=False)[1]
+
     p, red, mem = _random_reduced(seed, 6, tree=False, limit_factor=1.1)
     adj = adjacency(red)
     search = LocalSearch(red.costs, adj, mem)
-    assert mem.profile(_brute_priced(red.costs, red)).max() > mem.limit
+    assert mem.profile(exact(red.costs)).max() > mem.limit
     offered, rounds = [], iter(range(30))
-    network_priced_search(search, minimise=lambda costs: _brute_priced(costs, red),
+    network_priced_search(search, minimise=exact,
                           repair=lambda c: repair(red.costs, adj, mem, c, 500),
                           offer=lambda c: offered.append(c.copy()),
                           keep_going=lambda: next(rounds, None) is not None)
