@@ -218,7 +218,8 @@ def write_table(rows, path, argv):
                      and x["plan"] == r["best_hand"]), None)
         ratio = f"{r['step_ms'] / best['step_ms']:.3f}" if best else "no hand plan fits"
         fits = "yes" if r["budget"] is None or r["peak_gib"] <= r["budget"] else "no"
-        note = (f"predicted {r['predicted_ms']:.3f} ms, {r['predicted_gib']:.3f} GiB"
+        note = (f"predicted {r['predicted_ms']:.3f} ms, {r['predicted_gib']:.3f} GiB "
+                f"({r['predicted_gib'] / r['peak_gib']:.2f}x the compiled peak)"
                 if "predicted_ms" in r else "")
         if "chose" in r:
             note = f"kept the {r['chose']}" + (f" ({note})" if note else "")

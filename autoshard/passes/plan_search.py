@@ -37,6 +37,7 @@ from autoshard.passes.problem import (NS, PlanningProblem, Slot, Transfer, build
 from autoshard.passes.solve import solve
 from autoshard.passes.solve_lp import (MIN_ITERATIONS, FixedCharge, solve_lagrangian,
                                        solve_local_polytope)
+from autoshard.passes.early_updates import early_updates
 from autoshard.passes.liveness import assigned_peak, packed_profile
 from autoshard.passes.solve_problem import FORBIDDEN, Problem, evaluate
 
@@ -84,8 +85,8 @@ def predict(pp: PlanningProblem, choice, mesh: MeshSpec, hw: Hardware,
     # the combined ops' start-up latency, once per op (latency.py)
     for kind, t in class_seconds(classes_used(pp, choice, mesh), mesh, hw).items():
         seconds[kind] = seconds.get(kind, 0.0) + t
-    problem, buffers = predicted_buffers(pp, choice, mesh)
-    peak = assigned_peak(problem, choice, pp.result_starts, buffers)
+    problem, buffers, starts = predicted_buffers(pp, choice, mesh)
+    peak = assigned_peak(problem, choice, starts, buffers)
     total = compute + sum(seconds.values())
     return Prediction(total, compute, seconds, reshard,
                       {k: (v[0], v[1]) for k, v in counts.items()}, peak, memory_budget)
@@ -96,15 +97,17 @@ def memory_profile(pp: PlanningProblem, choice, mesh: MeshSpec) -> np.ndarray:
     with the gathered operands' buffers): the viewer's memory curve. The peak ``predict``
     reports is what XLA allocates for the same buffers (``liveness.assigned_peak``), above the
     curve's top by the holes between buffers."""
-    problem, buffers = predicted_buffers(pp, choice, mesh)
-    return packed_profile(problem, choice, pp.result_starts, buffers)
+    problem, buffers, starts = predicted_buffers(pp, choice, mesh)
+    return packed_profile(problem, choice, starts, buffers)
 
 
 def predicted_buffers(pp: PlanningProblem, choice, mesh: MeshSpec
-                      ) -> tuple[Problem, list[tuple[int, int, int]]]:
-    """The problem with the lifetimes the chosen layouts imply, and the buffers (bytes per
-    device, start, end) the plan's moves add: what the prediction holds in memory. The solvers
-    keep to the problem's own lifetimes, an upper bound."""
+                      ) -> tuple[Problem, list[tuple[int, int, int]], dict[int, int]]:
+    """The problem with the lifetimes the chosen layouts and XLA's schedule imply, the buffers
+    (bytes per device, start, end) the plan's moves add, and where each result is written:
+    what the prediction holds in memory. The solvers keep to the problem's own lifetimes, an
+    upper bound."""
+    pp = early_updates(pp, choice, mesh)
     ends, sliced = sliced_reads(pp, choice, mesh)
     problem = pp.problem
     if ends:
@@ -113,7 +116,43 @@ def predicted_buffers(pp: PlanningProblem, choice, mesh: MeshSpec
             intervals[slot, 1] = end
         intervals.flags.writeable = False
         problem = replace(problem, intervals=intervals)
-    return problem, [*gathered_buffers(pp, choice, mesh), *sliced]
+    held, moved = result_layouts(pp, choice, mesh)
+    if held:
+        usages = problem.usages.copy()
+        for slot, nbytes in held.items():
+            usages[problem.offsets[slot] + choice[slot]] = nbytes
+        usages.flags.writeable = False
+        problem = replace(problem, usages=usages)
+    return problem, [*gathered_buffers(pp, choice, mesh), *sliced, *moved], pp.result_starts
+
+
+def result_layouts(pp: PlanningProblem, choice, mesh: MeshSpec
+                   ) -> tuple[dict[int, int], list[tuple[int, int, int]]]:
+    """Results the step returns in a layout other than the one their op makes (a parameter
+    updated on a shard and returned in its argument's replicated layout: a ZeRO-2 style
+    update): XLA's result buffer has the returned layout, and the made one is a temporary
+    until the collective that moves it. Returns (result slot -> bytes per device it is
+    returned in, the made buffers (bytes, start, end)). The problem counts a result in its
+    op's layout; on the plan-quality MoE (8 devices, h100), whose plan updates the parameters
+    8-way split and returns them replicated, that missed 10.5 of the 30 MiB of results."""
+    held: dict[int, int] = {}
+    made_bytes: dict[int, int] = {}
+    for sink in pp.sink_slots:
+        if sink is None:
+            continue
+        value = pp.slots[sink].value
+        producer, output = pp.value_slot[value.id]
+        if producer not in pp.result_starts:
+            continue
+        made = pp.slots[producer].strategies[choice[producer]].outputs[output]
+        returned = pp.slots[sink].strategies[choice[sink]].outputs[0]
+        if made is None or returned is None or made == returned:
+            continue
+        held[producer] = max(held.get(producer, 0),
+                             int(value.nbytes * returned.shard_fraction(mesh)))
+        made_bytes[producer] = int(value.nbytes * made.shard_fraction(mesh))
+    return held, [(nbytes, pp.result_starts[p], pp.result_starts[p] + 1)
+                  for p, nbytes in made_bytes.items()]
 
 
 def sliced_reads(pp: PlanningProblem, choice, mesh: MeshSpec
