@@ -73,6 +73,17 @@ def early_updates(pp: PlanningProblem, choice, mesh: MeshSpec) -> PlanningProble
             ready = max(ready, combined_at)
         if ready < position[slot]:
             moved[slot] = now[slot] = ready
+    # an op before the chain's result runs just before its first reader there, not as soon
+    # as it can (XLA's scheduler does not run early what only holds memory longer: weight
+    # decay's multiple of a parameter, gathered for it)
+    for slot in sorted(chain, key=position.get, reverse=True):
+        later = [now[r] for r in _op_readers(pp, slot, readers) if r in chain]
+        if slot in pp.result_starts or not later:
+            continue
+        moved.pop(slot, None)
+        now[slot] = position[slot]
+        if min(later) < position[slot]:
+            moved[slot] = now[slot] = min(later)
     if not moved:
         return pp
     return _resequenced(pp, position, moved, readers)

@@ -39,6 +39,7 @@ from autoshard.passes.solve_lp import (MIN_ITERATIONS, FixedCharge, solve_lagran
                                        solve_local_polytope)
 from autoshard.passes.early_updates import early_updates
 from autoshard.passes.liveness import assigned_peak, packed_profile
+from autoshard.passes.loop_liveness import expanded
 from autoshard.passes.solve_problem import FORBIDDEN, Problem, evaluate
 
 METHOD = "cost-model search"
@@ -85,7 +86,7 @@ def predict(pp: PlanningProblem, choice, mesh: MeshSpec, hw: Hardware,
     # the combined ops' start-up latency, once per op (latency.py)
     for kind, t in class_seconds(classes_used(pp, choice, mesh), mesh, hw).items():
         seconds[kind] = seconds.get(kind, 0.0) + t
-    problem, buffers, starts = predicted_buffers(pp, choice, mesh)
+    problem, buffers, starts, _ = expanded(pp, *predicted_buffers(pp, choice, mesh))
     peak = assigned_peak(problem, choice, starts, buffers)
     total = compute + sum(seconds.values())
     return Prediction(total, compute, seconds, reshard,
@@ -97,8 +98,12 @@ def memory_profile(pp: PlanningProblem, choice, mesh: MeshSpec) -> np.ndarray:
     with the gathered operands' buffers): the viewer's memory curve. The peak ``predict``
     reports is what XLA allocates for the same buffers (``liveness.assigned_peak``), above the
     curve's top by the holes between buffers."""
-    problem, buffers, starts = predicted_buffers(pp, choice, mesh)
-    return packed_profile(problem, choice, starts, buffers)
+    problem, buffers, starts, scale = expanded(pp, *predicted_buffers(pp, choice, mesh))
+    curve = packed_profile(problem, choice, starts, buffers)
+    if scale == 1:
+        return curve
+    # the top of each step position's stretch: one point per position, as without loops
+    return np.pad(curve, (0, -len(curve) % scale)).reshape(-1, scale).max(axis=1)
 
 
 def predicted_buffers(pp: PlanningProblem, choice, mesh: MeshSpec
@@ -229,11 +234,18 @@ def gathered_buffers(pp: PlanningProblem, choice, mesh: MeshSpec) -> list[tuple[
     before the forward pass and held until their last reader, as XLA's combined all-gather
     does; others just before their reader. Readers needing one layout share one buffer (XLA
     gathers a value once per layout). On the plan-quality GPT under FSDP (2x4) they are 31 MiB
-    and took predicted / compiled peak from 0.74 to 0.87."""
+    and took predicted / compiled peak from 0.74 to 0.87. A loop gathers inside its body (a
+    stacked operand a step's slice at a time), so a state value loops read is not gathered
+    before the forward pass for them: the scanned GPT's stacked MLP weights (2x4, 12 MiB
+    each) were held gathered from the first position to the update."""
     spans: dict[tuple, tuple[int, int, int]] = {}
+    in_loops: list[tuple[int, int, int]] = []
     readers = shared_fanout_readers(pp)
+    ports = shared_fanout_readers(pp, "port")
+    loop_at = None
     for t in pp.transfers:
         consumer = pp.slots[t.consumer]
+        loops = []
         if consumer.kind == "op":
             dst = t.required[choice[t.consumer]]
             positions = [pp.result_starts.get(t.consumer, consumer.interval[0])]
@@ -242,31 +254,55 @@ def gathered_buffers(pp: PlanningProblem, choice, mesh: MeshSpec) -> list[tuple[
             dst = consumer.strategies[choice[t.consumer]].outputs[0]
             positions = [pp.result_starts.get(r, pp.slots[r].interval[0])
                          for r in readers.get(t.consumer, ())]
+            loops = ports.get(t.consumer, [])
+        elif consumer.kind == "port":
+            dst, positions, loops = t.required[choice[t.consumer]], [], [t.consumer]
         else:
             continue
-        if dst is None or not positions:
+        if dst is None or not positions and not loops:
             continue
         src = pp.source(t, choice[t.producer])
         if src == dst or not any(step.kind == "all-gather"
                                  for step in reshard_steps(src, dst, mesh)):
             continue
-        at = max(positions)
-        first = 1 if t.combined and t.value.id in pp.head else min(positions)
         nbytes = int(t.value.nbytes * dst.shard_fraction(mesh))
+        # a loop gathers what it reads inside its body, a stacked operand's slice per step
+        # (XLA's partitioner gathers the slice), not the whole value before the loop
+        for port in loops:
+            if loop_at is None:
+                loop_at = _loop_positions(pp)
+            at = loop_at.get(port)
+            if at is not None:
+                value = pp.slots[port].value
+                whole = value is None or value.shape != t.value.shape[1:]
+                in_loops.append((nbytes if whole else nbytes // t.value.shape[0], at, at + 1))
+        if not positions:
+            continue
+        at = max(positions)
+        first = 1 if t.combined and t.value.id in pp.head and not loops else min(positions)
         key = (t.value.id, dst)
         if key in spans:
             _, start, end = spans[key]
             first, at = min(first, start), max(at, end - 1)
         spans[key] = (nbytes, first, at + 1)
-    return list(spans.values())
+    return [*spans.values(), *in_loops]
 
 
-def shared_fanout_readers(pp: PlanningProblem) -> dict[int, list[int]]:
-    """Shared fanout slot -> the op slots that read from it."""
+def _loop_positions(pp: PlanningProblem) -> dict[int, int]:
+    """Loop port slot -> the position of the loop whose body reads it (its ops sit there)."""
+    at: dict[int, int] = {}
+    for t in pp.transfers:
+        if pp.slots[t.producer].kind == "port" and pp.slots[t.consumer].kind == "op":
+            at.setdefault(t.producer, pp.slots[t.consumer].interval[0])
+    return at
+
+
+def shared_fanout_readers(pp: PlanningProblem, kind: str = "op") -> dict[int, list[int]]:
+    """Shared fanout slot -> the slots of ``kind`` (ops, or loop ports) that read from it."""
     readers: dict[int, list[int]] = {}
     for t in pp.transfers:
         producer = pp.slots[t.producer]
-        if producer.kind == "fanout" and producer.shared and pp.slots[t.consumer].kind == "op":
+        if producer.kind == "fanout" and producer.shared and pp.slots[t.consumer].kind == kind:
             readers.setdefault(t.producer, []).append(t.consumer)
     return readers
 

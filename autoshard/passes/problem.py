@@ -112,6 +112,9 @@ class PlanningProblem:
     head: frozenset = frozenset()
     #: result slot -> the position it is made at (the problem counts it from 0)
     result_starts: dict[int, int] = field(default_factory=dict)
+    #: a top-level loop's position -> the slots of its bodies (nested ones too), in program
+    #: order: they all hold memory at that position (loop_liveness.py)
+    bodies: dict[int, tuple[int, ...]] = field(default_factory=dict)
 
     def source(self, t: Transfer, s: int) -> ShardingSpec:
         """The layout ``t``'s value leaves its producer in when the producer takes strategy
@@ -153,6 +156,8 @@ class _Builder:
         self.combined = self.head | tail_values(graph)
         self.fused = fused_values(graph)
         self.result_starts: dict[int, int] = {}
+        self.bodies: dict[int, list[int]] = {}
+        self._body_depth = 0
         #: value id -> the (slot, output) its readers read it from, where that is a shared
         #: fanout rather than the slot that makes it (``value_slot``)
         self.reads: dict[int, tuple[int, int]] = {}
@@ -428,10 +433,15 @@ class _Builder:
 
     def region_body(self, region: Graph, interval: tuple[int, int], times: float) -> None:
         self.fused |= fused_values(region)
+        first = len(self.slots)
+        self._body_depth += 1
         for value in region.constant_values:
             self.leaf_slot("constant", value, self.value_specs(value), interval)
         for node in region.nodes:
             self.node(node, interval, times, region)
+        self._body_depth -= 1
+        if not self._body_depth:
+            self.bodies.setdefault(interval[0], []).extend(range(first, len(self.slots)))
 
     def sinks(self) -> list[int | None]:
         g = self.graph
@@ -479,6 +489,7 @@ def made_from_nothing(node: Node) -> bool:
         not isinstance(a, Value) or a.ndim == 0 for a in node.inputs)
 
 
+_LOOPS = ("scan", "while")
 _FUSIBLE_PRODUCERS = ELEMENTWISE | {"broadcast_in_dim", "reshape", "squeeze", "iota"}
 _FUSING_READERS = _FUSIBLE_PRODUCERS | {"transpose", "reduce_sum", "reduce_max", "reduce_min",
                                         "reduce_prod", "argmax", "argmin"}
@@ -499,10 +510,21 @@ def fused_values(graph: Graph) -> set[int]:
     backward kernels. An expensive elementwise value (``_EXPENSIVE``) read by more than one op
     is kept: XLA will not recompute it in each reader (the GPT's GELU tanh and softmax exp,
     held for the backward pass; 2x4 h100 under a budget, predicted / compiled 0.81 -> 0.87).
+    A value computed from constants alone (no argument upstream: an attention mask, a
+    broadcast of -inf or 0) that only loops read is not made outside them either: XLA sinks
+    such loop invariants into the body or unrolls the loop, and fuses them there. ``jax.
+    checkpoint`` under ``lax.scan`` hoists them out of the body; on the scanned GPT
+    (tests/models/scan_gpt.py at the plan-quality small size, 8 devices) they were 48 MiB
+    replicated before the loop, which the compiled program does not hold (its buffer
+    assignment has no such buffer; loop_liveness.py gives the peaks).
     """
     results = {a.id for a in graph.outputs if isinstance(a, Value)}
+    constant = {v.id for v in graph.constant_values}
     fused = set()
     for node in graph.nodes:
+        if not node.regions and all(a.id in constant for a in node.inputs
+                                    if isinstance(a, Value)):
+            constant.update(v.id for v in node.outputs)
         for v in node.outputs:
             readers = graph.consumers(v)
             if v.id in results:
@@ -511,6 +533,8 @@ def fused_values(graph: Graph) -> set[int]:
                 fused.add(v.id)
             elif (node.op in _FUSIBLE_PRODUCERS and all(r.op in _FUSING_READERS for r in readers)
                   and not (node.op in _EXPENSIVE and len({r.id for r in readers}) > 1)):
+                fused.add(v.id)
+            elif v.id in constant and all(r.op in _LOOPS for r in readers):
                 fused.add(v.id)
     return fused
 
@@ -588,7 +612,8 @@ def build_problem(graph: Graph, mesh: MeshSpec, hw: Hardware, pins: Pins, *,
                           problem.edge_costs, problem.usage_limit, groups)
     return PlanningProblem(problem, builder.slots, builder.value_slot, builder.sink_slots,
                            builder.unplanned, builder.transfers,
-                           frozenset(builder.head), builder.result_starts)
+                           frozenset(builder.head), builder.result_starts,
+                           {p: tuple(body) for p, body in builder.bodies.items()})
 
 
 _LAYER_INDEX = re.compile(r"\[\d+\]")

@@ -92,3 +92,20 @@ def test_a_result_returned_replicated_but_made_split_holds_a_replicated_buffer()
     held, made = result_layouts(pp, choice, MESH)
     assert held == {w2_new: N * N * 4}
     assert made == [(int(N * N * 4 * fraction), at, at + 1)]
+
+
+def test_a_chain_op_that_reads_only_arguments_runs_just_before_its_reader():
+    # weight decay's 0.01 * w needs nothing but w: it moves with its reader, right after the
+    # gradient, not to the start of the step (where it would hold w's gathered copy long)
+    def step(w, x):
+        g = jax.grad(lambda w: jnp.sum(jnp.tanh(x @ w) @ w))(w)
+        return w - 0.1 * (g + 0.01 * w)
+
+    graph, pp = problem_of(step, jnp.ones((N, N)), jnp.ones((32, N)))
+    (result,) = pp.result_starts
+    moved = early_updates(pp, _replicated(pp), MESH)
+    decay = next(i for i, s in enumerate(pp.slots) if s.kind == "op" and s.node.op == "mul"
+                 and any(getattr(a, "id", None) == graph.inputs[0].id for a in s.node.inputs))
+    # decay, the add, the multiply by the rate, the subtract: one after the other
+    assert moved.slots[decay].interval[0] == moved.result_starts[result] - 3
+    assert moved.slots[decay].interval[0] > 1
