@@ -31,7 +31,8 @@ import numpy as np
 from autoshard.cost_model.reshard import reshard_steps
 from autoshard.ir.mesh import MeshSpec
 from autoshard.ir.primitives import ELEMENTWISE
-from autoshard.passes.problem import PlanningProblem, Transfer
+from autoshard.passes.problem import (PlanningProblem, Transfer, reader_map,
+                                      readers_through_fanouts)
 
 #: Ops an update chain is made of: XLA fuses them into kernels it can schedule anywhere after
 #: their operands.
@@ -44,10 +45,9 @@ def early_updates(pp: PlanningProblem, choice, mesh: MeshSpec) -> PlanningProble
     values the chains read (shortened where the chain was their last reader)."""
     position = {i: pp.result_starts.get(i, slot.interval[0])
                 for i, slot in enumerate(pp.slots) if slot.kind == "op"}
-    readers: dict[int, list[int]] = {}
+    readers = reader_map(pp)
     operands: dict[int, list] = {}
     for t in pp.transfers:
-        readers.setdefault(t.producer, []).append(t.consumer)
         operands.setdefault(t.consumer, []).append(t)
     chain = _chain_slots(pp, position, readers)
     if not chain:
@@ -135,28 +135,17 @@ def _chain_slots(pp: PlanningProblem, position: dict[int, int],
         if slot in pp.result_starts:
             chain.add(slot)
             continue
-        ops = _op_readers(pp, slot, readers, sinks=True)
-        if ops and all(r in chain for r in ops):
+        # a result's sink does not count; a loop port is never a chain op
+        kept = [r for r in readers_through_fanouts(pp, slot, readers)
+                if pp.slots[r].kind != "sink"]
+        if kept and all(r in chain for r in kept):
             chain.add(slot)
     return chain
 
 
-def _op_readers(pp: PlanningProblem, slot: int, readers: dict[int, list[int]],
-                sinks: bool = False) -> list[int]:
-    """The op slots reading ``slot``'s values (through fanouts). Where ``sinks``, a result's
-    sink is left out and any other reader (a loop's port) stands as -1, never a chain op."""
-    out = []
-    for r in readers.get(slot, ()):
-        kind = pp.slots[r].kind
-        if kind == "fanout":
-            out.extend(_op_readers(pp, r, readers, sinks))
-        elif kind == "op":
-            out.append(r)
-        elif sinks and kind == "sink":
-            continue
-        elif sinks:
-            out.append(-1)        # a loop port or such: not a chain
-    return out
+def _op_readers(pp: PlanningProblem, slot: int, readers: dict[int, list[int]]) -> list[int]:
+    """The op slots reading ``slot``'s values (through fanouts)."""
+    return [r for r in readers_through_fanouts(pp, slot, readers) if pp.slots[r].kind == "op"]
 
 
 def _all_reduced(pp: PlanningProblem, t: Transfer, choice, mesh: MeshSpec) -> bool:

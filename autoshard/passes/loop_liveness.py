@@ -22,7 +22,7 @@ from dataclasses import replace
 
 import numpy as np
 
-from autoshard.passes.problem import PlanningProblem
+from autoshard.passes.problem import PlanningProblem, reader_map, readers_through_fanouts
 from autoshard.passes.solve_problem import Problem
 
 Buffers = list[tuple[int, int, int]]
@@ -36,15 +36,13 @@ def expanded(pp: PlanningProblem, problem: Problem, buffers: Buffers, starts: di
         return problem, buffers, starts, 1
     scale = max(len(body) for body in pp.bodies.values()) + 1
     intervals = problem.intervals.astype(np.int64) * scale
-    readers: dict[int, list[int]] = {}
-    for t in pp.transfers:
-        readers.setdefault(t.producer, []).append(t.consumer)
+    readers = reader_map(pp)
     for at, body in pp.bodies.items():
         local = {slot: k for k, slot in enumerate(body)}
         base = at * scale
         for slot, k in local.items():
             last = k
-            for r in _readers(pp, slot, readers):
+            for r in readers_through_fanouts(pp, slot, readers):
                 last = max(last, local.get(r, scale - 1))
             intervals[slot] = (base + k, base + last + 1)
     intervals.flags.writeable = False
@@ -52,13 +50,3 @@ def expanded(pp: PlanningProblem, problem: Problem, buffers: Buffers, starts: di
             [(b, s * scale, e * scale) for b, s, e in buffers],
             {slot: at * scale for slot, at in starts.items()}, scale)
 
-
-def _readers(pp: PlanningProblem, slot: int, readers: dict[int, list[int]]) -> list[int]:
-    """The slots reading ``slot``'s values, through the fanouts that pass them on."""
-    out = []
-    for r in readers.get(slot, ()):
-        if pp.slots[r].kind == "fanout":
-            out.extend(_readers(pp, r, readers))
-        else:
-            out.append(r)
-    return out

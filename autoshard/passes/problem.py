@@ -123,6 +123,27 @@ class PlanningProblem:
         return spec if t.transform is None else t.transform(spec)
 
 
+def reader_map(pp: "PlanningProblem") -> dict[int, list[int]]:
+    """Slot -> the slots its transfers go to."""
+    readers: dict[int, list[int]] = {}
+    for t in pp.transfers:
+        readers.setdefault(t.producer, []).append(t.consumer)
+    return readers
+
+
+def readers_through_fanouts(pp: "PlanningProblem", slot: int,
+                            readers: dict[int, list[int]]) -> list[int]:
+    """The slots reading ``slot``'s values (``readers``: ``reader_map``), through the fanouts
+    that pass them on."""
+    out = []
+    for r in readers.get(slot, ()):
+        if pp.slots[r].kind == "fanout":
+            out.extend(readers_through_fanouts(pp, r, readers))
+        else:
+            out.append(r)
+    return out
+
+
 @dataclass(frozen=True)
 class Transfer:
     """One operand edge before merging: ``value`` moves from output ``output`` of slot
