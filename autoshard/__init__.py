@@ -18,9 +18,9 @@ from autoshard.ir.plan import (AnnotationDiff, AnnotationReport, Plan, PlanCandi
                                SolverStats)
 from autoshard.ir.sharding import PARTIAL, B, S, ShardingSpec
 from autoshard.ir.version import __version__
-from autoshard.pipelining import PipelinedFunction, PipelineRoofline, grad, value_and_grad
+from autoshard.pipelined_function import PipelinedFunction, PipelineRoofline, grad, value_and_grad
 from autoshard.nnx import NnxFunction
-from autoshard.verify import Verification, verify
+from autoshard.measure.verify import Verification, verify
 
 __all__ = [
     "AnnotationDiff", "AnnotationReport", "ArgumentError", "AutoDecision", "AutoshardError",

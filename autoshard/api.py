@@ -31,20 +31,20 @@ from autoshard.ir.plan import Plan, PlanCandidate
 from autoshard.ir.plan_json import fingerprint, graph_fingerprint, plan_to_json
 from autoshard.ir.version import __version__
 from autoshard.cost_model.hardware import Hardware, get_hardware
-from autoshard.passes.data_parallel import data_parallel_plan
+from autoshard.passes.rules import data_parallel_plan
 from autoshard.passes.lift import lift
 from autoshard.passes.annotations import annotation_report
 from autoshard.passes.lower import LoweredPlan, lower, on_mesh
 from autoshard.passes.pins import ANNOTATION_MODES, Pins, collect_pins
-from autoshard.passes.plan_search import search_plan
+from autoshard.passes.search import search_plan
 from autoshard.passes.state import updated_arguments
 from autoshard.passes.trace import (TracedFunction, abstract_arguments, abstractify_leaf,
                                     function_name, normalize_static_argnums, trace)
-from autoshard.pipelining import PipelinedFunction, auto_pipeline_candidates
+from autoshard.pipelined_function import PipelinedFunction, auto_pipeline_candidates
 from autoshard.nnx import NnxFunction, has_nnx_objects
 from autoshard.plan_cache import PlanCache, cache_enabled
 from autoshard.runtime import multihost
-from autoshard.verify import compiled_roofline, peak_memory
+from autoshard.measure.verify import compiled_roofline, peak_memory
 
 log = logging.getLogger("autoshard")
 
@@ -83,7 +83,7 @@ class _Planned:
 
 
 PLANNERS = ("search", "data-parallel", "fully-sharded", "measured")
-#: The rules (no search): data parallel, and FSDP / ZeRO-3 (passes/data_parallel.py).
+#: The rules (no search): data parallel, and FSDP / ZeRO-3 (passes/rules.py).
 RULES = ("data-parallel", "fully-sharded")
 #: Under annotations="hint", how much faster (predicted) the searched plan must be to override
 #: the user's annotated layouts.
@@ -698,7 +698,7 @@ class ShardedFunction:
         return spans
 
     def _batch_inputs(self, traced: TracedFunction, spans: dict[int, range]) -> tuple[int, ...]:
-        """Flat input positions of the batch arguments (see passes/data_parallel.py)."""
+        """Flat input positions of the batch arguments (see passes/rules.py)."""
         if self._options.batch_argnums is not None:
             return tuple(i for a in self._options.batch_argnums if a in spans for i in spans[a])
         for argnum in sorted(spans, reverse=True):

@@ -31,7 +31,7 @@ def _version(_: argparse.Namespace) -> int:
 
 
 def _collectives(args: argparse.Namespace) -> int:
-    from autoshard.cost_model.hlo import hlo_stats
+    from autoshard.measure.hlo import hlo_stats
 
     with open(args.file) as f:
         stats = hlo_stats(f.read())
@@ -42,7 +42,7 @@ def _collectives(args: argparse.Namespace) -> int:
 
 
 def _iopddl(args: argparse.Namespace) -> int:
-    from autoshard.passes import iopddl
+    from autoshard.solver import iopddl
 
     return iopddl.main([args.file, *(["--timeout", str(args.timeout)] if args.timeout else [])])
 

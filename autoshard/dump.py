@@ -19,7 +19,7 @@ bytes are per device.
                 program order; ``layer`` groups a node with the parameters it works on (see
                 ``layer_labels``); cost fields are null when the plan was not made by the search.
   memory        {curve: [bytes at step t], steps: [node id run at step t >= 1], peak, budget}
-  verification  {rows: [{name, predicted, compiled}]} | null (``autoshard.verify`` result)
+  verification  {rows: [{name, predicted, compiled}]} | null (``autoshard.measure.verify`` result)
   pipeline      {stages: [{name, devices}], timeline: [{stage, name, start, end}]} | null
 """
 
@@ -50,7 +50,7 @@ PLAN_FILE, PAGE_FILE, TRACE_FILE = "plan.json", "index.html", "plan.trace.json"
 def dump(plan: Any, directory: str | pathlib.Path, *, verification: Any = None) -> pathlib.Path:
     """Write ``plan`` (a ``Plan``, or an ``autoshard.compile`` result whose ``.plan`` to use)
     to ``directory`` as plan.json + index.html (+ plan.trace.json when pipelined); include
-    ``verification`` (an ``autoshard.verify`` result) to show predicted vs compiled. Returns
+    ``verification`` (an ``autoshard.measure.verify`` result) to show predicted vs compiled. Returns
     the directory."""
     if not isinstance(plan, Plan):
         if hasattr(plan, "pipeline_plan"):

@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT / "examples"))
 import gpt as example  # noqa: E402
 
 import autoshard  # noqa: E402
-from autoshard.passes import plan_search  # noqa: E402
+from autoshard.passes import search as plan_search  # noqa: E402
 
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update",

@@ -77,8 +77,8 @@ def export(out: pathlib.Path, only: list[str] | None) -> None:
     from jax.sharding import PartitionSpec as P
 
     import autoshard
-    from autoshard.cost_model.hlo import hlo_stats
-    from autoshard.verify import peak_memory
+    from autoshard.measure.hlo import hlo_stats
+    from autoshard.measure.verify import peak_memory
     from tests.models import plans
 
     out.mkdir(parents=True, exist_ok=True)
@@ -194,7 +194,7 @@ def compile_exports(src: pathlib.Path, out: pathlib.Path, mode: str | None) -> N
 def report(src: pathlib.Path, gpu: pathlib.Path) -> None:
     sys.path.insert(0, str(ROOT))
     from autoshard.cost_model.hardware import get_hardware
-    from autoshard.cost_model.hlo import hlo_stats, measured_step
+    from autoshard.measure.hlo import hlo_stats, measured_step
 
     meta = json.loads((src / "meta.json").read_text())
     results = {}
@@ -240,7 +240,7 @@ def report(src: pathlib.Path, gpu: pathlib.Path) -> None:
         "jax with CUDA, then `python benchmarks/gpu_check.py report DIR OUT` here (module "
         "docstring). Sharded programs: compiled for "
         f"8 mocked GPUs ({MOCK_TOPOLOGY}); peaks from `memory_analysis()`, collectives and "
-        "matmul FLOPs from the HLO text (cost_model/hlo.py, the same parser as for the CPU "
+        "matmul FLOPs from the HLO text (measure/hlo.py, the same parser as for the CPU "
         "executables).", "", *sharded, "",
         "One-device steps, run on the GPU (fp32, jax's default precision):", "", *single, ""])
     path = ROOT / "benchmarks" / "results" / "gpu_check.md"

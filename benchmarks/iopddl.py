@@ -2,7 +2,7 @@
 
     python benchmarks/iopddl.py [--timeout-scale 1.0] [--only B,G,V] [--dir PATH] [--out FILE]
 
-Each instance runs as ``python -m autoshard.passes.iopddl FILE --timeout T`` in a fresh process
+Each instance runs as ``python -m autoshard.solver.iopddl FILE --timeout T`` in a fresh process
 (so loading counts against the timeout, as in the contest); the answer is then checked here with
 ``evaluate``. Writes benchmarks/results/iopddl.md: cost, feasible, seconds, best known, XLA's
 cost where published, cost / best known and their geometric mean.
@@ -23,7 +23,7 @@ import time
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from autoshard.passes.solve import evaluate, load_iopddl  # noqa: E402
+from autoshard.solver.solve import evaluate, load_iopddl  # noqa: E402
 
 DEFAULT_DIR = ROOT.parent / "shared" / "iopddl"
 
@@ -51,7 +51,7 @@ def read_table(readme: pathlib.Path) -> dict[str, dict]:
 
 def run_one(path: pathlib.Path, timeout: float) -> dict:
     start = time.monotonic()
-    proc = subprocess.run([sys.executable, "-m", "autoshard.passes.iopddl", str(path),
+    proc = subprocess.run([sys.executable, "-m", "autoshard.solver.iopddl", str(path),
                            "--timeout", str(timeout)], cwd=ROOT, capture_output=True, text=True,
                           timeout=timeout * 2 + 60)
     wall = time.monotonic() - start

@@ -13,7 +13,7 @@ propagated by XLA as under jax.jit) and autoshard's plans (the default searched 
 fully-sharded rules' that fits), without a budget and with a budget halfway between the leanest
 hand plan's peak memory and the data-parallel plan's. Measured per plan: roofline step time
 (matmul FLOPs and collectives read from the compiled HLO, loop trip counts applied, priced on
-the profile's links; cost_model/hlo.py), collective bytes, peak memory (memory_analysis),
+the profile's links; measure/hlo.py), collective bytes, peak memory (memory_analysis),
 planning time.
 Writes benchmarks/results/plan_quality.md.
 
@@ -48,8 +48,8 @@ sys.path.insert(0, str(ROOT))
 
 import autoshard  # noqa: E402
 from autoshard.cost_model.hardware import get_hardware  # noqa: E402
-from autoshard.cost_model.hlo import hlo_stats, measured_step  # noqa: E402
-from autoshard.verify import device_positions, peak_memory  # noqa: E402
+from autoshard.measure.hlo import hlo_stats, measured_step  # noqa: E402
+from autoshard.measure.verify import device_positions, peak_memory  # noqa: E402
 from tests.models import plans  # noqa: E402
 
 # Sizes the test models are scaled to (module constants the model functions read at call time).

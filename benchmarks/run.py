@@ -29,8 +29,8 @@ import gpt as example  # noqa: E402
 
 import autoshard  # noqa: E402
 from autoshard.cost_model.hardware import get_hardware  # noqa: E402
-from autoshard.cost_model.hlo import hlo_stats, measured_step  # noqa: E402
-from autoshard.verify import peak_memory  # noqa: E402
+from autoshard.measure.hlo import hlo_stats, measured_step  # noqa: E402
+from autoshard.measure.verify import peak_memory  # noqa: E402
 
 
 def abstract(tree):

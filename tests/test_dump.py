@@ -15,8 +15,8 @@ from autoshard.cli import main as cli
 from autoshard.dump import (DUMP_VERSION, argument_label, diff_plans, layer_labels,
                             trace_events)
 from autoshard.ir.plan_json import plan_from_json
-from autoshard.passes.plan_search import local_costs
-from autoshard.passes.solve_problem import Problem, evaluate
+from autoshard.passes.search import local_costs
+from autoshard.solver.problem import Problem, evaluate
 from autoshard.viewer import render_page
 from tests.conftest import make_mesh
 

@@ -1,5 +1,7 @@
-"""Dependencies point one way: ir <- cost_model <- passes <- autoshard (api); runtime uses ir
-and jax only. Checked from the import statements of every module."""
+"""Dependencies point one way: ir <- cost_model, solver <- passes <- autoshard (the top level);
+measure <- cost_model; runtime uses ir and jax only. Inside passes, the strategy catalogue and the
+prediction depend on nothing of the flow around them. Checked from the import statements of
+every module; a package without a rule here fails the test."""
 
 import ast
 import pathlib
@@ -10,8 +12,17 @@ PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "autoshard"
 ALLOWED = {
     "ir": {"ir"},
     "cost_model": {"ir", "cost_model"},
-    "passes": {"ir", "cost_model", "passes"},
+    "solver": {"ir", "solver"},
+    "measure": {"ir", "cost_model", "measure"},
+    "passes": {"ir", "cost_model", "solver", "passes"},
     "runtime": {"ir", "runtime"},
+    "viewer": set(),
+}
+#: Subpackages of passes and what of passes each may import (besides the layers passes may).
+PASSES_ALLOWED = {
+    "strategies": {"strategies"},
+    "prediction": {"prediction", "problem"},
+    "pipeline": {"pipeline", "trace", "lift", "pins", "search", "problem", "rules", "state"},
 }
 
 
@@ -36,6 +47,37 @@ def test_layer_imports_only_lower_layers(layer):
             assert target in ALLOWED[layer], (
                 f"{path.relative_to(PACKAGE.parent)}:{line} imports autoshard.{target}; "
                 f"{layer} may import only {sorted(ALLOWED[layer])}")
+
+
+def test_every_package_has_a_rule():
+    packages = {p.parent.name for p in PACKAGE.glob("*/__init__.py")}
+    assert packages == set(ALLOWED), f"give {sorted(packages ^ set(ALLOWED))} a rule in ALLOWED"
+    subpackages = {p.parent.name for p in (PACKAGE / "passes").glob("*/__init__.py")}
+    assert subpackages == set(PASSES_ALLOWED)
+
+
+def imported_passes_modules(path):
+    tree = ast.parse(path.read_text())
+    for node in ast.walk(tree):
+        names = []
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names = [node.module] if node.module != "autoshard.passes" else [
+                f"autoshard.passes.{a.name}" for a in node.names]
+        for name in names:
+            parts = name.split(".")
+            if parts[:2] == ["autoshard", "passes"] and len(parts) > 2:
+                yield parts[2], node.lineno
+
+
+@pytest.mark.parametrize("subpackage", sorted(PASSES_ALLOWED))
+def test_passes_subpackages_import_only_their_rules(subpackage):
+    for path in sorted((PACKAGE / "passes" / subpackage).rglob("*.py")):
+        for target, line in imported_passes_modules(path):
+            assert target in PASSES_ALLOWED[subpackage], (
+                f"{path.relative_to(PACKAGE.parent)}:{line} imports autoshard.passes.{target}; "
+                f"passes/{subpackage} may import only {sorted(PASSES_ALLOWED[subpackage])}")
 
 
 def test_cli_runs(tmp_path, capsys):

@@ -8,8 +8,8 @@ from jax.sharding import PartitionSpec as P
 
 import autoshard
 from autoshard.cost_model.hardware import get_hardware
-from autoshard.verify import compiled_roofline, peak_memory
-from tests.test_pipeline import assert_same, example, train_step
+from autoshard.measure.verify import compiled_roofline, peak_memory
+from tests.test_pipelined_function import assert_same, example, train_step
 
 METHODS = ["cost-model search", "data-parallel rule", "fully-sharded data-parallel rule"]
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from autoshard.ir.errors import ArgumentError
-from autoshard.ir.schedule import SCHEDULES
+from autoshard.ir.pipeline_schedule import SCHEDULES
 
 ChunkFn = Callable[[list, list, list], list]
 #: How the mesh axes other than the stage axis are used inside a stage.
@@ -26,7 +26,7 @@ class Pipeline:
     virtual_stages`` chunks, chunk ``c`` on stage ``c % stages``, and runs per microbatch.
     ``microbatches=None`` lets the planner choose. ``intra_stage="plan"`` lets the ILP split
     the mesh's other axes into data axes and model axes with a parameter layout
-    (passes/intra_stage.py), or only lay out the parameters over the axes not in
+    (passes/pipeline/intra_stage.py), or only lay out the parameters over the axes not in
     ``data_axes`` when those are given; ``"data"`` keeps every other axis data parallel.
     A chunk's forward keeps its vjp residuals for the backward (memory per microbatch in
     flight); ``recompute=True`` keeps only the chunk's input and recomputes the forward in the

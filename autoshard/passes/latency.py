@@ -10,11 +10,11 @@ matmuls, 5-10 us per start-up) decides between them. A fixed charge couples ever
 the pairwise problem cannot hold it; ``predict`` adds it to the plan it prices, and
 ``refine_latency`` re-solves with the classes of combined op the plan makes forbidden, all at
 once and one at a time, keeping a plan only when it is cheaper with its own fixed charges
-counted. The LP can hold it (``solve_lp.FixedCharge``: one variable per class bounding its
-members), at several times the simplex's work per iteration; ``plan_search`` solves that LP as
+counted. The LP can hold it (``lp.FixedCharge``: one variable per class bounding its
+members), at several times the simplex's work per iteration; ``search`` solves that LP as
 well where the problem is small (``class_entries`` gives its members).
 
-A class is (kind, mesh axes, side); the compiled-program measure (cost_model/hlo.py) keys
+A class is (kind, mesh axes, side); the compiled-program measure (measure/hlo.py) keys
 combined collectives the same way.
 """
 
@@ -30,7 +30,7 @@ from autoshard.cost_model.hardware import Hardware
 from autoshard.cost_model.reshard import reshard_steps
 from autoshard.ir.mesh import MeshSpec
 from autoshard.passes.problem import NS, PlanningProblem, Slot, Transfer
-from autoshard.passes.solve_problem import Problem, evaluate
+from autoshard.solver.problem import Problem, evaluate
 
 #: Re-solve only when the chosen plan's fixed start-up charges are at least this share of its
 #: predicted step (below it, no class is worth a solve: GPT-2-medium pays 0.1%).

@@ -57,17 +57,17 @@ from autoshard.ir.graph import Graph, Literal, Node, Value
 from autoshard.ir.mesh import MeshSpec
 from autoshard.ir.primitives import ELEMENTWISE
 from autoshard.ir.sharding import B, ShardingSpec, Split
-from autoshard.passes.liveness import in_place_values, recomputed_liveness
+from autoshard.passes.prediction.liveness import in_place_values, recomputed_liveness
 from autoshard.passes.pins import Pins
-from autoshard.passes.solve_problem import Problem
-from autoshard.passes.strategy import Strategy, strategies_for, tensor_specs
+from autoshard.solver.problem import Problem
+from autoshard.passes.strategies.registry import Strategy, strategies_for, tensor_specs
 
 NS = 1e9
 #: Give partial sums read more than once a fanout slot (module docstring). Off, the plan
 #: charges the reduction per reader: on the plan-quality conv model (4x2) a data-parallel
 #: gradient read by AdamW's two moments cost two all-reduces, so the plan reduce-scattered it and
 #: all-gathered twice (0.040 ms compiled against one all-reduce's 0.027). The lowering
-#: constrains a fanout's value to the layout it is reduced to (plan_search.plan_from_choice);
+#: constrains a fanout's value to the layout it is reduced to (passes/search.py: plan_from_choice);
 #: without that, XLA reduced a partial sum to each reader's layout separately (GPT-2-medium,
 #: 2x4: compiled collective bytes 2.9x the prediction; with it 1.00).
 FANOUT_PARTIALS = True
@@ -504,7 +504,7 @@ def preference_penalty(value: Value, hw: Hardware) -> float:
 def made_from_nothing(node: Node) -> bool:
     """An iota, or a broadcast of a scalar: XLA makes the value in the layout its readers need
     (a slice of a broadcast is a smaller broadcast), so the plan's layout for it decides only
-    the memory the prediction counts (``plan_search.least_held_free_layouts``), and the
+    the memory the prediction counts (``search.least_held_free_layouts``), and the
     lowering leaves it unconstrained."""
     return node.op == "iota" or node.op == "broadcast_in_dim" and all(
         not isinstance(a, Value) or a.ndim == 0 for a in node.inputs)

@@ -2,7 +2,7 @@
 
 Choice: every process solves on its own and the plans are compared by digest, rather than
 process 0 solving and broadcasting its plan. The solve is deterministic (same graph, options and
-versions give the same plan; tests/passes/test_solve.py checks it in a second process), so the
+versions give the same plan; tests/solver/test_solve.py checks it in a second process), so the
 check normally costs one small key-value exchange. Solving everywhere needs no wait for one
 process's solve, no large broadcast, works the same with the plan cache (each process reads its
 own), and turns the real hazards — processes tracing different programs (other shapes, static

@@ -1,5 +1,5 @@
 """The SPMD pipeline runtime: one program, ``shard_map``-ed over the ``"stage"`` mesh axis,
-stepping every device through a static tick table (``ir/schedule.py``) in lock-step.
+stepping every device through a static tick table (``ir/pipeline_schedule.py``) in lock-step.
 
 Each tick a device runs the op its row of the table names — a chunk's forward or backward on a
 microbatch, or nothing — through ``lax.switch`` over all chunks' code, then sends what it made
@@ -55,7 +55,7 @@ from jax.sharding import PartitionSpec
 from autoshard.ir.errors import ArgumentError
 from autoshard.ir.pipeline import Chunk
 from autoshard.ir.sharding import fsdp_dim
-from autoshard.ir.schedule import tick_table
+from autoshard.ir.pipeline_schedule import tick_table
 
 # -- packing ------------------------------------------------------------------------------------
 
@@ -140,7 +140,7 @@ def pipelined_value_and_grad(chunks: Sequence[Chunk], params: Sequence, batch: S
     ``data_axes`` once, after the tick loop (a partitioner placing that reduction would do it
     in every backward). Without ``param_specs`` every mesh axis is a stage or data axis and
     parameters travel packed. With ``param_specs`` (one PartitionSpec per leaf, naming only
-    the mesh's other axes, passes/intra_stage.py) those other axes stay automatic: parameters
+    the mesh's other axes, passes/pipeline/intra_stage.py) those other axes stay automatic: parameters
     and their gradient accumulators travel as leaves constrained to the specs, and the
     partitioner lays out each chunk from them. Its collectives sit inside one branch of the
     tick's ``lax.switch``, which is safe because they run over model axes only, and every

@@ -14,7 +14,7 @@ import pytest
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
 from autoshard import MeshSpec, ShardingSpec
-from autoshard.cost_model.hlo import hlo_stats
+from autoshard.measure.hlo import hlo_stats
 from autoshard.cost_model.reshard import reshard_steps
 
 SHAPE_3D, SHAPE_2D = (32, 64, 128), (64, 128)

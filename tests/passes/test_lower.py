@@ -10,7 +10,7 @@ from jax.sharding import PartitionSpec as P
 
 import autoshard
 from autoshard import B, PARTIAL, S, ShardingError, ShardingSpec
-from autoshard.cost_model.hlo import hlo_stats
+from autoshard.measure.hlo import hlo_stats
 from autoshard.ir.plan import Plan
 from autoshard.passes.lift import lift
 from autoshard.passes.lower import auto_mesh, lower

@@ -215,10 +215,10 @@ def test_an_expensive_value_read_twice_is_held_and_a_cheap_one_is_not():
 def test_a_broadcast_of_a_scalar_is_planned_in_the_layout_that_holds_least():
     """A broadcast costs no time in any layout and XLA makes it where its reader needs it, so
     after the solve it takes, of the layouts its reader makes equally cheap, the one that holds
-    least (plan_search.least_held_free_layouts; the GPT's loss gradient starts as a 64 MiB
+    least (passes/search.py: least_held_free_layouts; the GPT's loss gradient starts as a 64 MiB
     broadcast of zeros its scatter reads split; left replicated, the predicted peak counted it
     whole). Here the matmul reads it split over all 8 devices (a large batch)."""
-    from autoshard.passes.plan_search import (least_held_free_layouts, local_costs,
+    from autoshard.passes.search import (least_held_free_layouts, local_costs,
                                               solve_plan_problem)
 
     def f(s, w):
@@ -253,7 +253,7 @@ def test_a_partial_sum_read_twice_is_reduced_once():
                              in_specs=(P("data"), P("data")), out_specs=(P(), P()))
     count, nbytes = step.plan.prediction.collectives["all-reduce"]
     assert (count, nbytes) == (1, 32 * 32 * 4)
-    report = autoshard.verify(step, x, y)
+    report = autoshard.measure.verify(step, x, y)
     assert [(c.name, c.predicted, c.compiled) for c in report.collective_bytes] == [
         ("all-reduce bytes", 32 * 32 * 4, 32 * 32 * 4)]
 
@@ -274,6 +274,6 @@ def test_a_partial_sum_read_in_two_layouts_is_reduced_once_where_the_plan_says()
     step = autoshard.compile(f, x, y, mesh=mesh, hardware="h100",
                              in_specs=(P("data"), P("data")), out_specs=(P(), P(), P("data")))
     assert step.plan.prediction.collectives == {"all-reduce": (1, 32 * 32 * 4)}
-    report = autoshard.verify(step, x, y)
+    report = autoshard.measure.verify(step, x, y)
     assert [(c.name, c.predicted, c.compiled) for c in report.collective_bytes] == [
         ("all-reduce bytes", 32 * 32 * 4, 32 * 32 * 4)]

@@ -1,0 +1,411 @@
+"""The local-polytope linear program of a strategy problem, solved with HiGHS (through SciPy).
+
+A strategy problem is a pairwise MAP problem. Its standard LP relaxation (the *local polytope*:
+one variable per node strategy, one per edge pair, the edge variables' marginals equal to the
+node variables; Wainwright and Jordan, "Graphical Models, Exponential Families, and Variational
+Inference", 2008, ch. 4 and 8) is tight whenever the graph is a tree and, in practice, on the
+problems autoshard builds from programs: resharding costs are small where layouts agree and
+large where they do not, and the LP's optimum comes out integral. An integral optimum is a
+proven optimal plan, found by a deterministic simplex in seconds (HiGHS' dual simplex, one
+thread; measured on autoshard's GPT problems about twice as fast as OR-Tools' GLOP and CLP and
+exact where PDLP leaves fractions; on the test GPT's 196k-variable LP 3.6 s, against 21 s for
+HiGHS' interior point; the model is handed over as sparse arrays, since building it term by
+term through OR-Tools' modelling API took 4 s more than the solve); CP-SAT's linearisation of the
+same problem (booleans per pair with ``y >= x_a + x_b - 1``) has no useful LP bound and stalls
+far from it. When the LP is fractional (memory limits can do that), ``solve_lagrangian`` moves
+the memory rows into the objective at the prices the LP's duals put on them (Lagrangian
+relaxation; Fisher, "The Lagrangian Relaxation Method for Solving Integer Programming
+Problems", Management Science 1981): holding a byte live where memory binds costs what the LP
+says it is worth. The priced problem has no memory rows, so its LP is integral again; the
+price scale is searched for the cheapest plan that fits. Only when that fails does the caller
+fall back to the combinatorial search.
+
+The LP is kept small: groups (identical layers, followers) are merged into one node; an edge's
+rows and columns that are equal (strategies that produce, or need, the same layout) share one
+marginal.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import scipy.sparse as sp
+from scipy.optimize import linprog
+
+from autoshard.solver.problem import Problem, evaluate, usage_profile
+
+
+@dataclass(frozen=True)
+class LPResult:
+    """``choice``: one strategy per node (the LP optimum when ``integral``, else its rounding);
+    ``objective``: the LP optimum (a lower bound on every plan's cost); ``status``: the LP's."""
+
+    choice: np.ndarray
+    objective: float
+    integral: bool
+    seconds: float
+    status: str
+    variables: int
+    memory_prices: np.ndarray | None = None   # per flat strategy: its usage x the rows' duals
+    iterations: int = 0                       # the simplex's, to cap a re-solve of a variant
+
+
+def _representatives(problem: Problem) -> np.ndarray:
+    rep = np.arange(problem.num_nodes)
+    for group in problem.groups:
+        rep[list(group)] = group[0]
+    return rep
+
+
+def _unique_rows(matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(distinct rows, index of each row's distinct row)."""
+    distinct, inverse = np.unique(matrix, axis=0, return_inverse=True)
+    return distinct, inverse.reshape(-1)
+
+
+@dataclass(frozen=True)
+class PairBlock:
+    """One edge's pair variables and marginal rows in the local polytope: ``table`` (row classes
+    x column classes) holds the cost of each pair variable, numbered row-major from the first
+    variable given; ``rows``, ``cols``, ``vals`` are the equality rows' entries (right-hand
+    sides 0), numbered from the first row given, row classes first."""
+
+    table: np.ndarray
+    rows: np.ndarray
+    cols: np.ndarray
+    vals: np.ndarray
+    row_of: np.ndarray | None = None    # each row's class
+    col_of: np.ndarray | None = None    # each column's class
+
+
+def pair_block(rest: np.ndarray, first_a: int, first_b: int, first_var: int,
+               first_row: int, marks: np.ndarray | None = None) -> PairBlock:
+    """The pair variables of an edge whose cost matrix is ``rest`` (its row and column minima
+    already moved into the node costs) between nodes whose strategy variables start at
+    ``first_a`` and ``first_b``. Rows (columns) of ``rest`` that are equal share one class, so
+    an edge with a few distinct layouts costs a few variables: Σ_h y_gh = Σ_{s in g} x_as for
+    each row class g, Σ_g y_gh = Σ_{t in h} x_bt for each column class h. ``marks`` (a stack
+    of 0/1 matrices shaped like ``rest``) splits classes further, so that every pair of one
+    cell carries the same marks (the fixed charges' member pairs)."""
+    if marks is None or not len(marks):
+        distinct, row_of = _unique_rows(rest)
+        distinct_t, col_of = _unique_rows(distinct.T)
+        table = distinct_t.T
+    else:
+        _, row_of = _unique_rows(np.hstack([rest, *marks]))
+        _, col_of = _unique_rows(np.vstack([rest, *marks]).T)
+        first_row_of = np.unique(row_of, return_index=True)[1]
+        first_col_of = np.unique(col_of, return_index=True)[1]
+        table = rest[np.ix_(first_row_of, first_col_of)]
+    g_n, h_n = table.shape
+    cells = first_var + np.arange(g_n * h_n)
+    ones = np.ones(g_n * h_n)
+    rows = np.concatenate([first_row + np.repeat(np.arange(g_n), h_n), first_row + row_of,
+                           first_row + g_n + np.tile(np.arange(h_n), g_n),
+                           first_row + g_n + col_of])
+    cols = np.concatenate([cells, first_a + np.arange(len(row_of)), cells,
+                           first_b + np.arange(len(col_of))])
+    vals = np.concatenate([ones, -np.ones(len(row_of)), ones, -np.ones(len(col_of))])
+    return PairBlock(table, rows, cols, vals, row_of, col_of)
+
+
+@dataclass(frozen=True)
+class FixedCharge:
+    """A cost paid once where any of its entries is chosen (the start-up latency of one
+    combined collective: latency.py): flat node-strategy and flat edge-pair indices of the
+    problem. In the LP, a variable y in [0, 1] pays ``cost`` and is at least the sum of the
+    member strategies' variables of each node and of the member pairs' variables of each edge:
+    exact where the optimum is integral."""
+
+    cost: float
+    nodes: np.ndarray
+    edges: np.ndarray
+
+
+def _charge_members(problem: Problem, rep: np.ndarray, charges):
+    """(per charge: representative -> its member strategies, per charge: representative edge
+    (a, b) -> 0/1 matrix of member pairs, oriented a < b)."""
+    k = problem.num_strategies
+    node_members: list[dict[int, set[int]]] = []
+    edge_members: list[dict[tuple[int, int], np.ndarray]] = []
+    for charge in charges:
+        nodes: dict[int, set[int]] = {}
+        edges: dict[tuple[int, int], np.ndarray] = {}
+        flat = np.asarray(charge.nodes, np.int64)
+        owner = np.searchsorted(problem.offsets, flat, side="right") - 1
+        for i, f in zip(owner.tolist(), flat.tolist()):
+            nodes.setdefault(int(rep[i]), set()).add(f - int(problem.offsets[i]))
+        flat = np.asarray(charge.edges, np.int64)
+        owner = np.searchsorted(problem.edge_offsets, flat, side="right") - 1
+        for e, f in zip(owner.tolist(), flat.tolist()):
+            u, v = (int(x) for x in problem.edges[e])
+            su, sv = divmod(f - int(problem.edge_offsets[e]), int(k[v]))
+            a, b = int(rep[u]), int(rep[v])
+            if a == b:                           # a group's own edge: its diagonal
+                if su == sv:
+                    nodes.setdefault(a, set()).add(su)
+                continue
+            if a > b:
+                a, b, su, sv = b, a, sv, su
+            mark = edges.get((a, b))
+            if mark is None:
+                mark = edges[(a, b)] = np.zeros((k[a], k[b]))
+            mark[su, sv] = 1.0
+        node_members.append(nodes)
+        edge_members.append(edges)
+    return node_members, edge_members
+
+
+def _lp_arrays(problem: Problem, rep: np.ndarray, charges=()):
+    """The LP as arrays: (costs c with the tie-break, the tie-break on the node variables,
+    equality rows (A, b), memory rows (A, b, live nodes of each) or None, fixed-charge rows
+    (A, b) or None, node variable offsets per representative, the constant moved out of c).
+    Built with numpy (the test GPT's LP has 196k variables: building it term by term through a
+    modelling API took longer than solving it)."""
+    k = problem.num_strategies
+    reps = np.unique(rep)
+    off = np.zeros(problem.num_nodes + 1, np.int64)      # x offsets, indexed by representative
+    sizes = np.zeros(problem.num_nodes, np.int64)
+    sizes[reps] = k[reps]
+    off[1:] = np.cumsum(sizes)
+    nvar = int(off[-1])
+    node_cost = np.zeros(nvar)
+    for i in range(problem.num_nodes):
+        node_cost[off[rep[i]]:off[rep[i] + 1]] += problem.node_costs(i)
+    edges: dict[tuple[int, int], np.ndarray] = {}
+    for e, (u, v) in enumerate(problem.edges):
+        a, b = int(rep[u]), int(rep[v])
+        matrix = problem.edge_matrix(e)
+        if a == b:
+            node_cost[off[a]:off[a + 1]] += np.diag(matrix)
+            continue
+        if a > b:
+            a, b, matrix = b, a, matrix.T
+        edges[(a, b)] = edges[(a, b)] + matrix if (a, b) in edges else matrix.copy()
+    rows, cols, vals = [np.arange(len(reps)).repeat(k[reps])], [np.arange(nvar)], [np.ones(nvar)]
+    nrow = len(reps)                                     # Σ_a x_ra = 1 per representative
+    node_members, edge_members = _charge_members(problem, rep, charges)
+    # fixed-charge rows: (charge, LP variables whose sum the charge's variable bounds)
+    charge_terms: list[tuple[int, np.ndarray]] = [
+        (j, off[a] + np.array(sorted(members), np.int64))
+        for j, per_node in enumerate(node_members) for a, members in sorted(per_node.items())]
+    pair_costs = []
+    for (a, b), matrix in edges.items():
+        low = matrix.min(axis=1)                 # the part only a's choice decides
+        node_cost[off[a]:off[a + 1]] += low
+        rest = matrix - low[:, None]
+        col_low = rest.min(axis=0)               # the part only b's choice decides
+        node_cost[off[b]:off[b + 1]] += col_low
+        rest = rest - col_low[None, :]
+        marked = [(j, m[(a, b)]) for j, m in enumerate(edge_members) if (a, b) in m]
+        if not rest.any() and not marked:
+            continue
+        block = pair_block(rest, off[a], off[b], nvar, nrow,
+                           np.array([mark for _, mark in marked]) if marked else None)
+        for j, mark in marked:
+            cells = np.zeros(block.table.shape, bool)
+            rows_m, cols_m = np.nonzero(mark)
+            cells[block.row_of[rows_m], block.col_of[cols_m]] = True
+            charge_terms.append((j, nvar + np.flatnonzero(cells.reshape(-1))))
+        pair_costs.append(block.table.reshape(-1))
+        rows.append(block.rows)
+        cols.append(block.cols)
+        vals.append(block.vals)
+        nvar += block.table.size
+        nrow += sum(block.table.shape)
+    # a tie-break far below any real cost difference (1e-6 ns per strategy index), so that the
+    # optimum is unique and every process finds the same one
+    tie_break = np.zeros(int(off[-1]))
+    constant = 0.0
+    for r in reps:
+        seg = node_cost[off[r]:off[r + 1]]
+        tie_break[off[r]:off[r + 1]] = np.arange(len(seg)) * 1e-6
+        base = seg.min()
+        seg -= base
+        constant += float(base)
+    first_charge = nvar
+    nvar += len(charges)
+    c = np.concatenate([node_cost + tie_break] + pair_costs +
+                       [np.array([charge.cost for charge in charges], np.float64)])
+    a_eq = sp.csr_matrix((np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))),
+                         shape=(nrow, nvar))
+    b_eq = np.zeros(nrow)
+    b_eq[:len(reps)] = 1.0
+    memory = _memory_rows(problem, rep, off, nvar) if problem.usage_limit is not None else None
+    fixed = None
+    if charge_terms:                       # Σ members - y_j <= 0
+        r = np.concatenate([np.full(len(t) + 1, i) for i, (_, t) in enumerate(charge_terms)])
+        col = np.concatenate([np.append(t, first_charge + j) for j, t in charge_terms])
+        val = np.concatenate([np.append(np.ones(len(t)), -1.0) for _, t in charge_terms])
+        fixed = (sp.csr_matrix((val, (r, col)), shape=(len(charge_terms), nvar)),
+                 np.zeros(len(charge_terms)))
+    return c, tie_break, a_eq, b_eq, memory, fixed, off, constant
+
+
+#: The seconds one dual-simplex iteration takes on the machine this was calibrated on (2 cores,
+#: one used), a fixed part and a part per LP variable: the test GPT's LP (196k variables) runs
+#: 28k iterations in 3.5 s, a pipeline stage's (11k) 3k in 0.2 s. Memory rows make iterations
+#: slower (37k-58k iterations in 19-74 s on the GPT under a budget), left to the wall clock.
+ITERATION_SECONDS = 6e-5
+ITERATION_SECONDS_PER_VARIABLE = 3e-10
+MIN_ITERATIONS = 1000
+#: The wall clock stops an LP only at this multiple of its limit (a guard against a machine
+#: far slower than this one; hitting it is the one way two processes can disagree).
+WALL_CLOCK_GUARD = 4.0
+
+
+def lp_iteration_limit(variables: int, time_limit: float) -> int:
+    """The simplex iteration cap of an LP with ``variables`` under ``time_limit`` seconds: a
+    count, not a time, so that every process solving the same LP stops at the same point; as
+    many iterations as the calibrated rate fits in the limit (a cap proportional to the
+    variables alone stopped a small LP at a short limit after 0.2 s of the 5 allowed)."""
+    per_iteration = ITERATION_SECONDS + ITERATION_SECONDS_PER_VARIABLE * variables
+    return int(time_limit / per_iteration) + MIN_ITERATIONS
+
+
+def solve_local_polytope(problem: Problem, *, time_limit: float = 60.0,
+                         max_iterations: int | None = None,
+                         charges: tuple[FixedCharge, ...] = ()) -> LPResult:
+    """The local polytope's optimum, its rounding and memory prices (module docstring);
+    ``time_limit`` sets the simplex's iteration cap (``lp_iteration_limit``), ``max_iterations``
+    a lower one (a re-solve that is only worth its cost when it is quick); ``charges`` are
+    fixed charges the objective adds (``FixedCharge``; ``objective`` then counts them)."""
+    start = time.perf_counter()
+    rep = _representatives(problem)
+    c, tie_break, a_eq, b_eq, memory, fixed, off, constant = _lp_arrays(problem, rep, charges)
+    a_ub, b_ub, live_sets = memory if memory is not None else (None, None, [])
+    if fixed is not None:                   # after the memory rows: their duals come first
+        a_ub = fixed[0] if a_ub is None else sp.vstack([a_ub, fixed[0]]).tocsr()
+        b_ub = fixed[1] if b_ub is None else np.concatenate([b_ub, fixed[1]])
+    nvar = len(c)
+    cap = lp_iteration_limit(nvar, time_limit)
+    if max_iterations is not None:
+        cap = min(cap, max_iterations)
+    # HiGHS' serial dual simplex (SciPy runs it on one thread) under an iteration limit, so
+    # that a loaded machine stops where an idle one does; the wall clock is only a guard
+    def simplex(presolve: bool):
+        return linprog(c, A_ub=a_ub, b_ub=b_ub, A_eq=a_eq, b_eq=b_eq, bounds=(0.0, 1.0),
+                       method="highs-ds",
+                       options={"presolve": presolve, "disp": False,
+                                "maxiter": cap,
+                                "time_limit": max(WALL_CLOCK_GUARD * time_limit, 1.0)})
+
+    res = simplex(True)
+    if res.status in (3, 4):
+        # "unbounded" (every variable lies in [0, 1]) or numerical trouble: HiGHS lost its
+        # way after presolve (the plan-quality GPT, 2x4, 2 nodes, under a budget, reported
+        # unbounded after 35k iterations); the same LP without presolve, once
+        res = simplex(False)
+    status = {0: "optimal", 2: "infeasible"}.get(res.status, "not solved")
+    if res.status == 1:     # the iteration cap or the wall-clock guard (SciPy's message says)
+        status = f"stopped: {res.message.split('(')[0].strip().rstrip('.').lower()}"
+    choice = np.zeros(problem.num_nodes, np.int64)
+    integral = False
+    if res.x is not None and res.status in (0, 1):
+        values = {r: res.x[off[r]:off[r + 1]] for r in np.unique(rep)}
+        choice = np.array([int(np.argmax(values[r])) for r in rep], np.int64)
+        integral = status == "optimal" and all(
+            np.all((v < 1e-6) | (v > 1 - 1e-6)) for v in values.values())
+    value = (float(res.fun) - float(tie_break @ res.x[:len(tie_break)]) + constant
+             if status == "optimal" else float("nan"))
+    prices = None
+    if live_sets and status == "optimal":
+        duals = np.abs(res.ineqlin.marginals)
+        weight = np.zeros(problem.num_nodes)
+        for dual, live in zip(duals, live_sets):
+            weight[live] += dual
+        prices = problem.usages * np.repeat(weight, problem.num_strategies)
+    return LPResult(choice, value, bool(integral), time.perf_counter() - start, status, nvar,
+                    prices, int(res.nit))
+
+
+def solve_lagrangian(problem: Problem, lp: LPResult, *, time_limit: float = 60.0,
+                     rounds: int = 8, progress=None) -> tuple[np.ndarray, int] | None:
+    """A plan within ``problem.usage_limit`` from the priced problem (module docstring), or
+    None. Prices are the LP's duals (or, where those are all zero, the LP's cost per byte of
+    the limit) times a scale: the smallest scale whose plan fits is searched for (factors of 4
+    until one scale fits and another does not or stops at its iteration cap, then three
+    bisection steps in log space); lower prices give cheaper plans. Returns (choice, LP
+    solves)."""
+    limit = problem.usage_limit
+    if limit is None or lp.status != "optimal":      # no limit, or not even the LP fits
+        return None
+    prices = lp.memory_prices
+    if prices is None or not prices.any():
+        prices = problem.usages * (max(lp.objective, 1.0) / max(limit, 1))
+
+    def priced(scale: float) -> np.ndarray | None:
+        # a fixed number of solves, not a wall-clock budget, so every process decides alike;
+        # ``time_limit`` only sets each solve's iteration cap
+        relaxed = dataclasses.replace(problem, costs=problem.costs + scale * prices,
+                                      usage_limit=None)
+        result = solve_local_polytope(relaxed, time_limit=time_limit)
+        if progress:
+            peak = usage_profile(problem, result.choice).max()
+            progress(f"memory prices x{scale:.3g}: {result.status} in {result.seconds:.1f}s, "
+                     f"peak {peak:,} bytes ({'fits' if peak <= limit else 'over'}), cost "
+                     f"{evaluate(problem, result.choice).cost / 1e6:.3f} ms")
+        return result.choice if result.status == "optimal" else None
+
+    # find a fitting scale and a failing one around it (factors of 4), then bisect in log space
+    scale, solves, bisections = 1.0, 0, 0
+    fitting = fitting_scale = failing_scale = None
+    while solves < rounds + 3:
+        choice = priced(scale)
+        solves += 1
+        if choice is None and fitting_scale is None:
+            break
+        if choice is not None and usage_profile(problem, choice).max() <= limit:
+            fitting, fitting_scale = choice, scale
+        else:
+            # over the limit, or a solve that did not finish below a fitting scale: lower
+            # prices only get closer to the unpriced LP, so bisect back towards the fitting one
+            failing_scale = scale
+        if fitting_scale is None:
+            scale *= 4.0
+        elif failing_scale is None:
+            scale /= 4.0
+        elif bisections < 3:
+            bisections += 1
+            scale = (fitting_scale * failing_scale) ** 0.5
+        else:
+            break
+    if fitting is None:
+        return None
+    return fitting, solves
+
+
+def _memory_rows(problem: Problem, rep: np.ndarray, off: np.ndarray, nvar: int):
+    """Σ usage · x ≤ limit at each distinct set of live nodes (a set contained in another
+    never binds first, so only maximal ones are kept); returns (A, b, live nodes of each row),
+    or None when no row has a term."""
+    iv = problem.intervals
+    times = sorted({int(t) for t in iv[:, 0]} | {int(t) for t in iv[:, 1]})
+    live_sets = []
+    for t in times:
+        live = frozenset(np.flatnonzero((iv[:, 0] <= t) & (t < iv[:, 1])).tolist())
+        if live:
+            live_sets.append(live)
+    maximal = [s for s in set(live_sets) if not any(s < other for other in live_sets)]
+    rows, cols, vals, kept = [], [], [], []
+    for live in sorted(maximal, key=sorted):
+        terms_c, terms_v = [], []
+        for i in sorted(live):
+            usage = problem.node_usages(i)
+            nz = np.flatnonzero(usage)
+            if len(nz):
+                terms_c.append(off[rep[i]] + nz)
+                terms_v.append(usage[nz].astype(np.float64))
+        if terms_c:
+            rows.append(np.full(sum(len(t) for t in terms_c), len(kept)))
+            cols += terms_c
+            vals += terms_v
+            kept.append(np.array(sorted(live)))
+    if not kept:
+        return None
+    a_ub = sp.csr_matrix((np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))),
+                         shape=(len(kept), nvar))   # duplicate entries (a group) are summed
+    return a_ub, np.full(len(kept), float(problem.usage_limit)), kept
