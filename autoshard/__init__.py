@@ -5,7 +5,7 @@ chooses a plan (a layout for every argument and result, and pins on intermediate
 ``ShardedFunction`` that runs like ``jax.jit(step)``, sharded over ``mesh``.
 """
 
-from autoshard.api import ShardedFunction, compile, shard_batch
+from autoshard.api import compile, shard_batch
 from autoshard.cost_model.hardware import PROFILES, Hardware, Link
 from autoshard.dump import PlanDump, dump, load_plan
 from autoshard.ir.errors import (ArgumentError, AutoshardError, PlanError, PlanInfeasibleError,
@@ -18,8 +18,11 @@ from autoshard.ir.plan import (AnnotationDiff, AnnotationReport, Plan, PlanCandi
                                SolverStats)
 from autoshard.ir.sharding import PARTIAL, B, S, ShardingSpec
 from autoshard.ir.version import __version__
-from autoshard.pipelined_function import PipelinedFunction, PipelineRoofline, grad, value_and_grad
+from autoshard.gradients import grad, value_and_grad
+from autoshard.pipelined_function import PipelinedFunction, PipelineRoofline
 from autoshard.nnx import NnxFunction
+from autoshard.sharded_function import ShardedFunction
+from autoshard.step import Step
 from autoshard.measure.verify import Verification, verify
 
 __all__ = [
@@ -28,6 +31,6 @@ __all__ = [
     "NnxFunction", "PARTIAL", "Pipeline", "PipelinedFunction", "PipelinePlan",
     "PipelineRoofline", "Plan", "PlanAgreementError", "PlanCandidate", "PlanDump", "PlanError",
     "PlanInfeasibleError", "Prediction", "PROFILES", "S", "shard_batch", "ShardedFunction",
-    "ShardingError", "ShardingSpec", "SolverStats", "SolverTimeLimitWarning",
+    "ShardingError", "ShardingSpec", "SolverStats", "SolverTimeLimitWarning", "Step",
     "UnsupportedPrimitiveError", "value_and_grad", "Verification", "verify", "__version__",
 ]

@@ -19,7 +19,7 @@ bytes are per device.
                 program order; ``layer`` groups a node with the parameters it works on (see
                 ``layer_labels``); cost fields are null when the plan was not made by the search.
   memory        {curve: [bytes at step t], steps: [node id run at step t >= 1], peak, budget}
-  verification  {rows: [{name, predicted, compiled}]} | null (``autoshard.measure.verify`` result)
+  verification  {rows: [{name, predicted, compiled}]} | null (``autoshard.verify`` result)
   pipeline      {stages: [{name, devices}], timeline: [{stage, name, start, end}]} | null
 """
 
@@ -50,7 +50,7 @@ PLAN_FILE, PAGE_FILE, TRACE_FILE = "plan.json", "index.html", "plan.trace.json"
 def dump(plan: Any, directory: str | pathlib.Path, *, verification: Any = None) -> pathlib.Path:
     """Write ``plan`` (a ``Plan``, or an ``autoshard.compile`` result whose ``.plan`` to use)
     to ``directory`` as plan.json + index.html (+ plan.trace.json when pipelined); include
-    ``verification`` (an ``autoshard.measure.verify`` result) to show predicted vs compiled. Returns
+    ``verification`` (an ``autoshard.verify`` result) to show predicted vs compiled. Returns
     the directory."""
     if not isinstance(plan, Plan):
         if hasattr(plan, "pipeline_plan"):
@@ -191,9 +191,9 @@ def argument_label(path: str) -> str:
 def layer_labels(graph: Graph) -> dict[int, str]:
     """Node id -> the layer it belongs to, for grouping in the viewer. A top-level node that
     reads an argument directly is labelled by the argument's path (``argument_label``; of
-    several, a numbered layer's, else the largest argument's); every
-    other node by the nearest such node in program order (an unrolled layer's forward and
-    backward ops are each contiguous); a loop body's nodes by their loop's label."""
+    several, a numbered layer's, else the largest argument's); every other node by the nearest
+    such node in program order (an unrolled layer's forward and backward ops are each
+    contiguous); a loop body's nodes by their loop's label."""
     labels = {v.id: argument_label(v.name) for v in graph.inputs}
     anchors: list[str | None] = []
     for node in graph.nodes:

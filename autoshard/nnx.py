@@ -47,6 +47,8 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from autoshard.ir.errors import ArgumentError, ShardingError
 from autoshard.passes.trace import function_name, parameter_names
+from autoshard.planner import CompileOptions
+from autoshard.sharded_function import ShardedFunction
 
 log = logging.getLogger("autoshard")
 
@@ -95,10 +97,8 @@ class NnxFunction:
     """``autoshard.compile`` of a step over Flax NNX objects; behaves like ``nnx.jit``'s result
     and exposes the ``ShardedFunction`` interface (``plan``, ``lower``, ``plan_source``, ...)."""
 
-    def __init__(self, fn: Callable, options: Any, example_args: Sequence[Any],
-                 make_sharded: Callable):
+    def __init__(self, fn: Callable, options: CompileOptions, example_args: Sequence[Any]):
         self._fn = fn
-        self._make_sharded = make_sharded
         self._nargs = len(example_args)
         graphdefs = tuple(i for i, a in enumerate(example_args) if isinstance(a, nnx.GraphDef))
         self._options = replace(options, static_argnums=tuple(sorted(
@@ -114,7 +114,7 @@ class NnxFunction:
     # -- the ShardedFunction interface ----------------------------------------------------------
 
     @property
-    def sharded(self) -> Any:
+    def sharded(self) -> ShardedFunction:
         """The ``ShardedFunction`` of the example signature (over states)."""
         return self._entries[self._example_key].sharded
 
@@ -127,6 +127,10 @@ class NnxFunction:
 
     def plan_for(self, *args: Any) -> Any:
         return self._entry(args)[1].sharded.plan
+
+    def summary(self) -> str:
+        """The plan for the example arguments, as text (``Plan.summary``)."""
+        return self.plan.summary()
 
     def lower(self, *args: Any) -> jax.stages.Lowered:
         key, entry = self._entry(args)
@@ -273,7 +277,7 @@ class NnxFunction:
             rules = flax_spmd.get_logical_axis_rules() or self._rules
             with flax_spmd.logical_axis_rules(rules):
                 options = replace(options, annotation_specs=self._annotations(parts))
-        sharded = self._make_sharded(fn, options, inner)
+        sharded = ShardedFunction(fn, options, inner)
         return _Entry(graphdef, template, positions, outputs, sharded)
 
     def _inner_args(self, entry: _Entry, args: Sequence[Any]) -> list:

@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT / "examples"))
 import gpt as example  # noqa: E402
 
 import autoshard  # noqa: E402
-from autoshard.passes import search as plan_search  # noqa: E402
+from autoshard.passes import chosen_plan  # noqa: E402
 
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update",
@@ -84,7 +84,7 @@ def main():
     batch = {"inputs": jax.ShapeDtypeStruct((8, 1024), "int32"),
              "targets": jax.ShapeDtypeStruct((8, 1024), "int32")}
     explain_seconds = []
-    explain = plan_search.explain
+    explain = chosen_plan.explain
 
     def timed_explain(*a, **k):
         start = time.perf_counter()
@@ -92,10 +92,10 @@ def main():
         explain_seconds.append(time.perf_counter() - start)
         return out
 
-    plan_search.explain = timed_explain
+    chosen_plan.explain = timed_explain
     step = autoshard.compile(example.make_train_step(optimizer, 16), params, opt_state, batch,
                              mesh=mesh, cache=False)  # time the solve, not a cache hit
-    plan_search.explain = explain
+    chosen_plan.explain = explain
     out = pathlib.Path(args.out)
     start = time.perf_counter()
     autoshard.dump(step, out)

@@ -118,7 +118,7 @@ def main():
     print(step.plan.summary(max_rows=12))
     print()
     if args.dump:
-        verification = autoshard.measure.verify(step, params, opt_state, batch)
+        verification = autoshard.verify(step, params, opt_state, batch)
         out = autoshard.dump(step, args.dump, verification=verification)
         print(verification.summary())
         print(f"\nplan viewer: {out / 'index.html'} (open it in a browser, or run "

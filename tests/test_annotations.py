@@ -81,7 +81,7 @@ def test_bad_annotation_overridden_under_hint_kept_under_require_reported_in_bot
 def test_hint_keeps_annotations_when_the_search_saves_too_little(monkeypatch):
     """With the margin raised above the bad annotation's cost, "hint" runs the annotated plan
     and the report marks the difference as kept."""
-    monkeypatch.setattr(autoshard.api, "HINT_MARGIN", 100.0)
+    monkeypatch.setattr(autoshard.planner, "HINT_MARGIN", 100.0)
     step, _ = compile_mlp("hint")
     assert spec_of(step.plan, BAD) == P("model", None)
     report = step.plan.annotation_report

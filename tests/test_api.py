@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -45,6 +46,21 @@ def test_call_matches_jit_and_plan_is_shaped_like_arguments(mlp_step):
     for text in ["data-parallel rule", "(data=2, model=4)", "params['w1']", "batch['x']",
                  "P(('data', 'model'),)", "out[2]"]:
         assert text in summary, text
+
+
+def test_compiled_steps_are_steps(mlp_step, mesh):
+    """What compile returns satisfies ``autoshard.Step``, its ``summary()`` the plan's (the
+    pipelined step: tests/test_pipelined_function.py)."""
+    assert isinstance(mlp_step, autoshard.Step) and not isinstance(object(), autoshard.Step)
+    assert mlp_step.summary() == mlp_step.plan.summary()
+
+    def nnx_step(model, x):
+        return model(x).sum()
+
+    step = autoshard.compile(nnx_step, nnx.Linear(8, 8, rngs=nnx.Rngs(0)), jnp.ones((8, 8)),
+                             mesh=mesh, planner="data-parallel")
+    assert isinstance(step, autoshard.NnxFunction) and isinstance(step, autoshard.Step)
+    assert step.summary() == step.plan.summary()
 
 
 def test_lower_compile_is_the_executable_a_call_runs(mlp_step):
@@ -301,9 +317,9 @@ def test_an_over_budget_program_is_planned_again_below_the_solvers_own_peak(mesh
     scaled down by the overshoot; when it returns the same plan, the budget is scaled from the
     peak the solver's constraint saw for that plan: below it, so the same plan cannot fit
     again (scaled from the last budget alone, one plan fitted four budgets in a row)."""
-    from autoshard import api
+    from autoshard import planner
     plans, peaks = [], []
-    search = api.search_plan
+    search = planner.search_plan
 
     def recording_search(*args, **kwargs):
         plans.append((kwargs["memory_budget"], search(*args, **kwargs)))
@@ -313,9 +329,9 @@ def test_an_over_budget_program_is_planned_again_below_the_solvers_own_peak(mesh
         peaks.append(budget * 11 // 10 if len(peaks) < 2 else peak_memory(compiled))
         return peaks[-1]
 
-    peak_memory = api.peak_memory
-    monkeypatch.setattr(api, "search_plan", recording_search)
-    monkeypatch.setattr(api, "peak_memory", compiled_peak)
+    peak_memory = planner.peak_memory
+    monkeypatch.setattr(planner, "search_plan", recording_search)
+    monkeypatch.setattr(planner, "peak_memory", compiled_peak)
     budget = 2**30
     step = autoshard.compile(mlp.train_step, *example_args(mlp), mesh=mesh,
                              memory_budget=budget, cache=False)

@@ -15,7 +15,7 @@ from autoshard.cli import main as cli
 from autoshard.dump import (DUMP_VERSION, argument_label, diff_plans, layer_labels,
                             trace_events)
 from autoshard.ir.plan_json import plan_from_json
-from autoshard.passes.search import local_costs
+from autoshard.passes.prediction.explain import local_costs
 from autoshard.solver.problem import Problem, evaluate
 from autoshard.viewer import render_page
 from tests.conftest import make_mesh

@@ -20,6 +20,7 @@ import autoshard
 from autoshard.cost_model.hardware import Link, get_hardware
 from autoshard.measure.hlo import hlo_stats
 from autoshard.passes.lift import lift_jaxpr
+from autoshard.passes.pipeline.auto_candidates import auto_pipeline_candidates
 from autoshard.passes.pipeline.stages import slice_loss
 from autoshard.measure.verify import compiled_roofline
 from tests.models import gpt
@@ -64,9 +65,10 @@ def test_pipelined_step_equals_unpipelined(eight_layers, shape, names, pipeline)
     args, want = eight_layers
     mesh = jax.make_mesh(shape, names)
     step = autoshard.compile(train_step, *args, mesh=mesh, pipeline=pipeline)
-    assert isinstance(step, autoshard.PipelinedFunction)
+    assert isinstance(step, autoshard.PipelinedFunction) and isinstance(step, autoshard.Step)
     assert_same(step(*args), want)
     plan = step.pipeline_plan
+    assert step.plan is plan and step.summary() == plan.summary()
     assert len(plan.stages) == pipeline.stages and plan.microbatches == pipeline.microbatches
     assert 0 < plan.bubble_fraction < 1
 
@@ -190,16 +192,16 @@ def test_auto_pipelines_when_the_pipeline_measures_fastest(monkeypatch):
     # the flat executables measured 1000x slower than they are: the pipeline must win, and the
     # step returned is the pipeline the decision measured (the searched flat plan of this tiny
     # model replicates everything: 0.2 us of redundant compute, no collective)
-    import autoshard.api as api
+    import autoshard.candidates as candidates
 
-    real = api.compiled_roofline
+    real = candidates.compiled_roofline
 
     def slower(compiled, hw, mesh):
         r = real(compiled, hw, mesh)
         return replace(r, compute_seconds=1000 * r.compute_seconds,
                        collective_seconds={k: 1000 * v for k, v in r.collective_seconds.items()})
 
-    monkeypatch.setattr(api, "compiled_roofline", slower)
+    monkeypatch.setattr(candidates, "compiled_roofline", slower)
     # on one axis of 8 devices: all three schedules over 8 stages, then 2 stages x 4 and
     # 4 stages x 2 with the best predicted schedule, compiled only where predicted faster
     # than every 8-stage pipeline
@@ -303,7 +305,7 @@ def test_tensor_parallel_inside_the_stages_equals_unpipelined(pipeline):
     mesh = jax.make_mesh((2, 2, 2), ("stage", "data", "model"))
     piped = autoshard.compile(step, *args, mesh=mesh, pipeline=pipeline,
                               hardware=_no_latency_h100())
-    intra = piped._inside[-1].intra
+    intra = piped._traced[-1].intra
     assert intra.data_axes == ("data",) and intra.model_axes == ("model",)
     # the ILP's layout is Megatron's: w1 split by columns, w2 by rows, the head replicated
     assert intra.param_specs == (P(None, "model"), P("model"),) * 4 + (P(),)
@@ -324,7 +326,7 @@ def test_the_ilp_chooses_the_data_axes_of_a_stage():
     mesh = jax.make_mesh((2, 2, 2), ("stage", "data", "model"))
     piped = autoshard.compile(step, *args, mesh=mesh,
                               pipeline=autoshard.Pipeline(2, 2, "gpipe"), hardware="h100")
-    intra = piped._inside[-1].intra
+    intra = piped._traced[-1].intra
     assert not intra.tensor_parallel and intra.data_axes == ("data", "model")
     assert_same(piped(*args), jax.jit(step)(*args))
     with pytest.raises(autoshard.ArgumentError, match="not axes of the mesh"):
@@ -428,7 +430,7 @@ def test_auto_weighs_every_stage_count_on_the_same_devices():
     # its 8 devices into stages x the rest, in the same device order (consecutive stages on
     # consecutive devices, so a stage never straddles a node it did not straddle before)
     mesh = jax.make_mesh((2, 4), ("data", "model"))
-    groups = autoshard.pipelined_function.auto_pipeline_candidates(mesh)
+    groups = auto_pipeline_candidates(mesh)
     assert [(m.axis_names, tuple(m.devices.shape), [p.schedule for p in pipes])
             for m, pipes in groups] == [
         (("stage", "model"), (2, 4), ["1f1b", "gpipe", "interleaved"]),
@@ -439,13 +441,13 @@ def test_auto_weighs_every_stage_count_on_the_same_devices():
     # a mesh that names its stage axis is pipelined over that axis only
     named = jax.make_mesh((2, 4), ("stage", "data"))
     assert [tuple(m.devices.shape) for m, _ in
-            autoshard.pipelined_function.auto_pipeline_candidates(named)] == [(2, 4)]
+            auto_pipeline_candidates(named)] == [(2, 4)]
 
 
 def test_auto_decision_keeps_what_fits_and_says_when_nothing_does():
     # a pipeline that fits beats a faster flat plan that does not; sizes print in a unit
     # that shows them; when nothing fits, compile raises instead of keeping the fastest
-    from autoshard.api import auto_infeasible
+    from autoshard.candidates import auto_infeasible
 
     def decision(budget):
         return autoshard.AutoDecision(

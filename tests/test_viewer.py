@@ -54,7 +54,7 @@ def dump_dir(tmp_path_factory):
             jax.nn.one_hot(jnp.arange(32) % 6, 6))
     fn = autoshard.compile(step, *args, mesh=mesh)
     return autoshard.dump(fn, tmp_path_factory.mktemp("viewer"),
-                          verification=autoshard.measure.verify(fn, *args))
+                          verification=autoshard.verify(fn, *args))
 
 
 @pytest.fixture(scope="module")

@@ -15,9 +15,8 @@ about the compiler, on the buffers the cost model predicts:
   the lowest-waste gap among the buffers it overlaps in time, or on top; XLA runs it ordered
   by size and ordered by lifetime and keeps the smaller heap.
 
-On the plan-quality GPT (8 devices, h100) the live-bytes peak was 0.88 of the compiled peak
-under data parallel and 0.87 under the budgeted plan; replaying the placement gives 0.92 and
-0.93 (XLA's own live peak is 3% above the cost model's).
+The live-bytes peak alone falls short of the compiled peak by those holes; replaying the
+placement closes most of the gap.
 """
 
 from __future__ import annotations

@@ -10,17 +10,17 @@ replicated repeat the work.
 Layout-only ops (reshape, broadcast, squeeze) cost nothing and elementwise ops a tenth of their
 roofline (``FUSED_FRACTION``): XLA fuses them into the kernels around them (a matmul's
 epilogue, a reduction's prologue, one loop fusion per chain), so their operands never make a
-round trip through HBM of their own. Counting each
-one's bytes priced a replicated optimizer update or layer norm at several times what the fused
-program spends, and pushed plans towards splitting cheap elementwise work at the price of real
-collectives; the compiled programs the plans are measured by count matmul FLOPs and
-collectives. Reductions, gathers, scatters, sorts and the like keep their roofline cost.
+round trip through HBM of their own. Counting each one's bytes would price a replicated
+optimizer update or layer norm at several times what the fused program spends, and push plans
+towards splitting cheap elementwise work at the price of real collectives; the compiled
+programs the plans are measured by count matmul FLOPs and collectives. Reductions, gathers,
+scatters, sorts and the like keep their roofline cost.
 
 Every kernel but a matmul then counts ``OTHER_KERNEL_WEIGHT`` of that: the step time plans are
 measured by (and the plan-quality benchmark ranks by) is matmul FLOPs plus collectives, and at
-full weight the HBM time of a replicated optimizer update (64 us on the plan-quality GPT,
-2x4, h100) bought collectives the compiled program does pay (the searched plan 3% slower
-than data parallel's, LLaMA 6%). The small weight still breaks ties towards splitting work.
+full weight the HBM time of a replicated optimizer update would buy collectives the compiled
+program does pay, making searched plans slower than data parallel's. The small weight still
+breaks ties towards splitting work.
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ def _conv_flops(node: Node) -> float:
     window = math.prod(rhs.shape[d] for d in dn.rhs_spec[2:])
     in_features = rhs.shape[dn.rhs_spec[1]]
     # a strided convolution's input gradient dilates its input with zeros; one tap in the
-    # dilation meets a value, as in the forward convolution it transposes (hlo._conv_count)
+    # dilation meets a value, as in the forward convolution it transposes (measure.hlo._conv_count)
     skipped = math.prod(node.params.get("lhs_dilation") or (1,))
     return 2.0 * node.outputs[0].size * window * in_features / skipped
 

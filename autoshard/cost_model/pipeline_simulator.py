@@ -1,13 +1,14 @@
 """The pipeline schedule simulator: per-chunk forward / backward times, microbatches, stages and
 schedule -> timeline, step time, bubble fraction and peak in-flight activations per stage.
 
-The timeline is ``ir/pipeline_schedule.py``'s list scheduling with real durations: every device runs its
-order, each op as early as its inputs allow, a transfer between devices costing ``link_time``.
+The timeline is ``ir.pipeline_schedule``'s list scheduling with real durations: every device
+runs its order, each op as early as its inputs allow, a transfer between devices costing
+``link_time``.
 The bubble fraction is the mean idle share of a device over the step. With equal stages it is
 (S-1)/(M+S-1) for GPipe and 1F1B (Huang et al., 2019; Narayanan et al., 2021) and, with ``V``
 virtual stages per device and backward = 2x forward, (S-1)/(V*M+S-1) for interleaved 1F1B:
 the warm-up and cool-down still take (S-1) chunk-slots of forward and backward, but a chunk is
-1/V of a stage, while the useful work per device stays M*(f+b) (derived in tests/
+1/V of a stage, while the useful work per device stays M*(f+b) (derived in
 tests/ir/test_pipeline_schedule.py, which checks the simulator against both formulas).
 """
 

@@ -9,9 +9,9 @@ bound). Async pairs are counted at their ``-start`` op. Matmul FLOPs are those o
 ``convolution`` ops and, in a GPU build's program, of the cuBLAS and cuDNN calls that replace
 them (benchmarks/gpu_check.py reads GPU executables with this parser).
 
-Bytes follow ``collectives.py``'s convention, per device: the result for all-gather, all-reduce,
-all-to-all and permute, the *input* (result x group size) for reduce-scatter. Device groups
-are parsed from all three forms XLA prints: explicit ``{{0,1},{2,3}}``, iota
+Bytes follow ``cost_model.collectives``' convention, per device: the result for all-gather,
+all-reduce, all-to-all and permute, the *input* (result x group size) for reduce-scatter.
+Device groups are parsed from all three forms XLA prints: explicit ``{{0,1},{2,3}}``, iota
 ``[2,4]<=[8]`` / ``[4,2]<=[2,4]T(1,0)`` and mesh ``mesh['a'=2,'b'=4] {'b'}``.
 
 Two things a GPU build does that the CPU backend the tests compile on does not, applied here so

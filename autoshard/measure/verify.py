@@ -1,4 +1,4 @@
-"""``autoshard.measure.verify``: hold the plan's predictions against the executable XLA compiled.
+"""``autoshard.verify``: hold the plan's predictions against the executable XLA compiled.
 
 The cost model is only as good as its agreement with the compiled program. Collectives are read
 from ``compiled.as_text()`` (loop trip counts applied, measure/hlo.py) and memory from

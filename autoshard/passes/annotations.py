@@ -12,7 +12,7 @@ annotations can be cheap alone and dear together). Per differing argument the re
 local price instead: the searched plan with only that argument's layout switched to its
 annotation and every other choice held fixed, i.e. the resharding this one argument would add
 between itself and its readers (and its updated result), minus what it saves. It is the price
-``search.explain`` gives a rejected strategy, so the viewer and the report agree.
+``prediction.explain`` gives a rejected strategy, so the viewer and the report agree.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import numpy as np
 from autoshard.cost_model.hardware import Hardware
 from autoshard.ir.plan import AnnotationDiff, AnnotationReport, Plan
 from autoshard.passes.pins import Pins
-from autoshard.passes.search import local_costs
+from autoshard.passes.prediction.explain import local_costs
 from autoshard.passes.problem import NS, PlanningProblem, build_problem, preference_penalty
 
 

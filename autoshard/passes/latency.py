@@ -5,8 +5,8 @@ of the step (before the forward pass, after the last matmul), into one op that p
 latency once (problem.py charges each member its bandwidth only). What a plan does pay is one
 latency per such op it makes at all, a fixed charge: data parallel's gradient all-reduce pays
 it once, a plan that all-gathers parameters, reduce-scatters gradients and all-reduces the loss
-pays it three times, which on a latency-bound step (the plan-quality conv model: 6 us of
-matmuls, 5-10 us per start-up) decides between them. A fixed charge couples every member, so
+pays it three times, which on a latency-bound step (a few microseconds of matmuls against
+5-10 us per start-up) decides between them. A fixed charge couples every member, so
 the pairwise problem cannot hold it; ``predict`` adds it to the plan it prices, and
 ``refine_latency`` re-solves with the classes of combined op the plan makes forbidden, all at
 once and one at a time, keeping a plan only when it is cheaper with its own fixed charges
@@ -33,12 +33,12 @@ from autoshard.passes.problem import NS, PlanningProblem, Slot, Transfer
 from autoshard.solver.problem import Problem, evaluate
 
 #: Re-solve only when the chosen plan's fixed start-up charges are at least this share of its
-#: predicted step (below it, no class is worth a solve: GPT-2-medium pays 0.1%).
+#: predicted step (below it, no class is worth a solve).
 LATENCY_SHARE = 0.02
 #: At most this many re-solves per plan,
 MAX_RESOLVES = 12
-#: and at most this many strategies summed over them: each is a whole LP solve (the test GPT's
-#: 13,583 strategies take 7 s on one core, the test MoE's 8,737 4 s, the conv model's 611 0.1 s).
+#: and at most this many strategies summed over them: each is a whole LP solve (about half a
+#: second per thousand strategies on one core).
 MAX_RESOLVE_WORK = 30_000
 #: A re-solve forbids entries by adding this many times the best plan's cost to them.
 PENALTY_PLANS = 1.0
@@ -185,7 +185,7 @@ def refine_latency(pp: PlanningProblem, choice, mesh: MeshSpec, hw: Hardware, so
     entries = class_entries(pp, mesh)
     forbidden: tuple[ClassKey, ...] = ()
     # a forbidden entry costs a whole plan more than the best one: never worth taking. Larger
-    # penalties (10x + 1 s) made the simplex crawl (the seed below: 26 s against 2.7 s)
+    # penalties make the simplex crawl (badly scaled costs take many more iterations)
     penalty = PENALTY_PLANS * best_total
     resolves = 0
     work = 0
@@ -200,8 +200,8 @@ def refine_latency(pp: PlanningProblem, choice, mesh: MeshSpec, hw: Hardware, so
         everything = [tuple(used)] if len(used) > 1 else []
         alone = [(key,) for key in used]
         # all but one: the plan that keeps a single class (data parallel keeps its gradient
-        # all-reduce and drops the gathers and scatters in one move; on the conv model's 4x2
-        # mesh no one-class move paid, each plan between was dearer)
+        # all-reduce and drops the gathers and scatters in one move, where each plan between
+        # can be dearer, so no one-class move pays)
         but_one = [tuple(k for k in used if k != key) for key in used] if len(used) > 2 else []
         moves = everything + alone + but_one
         if work + size * len(moves) > MAX_RESOLVE_WORK:

@@ -14,12 +14,11 @@ the hand-annotated jit). Two facts shape the code:
 * ``P`` (partial sum) has no ``PartitionSpec``. A value the plan keeps partial is left
   unconstrained, so the partitioner may keep it unreduced until a consumer's constraint forces
   the reduction, which is where the plan put it. Arguments and results cannot be partial.
-  Left so, the partitioner may also reach the consumer's layout another way: on the
-  plan-quality MoE (4x2) it all-gathered a 32 MiB dispatch tensor over its contracting
-  (token) dim instead of reduce-scattering a 4 MiB expert-weight gradient (compiled peak 205
-  MiB against 133 predicted). So a matmul whose partial result every reader needs reduced to
-  one layout runs as the plan says, in a ``shard_map``: the local matmul, then ``psum`` /
-  ``psum_scatter`` over the partial axes (``_reduced_matmuls``).
+  Left so, the partitioner may also reach the consumer's layout another way, e.g. all-gather
+  a large activation over a matmul's contracting dim instead of reduce-scattering the much
+  smaller weight gradient as the plan does. So a matmul whose partial result every reader
+  needs reduced to one layout runs as the plan says, in a ``shard_map``: the local matmul,
+  then ``psum`` / ``psum_scatter`` over the partial axes (``_reduced_matmuls``).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Collect what the user fixed: ``in_specs`` / ``out_specs`` given to ``compile`` and the
 ``autoshard.hint`` nodes inside the function.
 
-Pins are hard constraints for every planner (today's rule, the ILP later), so they are gathered
+Pins are hard constraints for every planner (the rules and the search), so they are gathered
 and validated once, here, against the mesh and each value's shape; errors name the argument path
 or the hint's source line. ``None`` in ``in_specs`` / ``out_specs`` means "free: let the planner
 choose", as opposed to ``PartitionSpec()``, which pins a replicated layout.

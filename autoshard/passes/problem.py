@@ -1,5 +1,6 @@
 """Build the strategy selection problem of a graph: one problem node per choice the plan makes,
-one edge per operand with its resharding cost matrix, memory over a liveness schedule.
+one edge per operand costing ``reshard_time`` (nanoseconds of one device) from the producer's
+layout to the one the consumer's strategy needs, memory over a liveness schedule.
 
 Problem nodes ("slots"):
 * an argument or constant: one strategy per layout it may arrive in (cost 0);
@@ -23,23 +24,9 @@ Problem nodes ("slots"):
 Liveness: the top-level nodes are numbered in program order; a value lives from its producer to
 its last reader (later where a fused reader recomputes from it, earlier where its last reader
 writes over it: liveness.py), arguments and results for the whole program (XLA's argument +
-result + temp accounting; the prediction lets temporaries use a result's buffer until the result
-is written, ``liveness.packed_profile``), a loop body's temporaries at the loop's position. A donated argument's updated
-result reuses its buffer and adds nothing. A value XLA fuses away holds no memory: one computed
-elementwise (or by a broadcast or reshape) and read only by elementwise ops, layout ops and
-reductions, which XLA's fusion passes compute inside their readers' kernels (``fused_values``).
-
-Costs are nanoseconds of one device; the edge cost of an operand is ``reshard_time`` from the
-producer's output layout to the layout the consumer's strategy needs.
-
-Combined collectives: XLA's combiner passes (all-reduce, all-gather, reduce-scatter) merge
-collectives that do not depend on each other into one op, which pays the start-up latency once.
-Two kinds of values are moved that way in every training step: values computed from the state
-alone (parameters gathered before the forward pass, FSDP) and values that reach the results
-without passing another matmul (gradients reduced for the optimizer, data parallel). Their
-collectives are charged bandwidth only (``combined_values``); charging each of them a latency
-priced data parallel's one combined gradient all-reduce as 27 separate ones on the test GPT.
-The one latency each combined op does pay is a fixed charge per plan (latency.py).
+result + temp accounting), a loop body's temporaries at the loop's position. A donated
+argument's updated result reuses its buffer and adds nothing; a value XLA fuses away holds no
+memory, and collectives XLA combines are charged bandwidth only (fusion.py).
 """
 
 from __future__ import annotations
@@ -50,31 +37,19 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from autoshard.cost_model.collectives import collective_time
-from autoshard.cost_model.compute import MATMUL_OPS, compute_time, node_flops, strategy_bytes
+from autoshard.cost_model.compute import compute_time, node_flops, strategy_bytes
 from autoshard.cost_model.hardware import Hardware
 from autoshard.cost_model.reshard import reshard_affine
 from autoshard.ir.graph import Graph, Literal, Node, Value
 from autoshard.ir.mesh import MeshSpec
-from autoshard.ir.primitives import ELEMENTWISE
 from autoshard.ir.sharding import B, ShardingSpec, Split
+from autoshard.passes.fusion import fused_values, head_values, tail_values
 from autoshard.passes.prediction.liveness import in_place_values, recomputed_liveness
 from autoshard.passes.pins import Pins
 from autoshard.solver.problem import Problem
 from autoshard.passes.strategies.registry import Strategy, strategies_for, tensor_specs
 
 NS = 1e9
-#: Give partial sums read more than once a fanout slot (module docstring). Off, the plan
-#: charges the reduction per reader: on the plan-quality conv model (4x2) a data-parallel
-#: gradient read by AdamW's two moments cost two all-reduces, so the plan reduce-scattered it and
-#: all-gathered twice (0.040 ms compiled against one all-reduce's 0.027). The lowering
-#: constrains a fanout's value to the layout it is reduced to (passes/search.py: plan_from_choice);
-#: without that, XLA reduced a partial sum to each reader's layout separately (GPT-2-medium,
-#: 2x4: compiled collective bytes 2.9x the prediction; with it 1.00).
-FANOUT_PARTIALS = True
-#: Give state values read more than once a fanout slot (module docstring). Off, each reader pays
-#: its own reshard: the plan-quality GPT under FSDP (8 devices) was predicted 1.98x the
-#: all-gather bytes XLA compiled, and the search kept away from FSDP where it was fastest.
-SHARED_FANOUTS = True
 _ALIAS_OPS = {"optimization_barrier"}
 
 
@@ -207,9 +182,9 @@ class _Builder:
                   preferred: ShardingSpec | None = None) -> int:
         """A slot choosing among ``specs`` at no time cost. Ties in time go to the layout that
         holds less (1% of writing the held bytes once; ``holds_less``, by default where the slot
-        counts memory), and, for an argument the user
-        annotated (``preferred``, ``annotations="hint"``), to the annotation: every other layout
-        pays 1% of writing the whole value once. That is at least the largest memory tie-breaker
+        counts memory), and, for an argument the user annotated (``preferred``,
+        ``annotations="hint"``), to the annotation: every other layout pays 1% of writing the
+        whole value once. That is at least the largest memory tie-breaker
         difference, so ties and near-ties keep the annotation while any saving of real time
         larger than it overrides it (the plan's annotation report lists what was overridden)."""
         if preferred is not None and preferred not in specs:
@@ -330,8 +305,7 @@ class _Builder:
             if isinstance(atom, Value):
                 required = [s.inputs[i] if i < len(s.inputs) else None for s in strategies]
                 self.connect(self.read_from(atom), index, required, atom, times)
-        if FANOUT_PARTIALS:
-            self.fanouts(node, index, strategies, times, graph)
+        self.fanouts(node, index, strategies, times, graph)
         for v in node.outputs:
             self.shared_fanout(v, graph)
 
@@ -350,7 +324,7 @@ class _Builder:
     def shared_fanout(self, value: Value, graph: Graph) -> None:
         """A fanout for a state value (``head_values``) read by more than one op (module
         docstring): its readers read it from there; ``value_slot`` keeps its maker."""
-        if not SHARED_FANOUTS or value.id not in self.head or \
+        if value.id not in self.head or \
                 self.slots[self.value_slot[value.id][0]].kind == "fanout" or \
                 len({node.id for node in graph.consumers(value)}) < 2:
             return
@@ -501,93 +475,6 @@ def preference_penalty(value: Value, hw: Hardware) -> float:
     return value.nbytes / hw.memory_rate * 0.01
 
 
-def made_from_nothing(node: Node) -> bool:
-    """An iota, or a broadcast of a scalar: XLA makes the value in the layout its readers need
-    (a slice of a broadcast is a smaller broadcast), so the plan's layout for it decides only
-    the memory the prediction counts (``search.least_held_free_layouts``), and the
-    lowering leaves it unconstrained."""
-    return node.op == "iota" or node.op == "broadcast_in_dim" and all(
-        not isinstance(a, Value) or a.ndim == 0 for a in node.inputs)
-
-
-_LOOPS = ("scan", "while")
-_FUSIBLE_PRODUCERS = ELEMENTWISE | {"broadcast_in_dim", "reshape", "squeeze", "iota"}
-_FUSING_READERS = _FUSIBLE_PRODUCERS | {"transpose", "reduce_sum", "reduce_max", "reduce_min",
-                                        "reduce_prod", "argmax", "argmin"}
-#: Elementwise ops XLA's fusion will not duplicate into more than one reader's kernel (its
-#: ``InstructionFusion::IsExpensive``: transcendentals, division, powers and roots).
-_EXPENSIVE = {"atan2", "cbrt", "cos", "div", "erf", "exp", "exp2", "expm1", "log", "log1p",
-              "logistic", "pow", "rem", "rsqrt", "sin", "sqrt", "tan", "tanh"}
-
-
-def fused_values(graph: Graph) -> set[int]:
-    """Ids of the values of ``graph`` XLA computes inside their readers' kernels (module
-    docstring), or removes as dead code; results of the graph are always materialized.
-
-    Measured against ``memory_analysis()`` on the plan-quality benchmark's small train steps
-    (2x4 and 8 meshes), predicted / compiled peak: GPT 0.95, LLaMA 1.01, MoE 1.03, conv 0.66;
-    without this rule, 1.3-1.5 (transformers) and 2.2 (conv). Keeping values read again much
-    later (saved for the backward pass) raised GPT to 1.4-1.5: XLA recomputes those in the
-    backward kernels. An expensive elementwise value (``_EXPENSIVE``) read by more than one op
-    is kept: XLA will not recompute it in each reader (the GPT's GELU tanh and softmax exp,
-    held for the backward pass; 2x4 h100 under a budget, predicted / compiled 0.81 -> 0.87).
-    A value computed from constants alone (no argument upstream: an attention mask, a
-    broadcast of -inf or 0) that only loops read is not made outside them either: XLA sinks
-    such loop invariants into the body or unrolls the loop, and fuses them there. ``jax.
-    checkpoint`` under ``lax.scan`` hoists them out of the body; on the scanned GPT
-    (tests/models/scan_gpt.py at the plan-quality small size, 8 devices) they were 48 MiB
-    replicated before the loop, which the compiled program does not hold (its buffer
-    assignment has no such buffer; loop_liveness.py gives the peaks).
-    """
-    results = {a.id for a in graph.outputs if isinstance(a, Value)}
-    constant = {v.id for v in graph.constant_values}
-    fused = set()
-    for node in graph.nodes:
-        if not node.regions and all(a.id in constant for a in node.inputs
-                                    if isinstance(a, Value)):
-            constant.update(v.id for v in node.outputs)
-        for v in node.outputs:
-            readers = graph.consumers(v)
-            if v.id in results:
-                continue
-            if not readers and not node.regions:     # dead: XLA removes it
-                fused.add(v.id)
-            elif (node.op in _FUSIBLE_PRODUCERS and all(r.op in _FUSING_READERS for r in readers)
-                  and not (node.op in _EXPENSIVE and len({r.id for r in readers}) > 1)):
-                fused.add(v.id)
-            elif v.id in constant and all(r.op in _LOOPS for r in readers):
-                fused.add(v.id)
-    return fused
-
-
-def head_values(graph: Graph, state_inputs: set[int]) -> set[int]:
-    """Ids of the top-level values computed from state arguments (indices ``state_inputs``)
-    alone, without a matmul, convolution or loop: what the forward pass gathers up front."""
-    head = {graph.inputs[i].id for i in state_inputs}
-    for node in graph.nodes:
-        operands = [a for a in node.inputs if isinstance(a, Value)]
-        if (node.op not in MATMUL_OPS and not node.regions and operands
-                and all(a.id in head for a in operands)):
-            head.update(v.id for v in node.outputs)
-    return head
-
-
-def tail_values(graph: Graph) -> set[int]:
-    """Ids of the top-level values from which no matmul, convolution or loop is reachable: what
-    moves after the last matmul."""
-    feeds_matmul: set[int] = set()
-    for node in reversed(graph.nodes):
-        if (node.op in MATMUL_OPS or node.regions
-                or any(v.id in feeds_matmul for v in node.outputs)):
-            feeds_matmul.update(a.id for a in node.inputs if isinstance(a, Value))
-    return {v.id for node in graph.nodes for v in node.outputs if v.id not in feeds_matmul}
-
-
-def combined_values(graph: Graph, state_inputs: set[int]) -> set[int]:
-    """Ids of the top-level values whose collectives XLA combines (module docstring)."""
-    return head_values(graph, state_inputs) | tail_values(graph)
-
-
 def _signature(node: Node, pinned: ShardingSpec | None):
     """A hashable key of everything an op's strategy table depends on, or None."""
     try:
@@ -647,9 +534,8 @@ def layer_groups(slots: list[Slot], value_slot: dict[int, tuple[int, int]], dept
 
     Two slots correspond when their local structure up to ``depth`` steps away, towards
     producers and consumers, is the same: the same op, params, shapes and name scope (not
-    source lines: jax reuses cached traces of inner functions, so a line can depend
-    on what ran before), linked to corresponding slots, with arguments matched by path with
-    list indices
+    source lines: jax reuses cached traces of inner functions, so a line can depend on what ran
+    before), linked to corresponding slots, with arguments matched by path with list indices
     wildcarded (``params['blocks'][*]['wq']``) and pins. Ops that only look alike (q, k and v
     projections, the optimizer updates of equally shaped parameters) differ in the arguments
     they read or feed; the first layer differs from the others by what feeds it.

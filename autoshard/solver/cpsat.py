@@ -4,10 +4,10 @@ Alpa's intra-operator ILP (Zheng et al., OSDI 2022): one boolean per (node, stra
 one per node. An edge between two free nodes costs an integer variable bounded below per row,
 ``e >= Σ_b M[a, b] x_b`` enforced by ``x_a``, after moving the matrix's row and column minima
 into node terms; forbidden pairs become ``x_a => Σ_forbidden x_b = 0``. The alternative, one
-boolean per finite pair with the local-polytope constraints, has a far tighter LP but measured on
-instance B (229 nodes after presolve, 2 workers, 30 s) it reached 1,044,599 where the row-bound
-form found the optimum 532,843; it stays available (``local_polytope=True``). An edge to a fixed
-node is a node cost. Memory constraints come from ``memory.part_cuts``.
+boolean per finite pair with the local-polytope constraints, has a far tighter LP but, with
+many more booleans, ends at far costlier plans in the same time where the row-bound form finds
+the optimum; it stays available (``local_polytope=True``). An edge to a fixed node is a node
+cost. Memory constraints come from ``memory.part_cuts``.
 
 Determinism: a fixed seed, ``interleave_search`` when more than one worker runs, and
 ``max_deterministic_time`` in deterministic mode; wall-clock limits only in contest mode.
@@ -66,8 +66,7 @@ def solve_part(costs, adj, free: np.ndarray, current: np.ndarray, cuts: Cuts, sc
     ``costs[j]``/``adj[j]`` (neighbour -> matrix with j's strategies as rows) describe the
     reduced problem; ``cuts``: memory constraints over the free nodes' strategies;
     ``scale`` turns costs into integers; ``local_polytope``: pair booleans for edges (a tighter
-    LP, but measured on instance B: optimum 532,843 found in 30 s with the row-bound form,
-    1,044,599 with pair booleans)."""
+    LP, but a slower search than the row-bound form: module docstring)."""
     model = cp_model.CpModel()
     pos = {int(j): i for i, j in enumerate(free)}
     x = []

@@ -1,12 +1,11 @@
 """Fast local search on a large reduced problem: tree-block steps under memory prices.
 
-Large cores (thousands of nodes) have a memory limit far below the peak of the cheapest plan
-(IOPDDL's S: 6.7x, K: 11x, R: 13x), so a plan's quality is decided by *where* memory is saved.
+Large cores (thousands of nodes) can have a memory limit many times below the peak of the
+cheapest plan, so a plan's quality is decided by *where* memory is saved.
 A greedy repair at the worst time saves it wherever it is cheapest per byte there, ignoring the
 other overflowing times, and ends far from good plans; and single-node moves (iterated
 conditional modes, Besag 1986) stall at once, because a node that leaves its neighbours'
-layouts pays resharding on every edge (on S they leave the greedy plan at 2.04e9 without memory,
-where tree-block steps reach 0.65e9 in 0.8 s).
+layouts pays resharding on every edge, whereas a tree-block step moves whole connected blocks.
 
 - *Tree-block steps* (Sontag and Jaakkola, "Tree Block Coordinate Descent for MAP in Graphical
   Models", AISTATS 2009): a maximal induced forest of random order (about 80% of the nodes on
@@ -256,14 +255,10 @@ def priced_search(search: LocalSearch, choice: np.ndarray, *, rng: np.random.Gen
     after ``patience`` rounds without a new incumbent (then the LNS has the time);
     ``spend()`` is called once per round (deterministic budgets). Returns the last priced plan.
 
-    Measured on IOPDDL's instances, 40 s each: small steps that keep the plans at the edge of
-    the limit win (S 2.13e9 with ``step_div`` 100 and ``decay`` 0.9, 1.72e9 with 1e4 and 0.7;
-    K 3.99e9 and 3.40e9; M 5.2e10 with 1e4); a faster fall suits the tightest limits (R, at 13x
-    below the cheapest plan's peak: 6.7e11 with ``decay`` 0.7, 5.6e11 with 0.5; S and K within
-    noise). Restarting every round from the plan without
-    memory, or scaling one price shape up and down, stalled higher (3.3e9 on S), since a block
-    the prices pushed to small-memory strategies rarely comes back in one tree step; also
-    trying the prices on the incumbent each round did not help (S 1.75e9, K 3.41e9)."""
+    The defaults take small steps (``step_div`` 1e4), which keep the plans at the edge of the
+    limit, and a fast fall (``decay`` 0.5), which suits the tightest limits. Each round starts
+    from the last priced plan, not from the plan without memory, since a block the prices pushed
+    to small-memory strategies rarely comes back in one tree step."""
     memory, limit = search.memory, search.limit
     n = len(search.k)
     if limit is None:

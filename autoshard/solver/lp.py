@@ -7,18 +7,17 @@ Inference", 2008, ch. 4 and 8) is tight whenever the graph is a tree and, in pra
 problems autoshard builds from programs: resharding costs are small where layouts agree and
 large where they do not, and the LP's optimum comes out integral. An integral optimum is a
 proven optimal plan, found by a deterministic simplex in seconds (HiGHS' dual simplex, one
-thread; measured on autoshard's GPT problems about twice as fast as OR-Tools' GLOP and CLP and
-exact where PDLP leaves fractions; on the test GPT's 196k-variable LP 3.6 s, against 21 s for
-HiGHS' interior point; the model is handed over as sparse arrays, since building it term by
-term through OR-Tools' modelling API took 4 s more than the solve); CP-SAT's linearisation of the
-same problem (booleans per pair with ``y >= x_a + x_b - 1``) has no useful LP bound and stalls
-far from it. When the LP is fractional (memory limits can do that), ``solve_lagrangian`` moves
-the memory rows into the objective at the prices the LP's duals put on them (Lagrangian
-relaxation; Fisher, "The Lagrangian Relaxation Method for Solving Integer Programming
-Problems", Management Science 1981): holding a byte live where memory binds costs what the LP
-says it is worth. The priced problem has no memory rows, so its LP is integral again; the
-price scale is searched for the cheapest plan that fits. Only when that fails does the caller
-fall back to the combinatorial search.
+thread: on these problems faster than OR-Tools' GLOP and CLP and than HiGHS' interior point,
+and exact where PDLP leaves fractions; the model is handed over as sparse arrays, since
+building it term by term through a modelling API costs more than the solve); CP-SAT's
+linearisation of the same problem (booleans per pair with ``y >= x_a + x_b - 1``) has no
+useful LP bound and stalls far from it. When the LP is fractional (memory limits can do that),
+``solve_lagrangian`` moves the memory rows into the objective at the prices the LP's duals put
+on them (Lagrangian relaxation; Fisher, "The Lagrangian Relaxation Method for Solving Integer
+Programming Problems", Management Science 1981): holding a byte live where memory binds costs
+what the LP says it is worth. The priced problem has no memory rows, so its LP is integral
+again; the price scale is searched for the cheapest plan that fits. Only when that fails does
+the caller fall back to the combinatorial search.
 
 The LP is kept small: groups (identical layers, followers) are merged into one node; an edge's
 rows and columns that are equal (strategies that produce, or need, the same layout) share one
@@ -115,7 +114,7 @@ def pair_block(rest: np.ndarray, first_a: int, first_b: int, first_var: int,
 @dataclass(frozen=True)
 class FixedCharge:
     """A cost paid once where any of its entries is chosen (the start-up latency of one
-    combined collective: latency.py): flat node-strategy and flat edge-pair indices of the
+    combined collective: passes/latency.py): flat node-strategy and flat edge-pair indices of the
     problem. In the LP, a variable y in [0, 1] pays ``cost`` and is at least the sum of the
     member strategies' variables of each node and of the member pairs' variables of each edge:
     exact where the optimum is integral."""
@@ -163,8 +162,8 @@ def _lp_arrays(problem: Problem, rep: np.ndarray, charges=()):
     """The LP as arrays: (costs c with the tie-break, the tie-break on the node variables,
     equality rows (A, b), memory rows (A, b, live nodes of each) or None, fixed-charge rows
     (A, b) or None, node variable offsets per representative, the constant moved out of c).
-    Built with numpy (the test GPT's LP has 196k variables: building it term by term through a
-    modelling API took longer than solving it)."""
+    Built with numpy: these LPs reach hundreds of thousands of variables, and building one term
+    by term through a modelling API costs more than solving it."""
     k = problem.num_strategies
     reps = np.unique(rep)
     off = np.zeros(problem.num_nodes + 1, np.int64)      # x offsets, indexed by representative
@@ -245,10 +244,9 @@ def _lp_arrays(problem: Problem, rep: np.ndarray, charges=()):
     return c, tie_break, a_eq, b_eq, memory, fixed, off, constant
 
 
-#: The seconds one dual-simplex iteration takes on the machine this was calibrated on (2 cores,
-#: one used), a fixed part and a part per LP variable: the test GPT's LP (196k variables) runs
-#: 28k iterations in 3.5 s, a pipeline stage's (11k) 3k in 0.2 s. Memory rows make iterations
-#: slower (37k-58k iterations in 19-74 s on the GPT under a budget), left to the wall clock.
+#: The seconds one dual-simplex iteration takes, a fixed part and a part per LP variable, fitted
+#: on a 2-core machine (one core used) to LPs of 11k to 196k variables. Memory rows make
+#: iterations slower; that is left to the wall clock.
 ITERATION_SECONDS = 6e-5
 ITERATION_SECONDS_PER_VARIABLE = 3e-10
 MIN_ITERATIONS = 1000
@@ -261,7 +259,7 @@ def lp_iteration_limit(variables: int, time_limit: float) -> int:
     """The simplex iteration cap of an LP with ``variables`` under ``time_limit`` seconds: a
     count, not a time, so that every process solving the same LP stops at the same point; as
     many iterations as the calibrated rate fits in the limit (a cap proportional to the
-    variables alone stopped a small LP at a short limit after 0.2 s of the 5 allowed)."""
+    variables alone would stop a small LP long before a short limit is up)."""
     per_iteration = ITERATION_SECONDS + ITERATION_SECONDS_PER_VARIABLE * variables
     return int(time_limit / per_iteration) + MIN_ITERATIONS
 
@@ -295,9 +293,8 @@ def solve_local_polytope(problem: Problem, *, time_limit: float = 60.0,
 
     res = simplex(True)
     if res.status in (3, 4):
-        # "unbounded" (every variable lies in [0, 1]) or numerical trouble: HiGHS lost its
-        # way after presolve (the plan-quality GPT, 2x4, 2 nodes, under a budget, reported
-        # unbounded after 35k iterations); the same LP without presolve, once
+        # "unbounded" (every variable lies in [0, 1]) or numerical trouble: HiGHS can lose its
+        # way after presolve on a large LP with memory rows; the same LP without presolve, once
         res = simplex(False)
     status = {0: "optimal", 2: "infeasible"}.get(res.status, "not solved")
     if res.status == 1:     # the iteration cap or the wall-clock guard (SciPy's message says)

@@ -6,7 +6,7 @@ under every strategy of their reduced node add a constant, folded into ``baselin
 nodes presolve fixed; only the *variable* members enter the constraints. Usage changes only where
 a variable member starts or ends, so a constraint per such *segment*, against the smallest slack
 inside it, is exact; dropping the segments that cannot bind or that a neighbouring segment implies
-takes instance A's 22,152 segments down to 4,125 constraints.
+leaves several times fewer constraints than segments.
 """
 
 from __future__ import annotations

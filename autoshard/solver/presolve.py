@@ -18,8 +18,7 @@ these rules keep every optimum and the memory of every solution:
 
 A reduced node keeps, for each of its strategies, the original strategy of every original node
 merged into it (``picks``), so the usage of any reduced choice at any time is exact and a reduced
-solution maps back to an original one without search. The non-exact, memory-aware reductions
-(eliminating degree-1 and degree-2 nodes under penalties) live in ``solve_eliminate.py``.
+solution maps back to an original one without search.
 """
 
 from __future__ import annotations
@@ -67,7 +66,7 @@ class _Graph:
     Node j keeps ``label[j]``: its current strategies as indices into its strategies when it was
     created (original strategy indices for an original node). Merges and folds are logged, so
     any reduced choice maps back to the original nodes by replaying the log backwards, without
-    copying per-member tables at every merge (that copying made presolve quadratic)."""
+    copying per-member tables at every merge (which would make presolve quadratic)."""
 
     def __init__(self, problem: Problem):
         k = problem.num_strategies

@@ -1,7 +1,7 @@
 """Memory prices on a large core, each priced problem solved by toulbar2.
 
-Large cores (5,000-16,000 nodes on IOPDDL's K, M, N, R, S, T, U) have a memory limit far below
-the peak of the cheapest plan (K: 11x), so which plan is best depends on where memory is saved.
+Large cores (thousands of nodes) can have a memory limit many times below the peak of the
+cheapest plan, so which plan is best depends on where memory is saved.
 Memory gets a price per time step, ``mu[t]`` (Lagrangian relaxation of the memory rows; Fisher,
 Management Science 1981). A strategy then costs its own cost plus Σ_t mu[t] · usage_t, and the
 priced problem is a plain cost function network (no memory rows), which toulbar2 solves far
@@ -14,11 +14,8 @@ step (the overflow, scaled so that pricing it costs about ``1 / FIRST_STEP_DIV``
 while plans fit, the prices shrink (by ``FAST_DECAY`` until a plan first overflows again, then
 by ``DECAY``); when a plan overflows, the prices grow where it overflows, by ``BUMP`` times their
 current total. The best plans come from priced plans at the edge of the limit.
-
-Measured at the contest's timeouts on this 2-core machine (``benchmarks/iopddl.py``, run 6),
-cost / best known, against the tree-block priced search (``local_search.priced_search``), each
-followed by the LNS: K 1.519 -> 1.002, M 1.047 -> 1.004, N 1.129 -> 1.071, R 1.323 -> 1.085,
-S 1.123 -> 1.060, T 1.148 -> 1.099, U 1.075 -> 1.045.
+``benchmarks/iopddl.py`` compares this with the tree-block priced search
+(``local_search.priced_search``) on the contest's instances.
 """
 
 from __future__ import annotations
@@ -31,12 +28,12 @@ from autoshard.solver.problem import FORBIDDEN
 #: The first price step: the overflow of the plan without memory, priced at its cost over this.
 FIRST_STEP_DIV = 1e4
 #: Factor on the prices after a plan that fits, before and after the first overflow that
-#: follows the first step (K: the first step prices memory at ~1e5 x the plan's cost; 0.5 took
-#: 13 rounds of 6 s to come back to the edge, 0.1 takes 4).
+#: follows the first step (the first step can price memory far above the plan's cost; a fast
+#: fall brings the plans back to the edge of the limit in a few rounds, not a dozen).
 FAST_DECAY = 0.1
 DECAY = 0.5
 #: Growth of the prices after a plan that overflows, as a share of their current total, put
-#: where it overflows (a fixed subgradient step overshot T's limit by 1e4x and stalled at 7.7e11).
+#: where it overflows (a fixed subgradient step can overshoot by orders of magnitude and stall).
 BUMP = 1.0
 
 

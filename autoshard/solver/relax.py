@@ -30,7 +30,7 @@ from autoshard.solver.presolve import Reduced
 
 #: Simplex iterations per LP variable allowed in deterministic mode.
 ITERATIONS_PER_VARIABLE = 4
-#: LPs with more variables are not attempted (instance V: 592k, over 90 s unsolved).
+#: LPs with more variables are not attempted (they do not solve within a contest's time limit).
 MAX_VARIABLES = 150_000
 
 

@@ -9,16 +9,15 @@
   per time step (soft memory, as the 1st IOPDDL team did with penalties and toulbar2), each
   priced plan repaired and improved by single-node moves that fit. Each priced problem goes
   to toulbar2 (``priced``) where it is installed and ``toulbar2`` is asked for, else to
-  tree-block steps (``local_search.priced_search``; on IOPDDL's K 3.41e9 where toulbar2 reaches
-  2.25e9). It replaced one global λ bisected on the greedy, whose plans on IOPDDL's S, K and M
-  stayed 2-8x the best known.
+  tree-block steps (``local_search.priced_search``, which end at costlier plans than toulbar2).
+  A price per time step, not one global λ on the greedy plan: a single price cannot say where
+  memory must be saved, and its plans stay several times the best known.
 - *Small cores*, first: toulbar2 (``toulbar2``), which keeps edge matrices as tables, with
   the memory constraints all at once where they are few, else added lazily (cutting planes);
-  on IOPDDL's A, B, C, G, P and Q it proves the optimum within 3-23 s of the contest's wall
-  clock (loading included), on V it reaches it where CP-SAT ended at 1.69x. When it proves
-  nothing, the rest below follows with its plans.
+  it often proves the optimum well within the contest's time limit. When it proves nothing,
+  the rest below follows with its plans.
 - *Small cores*, first: the local-polytope LP (``relax``), whose rounded marginals are a
-  start (on IOPDDL's B, C, D and G far better than the greedy one) and whose optimum is a bound.
+  start (often far better than the greedy one) and whose optimum is a bound.
 - *Small cores* (presolve leaves a few hundred nodes on half the contest instances): the whole
   problem in CP-SAT with exact memory constraints (``memory.part_cuts``), hinted with the
   start; its bound is a lower bound of the original problem.
@@ -29,8 +28,7 @@
   against the memory the rest leaves at every segment where the part's usage changes.
 
 Every decision is a function of the inputs, the seed, CP-SAT's deterministic time and
-toulbar2's backtrack count, except
-wall-clock limits in contest mode (``deterministic=False``).
+toulbar2's backtrack count, except wall-clock limits in contest mode (``deterministic=False``).
 """
 
 from __future__ import annotations
@@ -68,20 +66,19 @@ LP_UNITS_PER_VARIABLE = 1e-4
 #: Free nodes per LNS move (grows when moves prove optimal quickly).
 LNS_NODES = 120
 #: Share of the search budget the local search (``local_search``) takes on large cores (the
-#: LNS after it gains little: S at 120 s ends at 1.719e9 with 0.75 and with 0.95; the priced
-#: search still improves R and K at the end of its share).
+#: LNS after it gains little, while the priced search still improves at the end of its share).
 LOCAL_SHARE = 0.85
 #: Share of the budget the local search takes on small cores whose LP is too large to try
-#: (instance V: in 6 s it reaches 3.5e6, where CP-SAT alone ended at 5.3e6 after 280 s).
+#: (CP-SAT without a start ends far above what the local search reaches in seconds).
 LOCAL_SHARE_NO_LP = 0.25
 #: Rounds without a new incumbent after which the priced search gives way to the LNS.
 LOCAL_PATIENCE = 150
-#: Most tree-block steps without memory before the first repair (T: 12 steps take the cost
-#: from 1.04e12 to 0.73e12, and the repaired plan from 0.83e12 after 5 steps to 0.77e12).
+#: Most tree-block steps without memory before the first repair (a cheaper plan to repair
+#: gives a cheaper repaired plan; the steps stop early once they gain little).
 START_TREE_STEPS = 20
 #: Budget of one toulbar2 call on a priced large core (``priced``), in seconds or
-#: deterministic units: K's 5,160-node core takes 1.5-6 s a call (toulbar2's time limit is
-#: whole seconds), T's 15,908 ~8 s with its preprocessing; 25-30 calls fit in K's 180 s.
+#: deterministic units: a core of 5k-16k nodes takes a few seconds a call (toulbar2's time
+#: limit is whole seconds), so a few dozen calls fit in a contest's time limit.
 PRICED_CALL = 5.0
 _NO_CUTS = Cuts([], [], np.zeros(0, np.int64))
 #: Deterministic budget units charged per node and edge for one round of the local search.
@@ -270,8 +267,8 @@ def search(reduced: Reduced, memory: MemoryModel, *, time_limit: float, determin
             lp_bound, lp_too_large = _lp_start(reduced, memory, costs, adj, budget, best,
                                                report)
             if lp_too_large and n > 1 and best.engine != "toulbar2":
-                # no LP start (V and L: 592k and 212k LP variables) and no plan of toulbar2's
-                # that met every constraint: the local search gives CP-SAT one
+                # no LP start (too many LP variables) and no plan of toulbar2's that met
+                # every constraint: the local search gives CP-SAT one
                 _local_phase(memory, costs, adj, budget, seed, best, report, LOCAL_SHARE_NO_LP)
             lb, optimal, rounds = _whole(reduced, cuts, costs, adj, scale, budget, seed,
                                          workers, best, report)
@@ -323,8 +320,8 @@ class _Best:
 def _local_phase(memory, costs, adj, budget, seed, best, report, share: float,
                  edges: dict | None = None) -> None:
     """Large cores: tree-block steps (``local_search``) from the greedy plan, which is far from
-    a local optimum (on IOPDDL's S five steps take the cost without memory from 2.04e9 to
-    0.65e9), then the Lagrangian priced search for ``share`` of the budget left; every plan
+    a local optimum (a few steps cut its cost without memory several times), then the
+    Lagrangian priced search for ``share`` of the budget left; every plan
     that fits is offered to the incumbent. Given the core's ``edges``, toulbar2 solves each
     priced problem (``priced``) where it is installed; else tree-block steps do."""
     search_ = LocalSearch(costs, adj, memory)
@@ -375,9 +372,8 @@ def _network_priced(search_, edges, budget, stop, seed, best, fit, offer, report
     toulbar2 for at most ``PRICED_CALL`` (seconds, or deterministic units); where a call ends
     without a plan, two tree-block steps from the last priced plan stand in for it. A
     deterministic budget is also charged ``units`` per round, for the work around the search
-    (building the network, repair, descent): toulbar2's backtracks alone charged almost
-    nothing where it solves priced problems at once (a 142-node chain: 1,900 rounds in a
-    one-unit budget)."""
+    (building the network, repair, descent): toulbar2's backtracks alone charge almost nothing
+    where it solves priced problems at once, so a small budget would run thousands of rounds."""
     calls, found, last = 0, 0, best.choice
     rng = np.random.default_rng(seed)
 
@@ -394,7 +390,7 @@ def _network_priced(search_, edges, budget, stop, seed, best, fit, offer, report
             found += 1
             last = res.choice
             return last
-        # no plan within the call (S: once in 30 calls): tree-block steps from the last one
+        # no plan within the call (rare): tree-block steps from the last one
         extra = [p - c for p, c in zip(priced, search_.costs)]
         for _ in range(2):
             last = search_.tree_step(last, search_.forest(rng.permutation(len(last))), extra)
@@ -409,8 +405,8 @@ def _network_priced(search_, edges, budget, stop, seed, best, fit, offer, report
 def _lp_start(reduced, memory, costs, adj, budget, best, report) -> tuple[float | None, bool]:
     """The local-polytope LP (``relax``) on the core, with at most ``LP_SHARE`` of the
     budget; its marginals rounded to their largest strategy, then improved by iterated
-    conditional modes and repaired, are offered as incumbents (on instances G and B of IOPDDL
-    the rounding alone is the best-known plan). Returns the LP's bound (None if unsolved) and
+    conditional modes and repaired, are offered as incumbents (the rounding alone can be the
+    best-known plan). Returns the LP's bound (None if unsolved) and
     whether the LP was too large to try."""
     rel = relax(reduced, memory, best.choice, time_limit=LP_SHARE * budget.left(),
                 deterministic=budget.deterministic)
@@ -436,10 +432,10 @@ def _network(reduced, memory, cuts, costs, adj, scale, budget, seed, best, repor
     With few memory constraints (``toulbar2.suits``) all of them go in at once, for
     ``NETWORK_SHARE`` of the budget. With many, they are added lazily (cutting planes): solve
     with the active ones, add the ``LAZY_ROWS`` most violated by the answer, repeat; an answer
-    that violates none is optimal for the whole problem. Only a few segments bind: on IOPDDL's
-    A, C, P and Q (4,000-17,000 constraints) 20-24 were active when toulbar2 proved the optimum,
-    12-23 s into the contest's wall clock. The loop stops when toulbar2 proves nothing within
-    ``LAZY_SHARE`` of the budget left (D: the rest of the search goes on from its plans)."""
+    that violates none is optimal for the whole problem. Only a few segments bind (a few dozen
+    of thousands of constraints are active when the optimum is proven), so few rounds are
+    needed. The loop stops when toulbar2 proves nothing within ``LAZY_SHARE`` of the budget
+    left; the rest of the search then goes on from its plans."""
     if not toulbar2.available():
         report("toulbar2 (pytoulbar2) is not installed: CP-SAT takes the core", force=True)
         return None

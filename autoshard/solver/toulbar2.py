@@ -9,11 +9,10 @@ generalized linear constraints over (variable, value) pairs. They are cheap to s
 there are few of them (``suits``); with thousands the search adds them lazily
 (``search._network``).
 
-Measured on IOPDDL instances whose cores have ~110 memory constraints (2 cores, this machine):
-B and G proven optimal in under a second (CP-SAT: 24 s for B; G's optimum came from LP rounding);
-V (330 nodes, 730k edge-table entries) within 0.2% of its proven optimum in 12 s, where CP-SAT
-ended at 1.69x after 280 s. With all of C's 7,078 constraints stated it found nothing in 45 s;
-added lazily, 24 of them suffice to prove C's optimum in 6 s.
+On cores with about a hundred memory constraints toulbar2 proves the optimum, or comes within
+a fraction of a percent of it, in seconds where CP-SAT takes minutes or stalls far above it,
+large edge tables included. With thousands of constraints stated at once it finds nothing within
+a contest's time limit; added lazily, a few dozen of them suffice to prove the optimum.
 
 Determinism: a fixed seed and, in deterministic mode, a backtrack limit instead of a time limit.
 """
@@ -33,9 +32,8 @@ MAX_CUTS = 1000
 MAX_CUT_NONZEROS = 200_000
 #: Deterministic budget units (CP-SAT's: about a second of one worker) per backtrack: a fixed
 #: part, one per cost-table entry and one per variable and memory-constraint nonzero (the
-#: linear constraints' propagation), fitted here: V (330 variables, 730k entries, 46k
-#: nonzeros) ~2 ms per backtrack, a budgeted GPT plan (954 variables, 216k entries, 88k
-#: nonzeros) ~21 ms, a 142-node chain (3.5k entries) ~0.5 ms. Conservative on V (5.7 ms).
+#: linear constraints' propagation), fitted on a 2-core machine to cores of 142 to 954
+#: variables with 3.5k to 730k table entries; it errs on the high side.
 UNITS_PER_BACKTRACK = 4e-4
 UNITS_PER_BACKTRACK_AND_ENTRY = 2.7e-9
 UNITS_PER_BACKTRACK_VARIABLE_AND_NONZERO = 2.4e-10
@@ -140,8 +138,8 @@ def _reset_options() -> None:
     ``CFN()`` only calls ``reinit``, which keeps them). A search changes some: the hybrid
     best-first setting goes 1 -> 256 -> 1 ..., the backtrack limit stays, and a search whose
     upper bound admits only cost 0 lowers the soft consistency level for every later search.
-    Without this the same problem gave different plans on alternate calls in one process, and
-    after such a search (a small core proven optimal at its incumbent's cost)."""
+    Without this the same problem can get different plans on alternate calls in one process,
+    and after such a search (a small core proven optimal at its incumbent's cost)."""
     import pytoulbar2
 
     pytoulbar2.pytb2.init()

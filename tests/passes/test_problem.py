@@ -161,7 +161,7 @@ def test_combined_values_are_state_only_or_past_the_last_matmul():
     by_op = {}
     for node in graph.nodes:
         by_op.setdefault(node.op, []).append(node)
-    from autoshard.passes.problem import combined_values
+    from autoshard.passes.fusion import combined_values
     combined = combined_values(graph, set(updated_arguments(graph).values()))
     assert graph.inputs[0].id in combined and graph.inputs[1].id not in combined
     assert by_op["mul"][0].outputs[0].id in combined
@@ -184,7 +184,7 @@ def test_fused_and_dead_values_hold_no_memory():
         return h @ w
 
     graph, pp = problem_of(f, jnp.ones((64, 32)), jnp.ones((32, 16)))
-    from autoshard.passes.problem import fused_values
+    from autoshard.passes.fusion import fused_values
     fused = fused_values(graph)
     by_op = {n.op: n for n in graph.nodes}
     assert by_op["cos"].outputs[0].id in fused and by_op["tanh"].outputs[0].id in fused
@@ -204,7 +204,7 @@ def test_an_expensive_value_read_twice_is_held_and_a_cheap_one_is_not():
         return (t * 2.0 + t * t + m * 2.0 + m * m) @ w
 
     graph, pp = problem_of(f, jnp.ones((64, 32)), jnp.ones((32, 16)))
-    from autoshard.passes.problem import fused_values
+    from autoshard.passes.fusion import fused_values
     fused = fused_values(graph)
     tanh = next(n for n in graph.nodes if n.op == "tanh").outputs[0]
     cheap = next(n for n in graph.nodes if n.op == "abs").outputs[0]
@@ -218,8 +218,8 @@ def test_a_broadcast_of_a_scalar_is_planned_in_the_layout_that_holds_least():
     least (passes/search.py: least_held_free_layouts; the GPT's loss gradient starts as a 64 MiB
     broadcast of zeros its scatter reads split; left replicated, the predicted peak counted it
     whole). Here the matmul reads it split over all 8 devices (a large batch)."""
-    from autoshard.passes.search import (least_held_free_layouts, local_costs,
-                                              solve_plan_problem)
+    from autoshard.passes.prediction.explain import local_costs
+    from autoshard.passes.search import least_held_free_layouts, solve_plan_problem
 
     def f(s, w):
         return jnp.broadcast_to(s, (4096, 32)) @ w
@@ -240,7 +240,8 @@ def test_a_broadcast_of_a_scalar_is_planned_in_the_layout_that_holds_least():
 
 def test_a_partial_sum_read_twice_is_reduced_once():
     """x.T @ y over a split batch is a partial sum; read by two ops that need it replicated, it
-    is all-reduced once (as XLA does), not once per reader (problem.FANOUT_PARTIALS)."""
+    is all-reduced once (as XLA does), not once per reader: one fanout slot carries the
+    reduction for both readers (passes/problem.py)."""
     mesh = jax.make_mesh((8,), ("data",))
 
     def f(x, y):
@@ -253,7 +254,7 @@ def test_a_partial_sum_read_twice_is_reduced_once():
                              in_specs=(P("data"), P("data")), out_specs=(P(), P()))
     count, nbytes = step.plan.prediction.collectives["all-reduce"]
     assert (count, nbytes) == (1, 32 * 32 * 4)
-    report = autoshard.measure.verify(step, x, y)
+    report = autoshard.verify(step, x, y)
     assert [(c.name, c.predicted, c.compiled) for c in report.collective_bytes] == [
         ("all-reduce bytes", 32 * 32 * 4, 32 * 32 * 4)]
 
@@ -274,6 +275,6 @@ def test_a_partial_sum_read_in_two_layouts_is_reduced_once_where_the_plan_says()
     step = autoshard.compile(f, x, y, mesh=mesh, hardware="h100",
                              in_specs=(P("data"), P("data")), out_specs=(P(), P(), P("data")))
     assert step.plan.prediction.collectives == {"all-reduce": (1, 32 * 32 * 4)}
-    report = autoshard.measure.verify(step, x, y)
+    report = autoshard.verify(step, x, y)
     assert [(c.name, c.predicted, c.compiled) for c in report.collective_bytes] == [
         ("all-reduce bytes", 32 * 32 * 4, 32 * 32 * 4)]

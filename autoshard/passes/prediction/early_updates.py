@@ -5,10 +5,9 @@ scheduler moves each parameter's update chain (elementwise ops from its gradient
 state to the new parameter and state) up to just after that gradient is made, since that frees
 the gradient early. Two things follow for memory: the gradient dies there, and the new
 parameter and state are written there, so XLA's buffer assignment can no longer keep
-temporaries of the rest of the backward pass in those results' buffers (``liveness``). Read off
-the CPU build of the plan-quality GPT on 8 devices across two nodes, whose plan reduce-scatters
-each gradient on its own: XLA wrote a 4 MiB layer's new parameter at instruction 354 of 516,
-where the jaxpr order writes it after the whole backward pass.
+temporaries of the rest of the backward pass in those results' buffers (``liveness``). A
+compiled plan that reduce-scatters each gradient on its own shows it: a layer's new parameter
+is written midway through the backward pass, where the jaxpr order writes it after it.
 
 Gradients all-reduced on their way are different: XLA's all-reduce combiner makes one
 all-reduce of all of them (``Transfer.combined``), which runs once the last of them is made,
@@ -16,10 +15,8 @@ so what is computed from any of them waits for that (data parallel: the updates 
 backward pass). Reduce-scatters are not combined in the CPU build.
 
 The moved ops keep their own order right after the position they wait for, and every lifetime
-is renumbered (``_resequenced``). Predicted / compiled peak on the plan-quality GPT: 8 devices
-across two nodes 0.89 -> 0.90, 8 devices on one node 0.92 -> 0.93, its data-parallel plan on
-2x4 1.03 -> 1.00; the MoE on 8 devices 0.90 -> 0.91 (with ``search.result_layouts``).
-This is the prediction's schedule; the solvers keep the jaxpr order's lifetimes.
+is renumbered (``_resequenced``). This is the prediction's schedule; the solvers keep the
+jaxpr order's lifetimes.
 """
 
 from __future__ import annotations
@@ -151,7 +148,7 @@ def _op_readers(pp: PlanningProblem, slot: int, readers: dict[int, list[int]]) -
 def _all_reduced(pp: PlanningProblem, t: Transfer, choice, mesh: MeshSpec) -> bool:
     """Whether ``t``'s value is all-reduced on its way, by its maker's strategy or the move:
     XLA's all-reduce combiner merges those into one op after the last matmul. Reduce-scatters
-    stay apart in the CPU build (the plan-quality GPT's reduce-scattered gradients)."""
+    stay apart in the CPU build."""
     maker = _maker(pp, t.producer)
     slot = pp.slots[maker]
     if slot.kind == "op" and any(kind == "all-reduce" for kind, _, _ in

@@ -1,6 +1,6 @@
 """How long values hold memory, beyond "from the producer to the last reader": what XLA's
-buffer assignment does that the plain schedule misses, measured against ``memory_analysis()``
-and the buffer-assignment dumps (``--xla_dump_to``) of the plan-quality train steps.
+buffer assignment does that the plain schedule misses, as ``memory_analysis()`` and XLA's
+buffer-assignment dumps (``--xla_dump_to``) of compiled train steps show.
 
 * A value XLA fuses into its readers is recomputed there, so what it is computed from lives
   until those readers run (``recomputed_liveness``).
@@ -25,9 +25,8 @@ def recomputed_liveness(graph: Graph, last_use: dict[int, int], fused: set[int]
                         ) -> dict[int, int]:
     """``last_use`` with the operands of each fused value kept live until that value's last
     reader: an activation saved for the backward pass behind a fused bias add or relu mask is
-    read by the backward kernels that recompute them. Without it the plan-quality conv step's
-    predicted peak missed two of the three 4 MiB activations XLA holds (predicted / compiled
-    0.84 under data parallel, 0.66 under Megatron)."""
+    read by the backward kernels that recompute them; without this the prediction misses the
+    activations XLA holds for them."""
     extended = dict(last_use)
     for position in range(len(graph.nodes), 0, -1):
         node = graph.nodes[position - 1]
@@ -48,9 +47,9 @@ IN_PLACE_OPS = ELEMENTWISE | {"scatter-add", "scatter_add", "scatter", "scatter-
 
 def in_place_values(graph: Graph, last_use: dict[int, int]) -> set[int]:
     """Ids of the values whose last reader writes its result into their buffer, so they are
-    not live beside that result: the GPT loss gradient scattered into a broadcast of zeros is
-    one 64 MiB buffer in XLA, and was counted twice. Arguments keep their buffers (donation is
-    counted apart) and results are written to buffers of their own."""
+    not live beside that result (a loss gradient scattered into a broadcast of zeros is one
+    buffer in XLA, not two). Arguments keep their buffers (donation is counted apart) and
+    results are written to buffers of their own."""
     keep = {v.id for v in graph.inputs} | {a.id for a in graph.outputs if isinstance(a, Value)}
     reused: set[int] = set()
     for position, node in enumerate(graph.nodes, start=1):
@@ -74,14 +73,13 @@ def packed_profile(problem: Problem, choice, result_starts: dict[int, int],
     The problem counts each result from the start of the step (``usage_profile``: an upper
     bound the solvers keep to). XLA's results have buffers of their own, and its buffer
     assignment puts a temporary in one of them while that result is not yet written and the
-    temporary fits (measured on the plan-quality GPT under data parallel: activations and
-    gradients in the 8 MiB parameter buffers, not the 64 MiB loss gradient). ``buffers`` are
-    more temporaries, (bytes, start, end): the operands the plan gathers (``gathered_buffers``),
-    which the problem's nodes do not hold. So at each
-    position: arguments, the temporaries larger than every result (they fit in none), and the
-    larger of all results' buffers and the results written so far plus the smaller
-    temporaries. Predicted / compiled peak on that GPT: 1.18 counting results from the start,
-    0.97 with this; unchanged where the results are small (FSDP, Megatron).
+    temporary fits (activations and gradients in a replicated parameter's buffer, say).
+    ``buffers`` are more temporaries, (bytes, start, end): the operands the plan gathers
+    (``gathered_buffers``), which the problem's nodes do not hold. So at each position:
+    arguments, the temporaries larger than every result (they fit in none), and the larger of
+    all results' buffers and the results written so far plus the smaller temporaries. Counting
+    results from the start overstates the peak where the results are large (a replicated train
+    state); where they are small (FSDP, Megatron) this changes little.
     """
     choice = np.asarray(choice, np.int64)
     use = problem.usages[problem.offsets[:-1] + choice].astype(np.int64)
@@ -125,8 +123,8 @@ def assigned_peak(problem: Problem, choice, result_starts: dict[int, int],
     """Bytes per device XLA's buffer assignment allocates for the plan (``assigned_bytes``):
     the arguments (what lives the whole step and is not a result made by an op), each result
     written at its position, and every other node's buffer and the gathered ``buffers`` as
-    temporaries. Predicted / compiled peak on the plan-quality GPT and LLaMA (8 devices,
-    h100): 0.85-0.88 from the live-bytes peak (``packed_profile``), 0.91-0.93 from this."""
+    temporaries. Above the live-bytes peak (``packed_profile``) by the holes between buffers,
+    and so closer to the compiled peak."""
     choice = np.asarray(choice, np.int64)
     use = problem.usages[problem.offsets[:-1] + choice].astype(np.int64)
     iv = problem.intervals

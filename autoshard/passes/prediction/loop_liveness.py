@@ -3,12 +3,10 @@
 The problem puts every op of a loop body (a scan's or a while's) at the loop's one position:
 all of the body's temporaries count at once, an upper bound the solvers keep to. XLA's buffer
 assignment sees the body as a sequence of its own, where a temporary dies at its last reader
-in the body. On the scanned GPT (tests/models/scan_gpt.py at the plan-quality small size, 8
-devices) the backward body's 70 MiB of temporaries all counted at once, where the compiled
-step's temporaries are 38 MiB in all. With the loop rules of ``problem.fused_values`` and
-``search.gathered_buffers``, predicted / compiled peak there went 1.23 -> 0.83 on 8
-devices and 1.76 -> 0.83 on 2x4: now low, as XLA's CPU build unrolls this 3-step loop and
-holds more across its steps than one body's lifetimes say (not yet modelled).
+in the body, so counting a long body's temporaries at once can exceed everything the compiled
+step allocates for temporaries. Not modelled: XLA's CPU build unrolls short loops and holds
+more across their steps than one body's lifetimes say, so the prediction can fall below the
+compiled peak there.
 
 ``expanded`` spreads each body over positions of its own: every position of the step becomes
 ``scale`` positions, and the body's slots take the ones inside their loop's, in program order,

@@ -85,8 +85,7 @@ def _conv_rule(node: Node, mesh: MeshSpec) -> list[Strategy]:
     strategies = _contraction_strategies(mesh, roles,
                                          (lhs.shape, rhs.shape, node.outputs[0].shape))
     # a kernel split over both its output and its input features is one XLA's convolution
-    # partitioner does not run as planned: it all-gathers the output features (the plan-quality
-    # conv model's first weight gradient on 2x4, 2 nodes: an 8 MiB gradient gathered across the
-    # nodes, compiled 0.163 ms against 0.050 predicted)
+    # partitioner does not run as planned: it all-gathers the output features (a weight
+    # gradient gathered across nodes, several times the collective time predicted)
     return [s for s in strategies
             if not (s.inputs[1].dim_axes(rhs_spec[0]) and s.inputs[1].dim_axes(rhs_spec[1]))]

@@ -45,8 +45,8 @@ class Strategy:
 #: slices) may pass the partial sum on. The SBP algebra allows it, and it lets a reduction move
 #: to where it is cheapest; but in Auto mode XLA's partitioners have no unreduced layout between
 #: ops and reduce a partial sum at the op that made it, so plans that carry one further compile
-#: to other collectives than they predict (measured on the test GPT: 0.4x the predicted bytes
-#: matched). Producers of partial sums (contractions, sums over split dims, vocab-split
+#: to other collectives than they predict (most of the predicted bytes then match nothing
+#: compiled). Producers of partial sums (contractions, sums over split dims, vocab-split
 #: gathers, scatter-adds of split updates) keep them either way.
 CARRY_PARTIAL = False
 

@@ -1,7 +1,7 @@
 """The prediction's schedule and result buffers: each update chain runs as soon as its gradient
-is made, except after a combined all-reduce (autoshard/passes/early_updates.py); a result
-returned in another layout than its op makes holds a buffer of the returned size
-(``search.result_layouts``)."""
+is made, except after a combined all-reduce (autoshard/passes/prediction/early_updates.py); a
+result returned in another layout than its op makes holds a buffer of the returned size
+(``prediction.predict.result_layouts``)."""
 
 import jax
 import jax.numpy as jnp
@@ -9,7 +9,7 @@ import numpy as np
 
 from autoshard.ir.sharding import Partial
 from autoshard.passes.prediction.early_updates import early_updates
-from autoshard.passes.search import result_layouts
+from autoshard.passes.prediction.predict import result_layouts
 from tests.passes.test_problem import MESH, problem_of
 
 N = 64

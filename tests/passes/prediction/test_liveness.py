@@ -1,13 +1,13 @@
 """Liveness beyond producer-to-last-reader: recomputed fused values keep their operands, ops
 write over dying operands, temporaries sit in the results' buffers before those are written
-(autoshard/passes/liveness.py)."""
+(autoshard/passes/prediction/liveness.py)."""
 
 import jax.numpy as jnp
 import numpy as np
 
 from autoshard import B, S, ShardingSpec
 from autoshard.passes.prediction.liveness import packed_profile
-from autoshard.passes.search import gathered_buffers
+from autoshard.passes.prediction.predict import gathered_buffers
 from autoshard.solver.problem import Problem, usage_profile
 from tests.passes.test_problem import MESH, problem_of
 
@@ -103,7 +103,7 @@ def test_a_value_read_later_as_a_slice_is_sliced_when_it_is_made():
     # h is made replicated and read so by the next matmul; the last matmul reads it row-split
     # (a local slice, no collective). XLA slices it right away, so the replicated buffer dies
     # at the first reader and only the half-size slice lives to the last one.
-    from autoshard.passes.search import sliced_reads
+    from autoshard.passes.prediction.predict import sliced_reads
 
     def fn(x, w):
         h = x @ w

@@ -1,13 +1,13 @@
 """Memory inside and around loops, for the prediction: a loop invariant made from constants is
-not materialized before the loop (``problem.fused_values``), a body's temporaries live to their
+not materialized before the loop (``fusion.fused_values``), a body's temporaries live to their
 last reader in the body (``loop_liveness.expanded``)."""
 
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from autoshard.passes.fusion import fused_values
 from autoshard.passes.prediction.loop_liveness import expanded
-from autoshard.passes.problem import fused_values
 from tests.passes.test_problem import MESH, problem_of
 
 N = 64

@@ -1,0 +1,210 @@
+"""``ShardedFunction``: a planned, sharded step that behaves like the result of ``jax.jit``.
+
+It holds one ``PlannedStep`` per call signature (argument shapes, dtypes and static values), as
+``jax.jit`` holds one executable per trace: a call with a new signature plans again (planner.py,
+logged), a call with a known one places its arguments where the plan wants them and runs the
+executable ``.lower(*args).compile()`` returns.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable, Sequence
+
+import jax
+from jax.sharding import Mesh, NamedSharding
+
+from autoshard.ir.errors import ArgumentError
+from autoshard.ir.graph import Graph
+from autoshard.ir.mesh import MeshSpec
+from autoshard.ir.plan import Plan, PlanCandidate
+from autoshard.passes.lower import on_mesh
+from autoshard.passes.trace import abstract_arguments, function_name
+from autoshard.planner import (CompileOptions, PlannedStep, abstract_with_shardings,
+                               argument_spans, plan_step)
+from autoshard.runtime import multihost
+
+log = logging.getLogger("autoshard")
+
+
+class ShardedFunction:
+    """A planned, sharded version of a function; behaves like the result of ``jax.jit``.
+
+    ``candidates`` (``planner="measured"``): the plans weighed, each a ``PlanCandidate``."""
+
+    candidates: tuple[PlanCandidate, ...] | None = None
+
+    def __init__(self, fn: Callable, options: CompileOptions, example_args: Sequence[Any]):
+        self._fn = fn
+        self._options = options
+        self._cache: dict[Any, PlannedStep] = {}
+        self.__name__ = function_name(fn)
+        self.__doc__ = getattr(fn, "__doc__", None)
+        self._nargs = len(example_args)
+        self._example_key = self._signature(example_args)
+        self._planned(example_args)
+
+    # -- public ---------------------------------------------------------------------------------
+
+    @property
+    def plan(self) -> Plan:
+        """The plan for the example arguments."""
+        return self._cache[self._example_key].plan
+
+    def plan_for(self, *args: Any) -> Plan:
+        """The plan for arguments shaped like ``args`` (planned now if it is a new signature)."""
+        return self._planned(args).plan
+
+    def summary(self) -> str:
+        """The plan for the example arguments, as text (``Plan.summary``)."""
+        return self.plan.summary()
+
+    @property
+    def graph(self) -> Graph:
+        return self._cache[self._example_key].graph
+
+    @property
+    def mesh(self) -> Mesh:
+        return self._options.mesh
+
+    @property
+    def planning_seconds(self) -> float:
+        """Seconds from tracing to the lowered plan (a cache hit skips the solve)."""
+        return self._cache[self._example_key].planning_seconds
+
+    @property
+    def plan_source(self) -> str:
+        """Where the plan came from: ``"solved"``, ``"cache"`` (a plan-cache hit) or ``"rule"``
+        (``planner="data-parallel"``)."""
+        return self._cache[self._example_key].source
+
+    @property
+    def plan_digest(self) -> str:
+        """A digest of the plan's decisions; equal on every process of a multi-process run."""
+        return self._cache[self._example_key].digest
+
+    def shard_batch(self, local_batch: Any, argnum: int | None = None) -> Any:
+        """Global arrays for argument ``argnum`` (default: the batch argument — the first of
+        ``batch_argnums``, else the last argument) laid out as the plan wants, from this
+        process's rows.
+
+        The global batch is the concatenation, along the leading dim and in process-index order,
+        of every process's ``local_batch`` (a pytree shaped like the argument, with the leading
+        dims divided by ``jax.process_count()``). In a single process it is ``device_put``.
+        """
+        opts = self._options
+        if argnum is None:
+            dynamic = [i for i in range(self._nargs) if i not in opts.static_argnums]
+            argnum = opts.batch_argnums[0] if opts.batch_argnums else dynamic[-1]
+        if not 0 <= argnum < self._nargs or argnum in opts.static_argnums:
+            raise ArgumentError(f"{self.__name__}.shard_batch: argnum {argnum} is not a "
+                                f"(non-static) argument of the {self._nargs} it was compiled for")
+        planned = self._cache[self._example_key]
+        span = argument_spans(planned.traced, self._nargs, opts.static_argnums)[argnum]
+        leaves, tree = jax.tree_util.tree_flatten(local_batch)
+        if len(leaves) != len(span):
+            raise ArgumentError(f"{self.__name__}.shard_batch: the local batch has {len(leaves)} "
+                                f"arrays but argument {argnum} has {len(span)}")
+        placed = []
+        for leaf, i in zip(leaves, span):
+            value = planned.graph.inputs[i]
+            what = f"{self.__name__} argument {value.name or argnum}"
+            target = planned.lowered_plan.in_shardings[i]
+            if jax.process_count() == 1:
+                placed.append(jax.device_put(leaf, target))
+            else:
+                placed.append(multihost.shard_process_local(leaf, target, value.shape, what))
+        return jax.tree_util.tree_unflatten(tree, placed)
+
+    def __call__(self, *args: Any) -> Any:
+        planned = self._planned(args)
+        results = planned.jitted(*self._place(planned, args))
+        if self.mesh is planned.lowered_plan.mesh:
+            return results
+        return jax.tree.map(lambda r: on_mesh(r, self.mesh), results)
+
+    def lower(self, *args: Any) -> jax.stages.Lowered:
+        """jax's ``Lowered`` for these arguments (arrays or ShapeDtypeStructs); its
+        ``.compile()`` is the executable a call with such arguments runs."""
+        planned = self._planned(args)
+        return planned.jitted.lower(*abstract_with_shardings(
+            args, planned.lowered_plan.in_shardings, self._options.static_argnums,
+            self.__name__))
+
+    def __repr__(self) -> str:
+        return (f"<autoshard.ShardedFunction {self.__name__} on mesh "
+                f"{MeshSpec.from_jax(self.mesh)}, {len(self._cache)} signature(s)>")
+
+    # -- signatures and planning ----------------------------------------------------------------
+
+    def _signature(self, args: Sequence[Any]) -> Any:
+        opts = self._options
+        if len(args) != self._nargs:
+            raise ArgumentError(f"{self.__name__} was compiled for {self._nargs} positional "
+                                f"arguments, got {len(args)}")
+        _, avals, tree = abstract_arguments(self._fn, args, opts.static_argnums)
+        avals = tuple((a.shape, str(a.dtype), a.weak_type) for a in avals)
+        statics = tuple(_hashable(args[i], i, self.__name__) for i in opts.static_argnums)
+        return tree, avals, statics
+
+    def _planned(self, args: Sequence[Any]) -> PlannedStep:
+        key = self._signature(args)
+        planned = self._cache.get(key)
+        if planned is None:
+            if self._cache:
+                log.info("autoshard: planning %s again for a new argument signature",
+                         self.__name__)
+            planned = self._plan(args)
+            self._cache[key] = planned
+        return planned
+
+    def _plan(self, args: Sequence[Any]) -> PlannedStep:
+        try:
+            return plan_step(self._fn, args, self._options, self.__name__)
+        except Exception as err:
+            multihost.report_failure(self.__name__, err)  # the other processes stop, naming it
+            raise
+
+    # -- argument placement ---------------------------------------------------------------------
+
+    def _place(self, planned: PlannedStep, args: Sequence[Any]) -> list:
+        """Put each argument leaf where the plan wants it, without copying what is already there.
+
+        An array laid out equivalently on the user's (Explicit) mesh is re-wrapped, zero-copy,
+        on the Auto view: jit would otherwise trace it with its Explicit type (results are
+        re-wrapped back onto the user's mesh). Anything else is moved with ``device_put``.
+        """
+        shardings = iter(planned.lowered_plan.in_shardings)
+        out = list(args)
+        for i, arg in enumerate(args):
+            if i in self._options.static_argnums:
+                continue
+            leaves, tree = jax.tree_util.tree_flatten(arg)
+            out[i] = jax.tree_util.tree_unflatten(tree, [_placed(leaf, next(shardings),
+                                                                 self.__name__)
+                                                         for leaf in leaves])
+        return out
+
+
+def _placed(leaf: Any, target: NamedSharding, fn_name: str) -> Any:
+    if isinstance(leaf, jax.ShapeDtypeStruct):
+        raise ArgumentError(f"{fn_name} was called with a ShapeDtypeStruct; use .lower(*args) "
+                            "to compile without data")
+    if isinstance(leaf, jax.core.Tracer):
+        return leaf  # called under an outer transformation: jit's in_shardings constrain it
+    if not isinstance(leaf, jax.Array):
+        return jax.device_put(leaf, target)
+    if leaf.sharding == target:
+        return leaf
+    moved = on_mesh(leaf, target.mesh)
+    return moved if moved.sharding == target else jax.device_put(leaf, target)
+
+
+def _hashable(value: Any, argnum: int, fn_name: str) -> Any:
+    try:
+        hash(value)
+    except TypeError:
+        raise ArgumentError(f"{fn_name}: static argument {argnum} ({type(value).__name__}) is "
+                            "not hashable; static arguments must be hashable, as for jax.jit"
+                            ) from None
+    return value
