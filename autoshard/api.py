@@ -40,7 +40,8 @@ def compile(fn: Callable, *example_args: Any, mesh: Mesh, memory_budget: int | N
             in_specs: Any = None, out_specs: Any = None,
             batch_argnums: int | Sequence[int] | None = None, planner: str = "search",
             solver_time_limit: float = 30.0, cache: bool | None = None,
-            annotations: str = "hint") -> Step:
+            annotations: str = "hint",
+            logical_axis_rules: Sequence[tuple[str, Any]] | None = None) -> Step:
     """Plan ``fn`` for ``mesh`` on ``example_args`` (arrays or ``jax.ShapeDtypeStruct``s) and
     return a ``Step`` that runs it sharded: a ``ShardedFunction``, or an ``NnxFunction`` /
     ``PipelinedFunction`` for the cases below.
@@ -70,6 +71,17 @@ def compile(fn: Callable, *example_args: Any, mesh: Mesh, memory_budget: int | N
     per ``annotations``: ``"hint"`` (default) prefers them and overrides them only where another
     layout is cheaper, ``"require"`` pins them, ``"ignore"`` plans as if there were none; the
     plan's ``annotation_report`` (in ``plan.summary()``) lists every difference and its cost.
+    Flax linen parameters boxed by ``nn.with_logical_partitioning`` / ``nn.with_partitioning``
+    (``nn.LogicallyPartitioned`` / ``nn.Partitioned`` in the params pytree, and around optax's
+    moments) are read the same way (autoshard/linen.py). Logical names resolve as flax resolves
+    them, by ``logical_axis_rules`` (``(logical name, mesh axis or None)`` pairs) when given,
+    else by the ``nn.logical_axis_rules`` / ``nnx.logical_axis_rules`` context around
+    ``compile``.
+
+    Equinox modules are passed as they are, as to ``eqx.filter_jit``: their arrays are traced
+    and every other leaf (an activation function, a ``bool`` or ``int`` field) is static, part
+    of the call signature (a new value plans again). Outside modules, Python scalars are traced
+    as ``jax.jit`` traces them, and any other non-array leaf is static (passes/arguments.py).
 
     Solved plans are cached on disk (``AUTOSHARD_CACHE_DIR``, default ``~/.cache/autoshard``)
     under a fingerprint of the program, arguments, mesh, hardware, budget and options; a later
@@ -103,11 +115,13 @@ def compile(fn: Callable, *example_args: Any, mesh: Mesh, memory_budget: int | N
         raise ArgumentError(f"arguments {sorted(set(donate) & set(statics))} are both donated "
                             "and static")
     batch = None if batch_argnums is None else normalize_static_argnums(batch_argnums, nargs)
+    rules = None if logical_axis_rules is None else _checked_rules(logical_axis_rules, fn)
     options = CompileOptions(mesh, donate, statics, in_specs, out_specs, batch, planner,
                              get_hardware(hardware), None if memory_budget is None
                              else int(memory_budget), float(solver_time_limit),
                              PlanCache.default() if planner in ("search", "measured")
-                             and cache_enabled(cache) else None, annotations)
+                             and cache_enabled(cache) else None, annotations,
+                             logical_axis_rules=rules)
     if has_nnx_objects(example_args):
         if pipeline is not None:
             raise ArgumentError(f"autoshard.compile({function_name(fn)}): pipelines over Flax "
@@ -122,3 +136,18 @@ def compile(fn: Callable, *example_args: Any, mesh: Mesh, memory_budget: int | N
     if planner == "measured":
         return compile_measured(fn, example_args, options)
     return ShardedFunction(fn, options, example_args)
+
+
+def _checked_rules(rules: Any, fn: Callable) -> tuple[tuple[str, Any], ...]:
+    """``logical_axis_rules`` as a tuple of ``(logical name, mesh axes)`` pairs, as flax takes
+    them."""
+    try:
+        pairs = tuple((name, tuple(axes) if isinstance(axes, list) else axes)
+                      for name, axes in rules)
+    except (TypeError, ValueError):
+        pairs = None
+    if pairs is None or not all(isinstance(name, str) for name, _ in pairs):
+        raise ArgumentError(f"autoshard.compile({function_name(fn)}): logical_axis_rules must "
+                            "be a sequence of (logical name, mesh axis or None) pairs, as for "
+                            f"nn.logical_axis_rules, got {rules!r}")
+    return pairs

@@ -19,7 +19,8 @@ bytes are per device.
                 program order; ``layer`` groups a node with the parameters it works on (see
                 ``layer_labels``); cost fields are null when the plan was not made by the search.
   memory        {curve: [bytes at step t], steps: [node id run at step t >= 1], peak, budget}
-  verification  {rows: [{name, predicted, compiled}]} | null (``autoshard.verify`` result)
+  verification  {rows: [{name, predicted, compiled, ratio}]} | null (``autoshard.verify``
+                result; predicted is null for a rule's plan, ratio null where it says nothing)
   pipeline      {stages: [{name, devices}], timeline: [{stage, name, start, end}]} | null
 """
 
@@ -36,9 +37,11 @@ from autoshard.cost_model.hardware import PROFILES
 from autoshard.ir.errors import ArgumentError, PlanError
 from autoshard.ir.graph import Graph, Value, dtype_name
 from autoshard.ir.mesh import MeshSpec
-from autoshard.ir.plan import Plan, StrategyCost
-from autoshard.ir.plan_json import check_header, plan_to_json
+from autoshard.ir.mirrors import mirror_rows
+from autoshard.ir.plan import Plan, StrategyCost, solver_outcome
+from autoshard.ir.plan_json import annotations_from_json, check_header, plan_to_json
 from autoshard.ir.sharding import ShardingSpec
+from autoshard.measure.verify import COUNTS_NOTE, comparison_lines
 from autoshard.viewer import render_page
 
 DUMP_VERSION = 1
@@ -87,9 +90,8 @@ def dump_record(plan: Plan, verification: Any = None) -> dict:
     doc["nodes"] = _nodes(plan)
     doc["memory"] = _memory(plan)
     doc["verification"] = None if verification is None else {"rows": [
-        {"name": c.name, "predicted": c.predicted, "compiled": c.compiled}
-        for c in (*verification.collective_counts, *verification.collective_bytes,
-                  verification.total_collective_bytes, verification.peak_memory)]}
+        {"name": c.name, "predicted": c.predicted, "compiled": c.compiled, "ratio": c.ratio}
+        for c in verification.rows]}
     doc["pipeline"] = getattr(plan, "pipeline", None)
     return doc
 
@@ -329,13 +331,22 @@ class PlanDump:
                          f"{budget}")
         s = self.solver
         if s:
-            gap = "proven optimal" if s.get("gap") == 0 else f"{s['status']}, gap {s['gap']}"
+            outcome = solver_outcome(s["status"], s["gap"], s.get("details") or {})
             lines.append(f"solver: {s['engine']}, {s['nodes']} nodes / {s['edges']} edges / "
-                         f"{s['strategies']} strategies, {s['seconds']:.2f} s, {gap}")
+                         f"{s['strategies']} strategies, {s['seconds']:.2f} s, {outcome}")
+        parameters: list[ArgumentRow] = []
         for title, rows in (("arguments", self.inputs), ("results", self.outputs)):
             total = sum(r.bytes_per_device for r in rows)
             lines.append(f"{title}: {len(rows)} arrays, {_mib(total)} per device")
-            lines += _rows(rows, max_rows)
+            own, mirrors = split_mirrors(rows, parameters)
+            parameters += own
+            lines += _rows(tuple(own), max_rows)
+            if mirrors:
+                lines.append(f"  ... {len(mirrors)} more mirror their parameter's layout "
+                             f"({mirrors[0].path}, ...)")
+        report = annotations_from_json(self.record.get("annotations"))
+        if report is not None:
+            lines += report.lines(max_rows)
         costly = sorted((n for n in self.nodes if n.cost), key=lambda n: -n.total_seconds)
         if costly:
             lines.append("costliest ops (compute + collectives + resharding):")
@@ -345,9 +356,31 @@ class PlanDump:
         v = self.verification
         if v:
             lines.append("predicted vs compiled:")
-            lines += [f"  {r['name']:<28} {r['predicted']:>14,.0f} {r['compiled']:>14,.0f}"
-                      for r in v["rows"]]
+            lines += ["  " + line for line in comparison_lines(
+                [(r["name"], r["predicted"], r["compiled"], _ratio(r)) for r in v["rows"]])]
+            if any(r["name"].endswith(" count") for r in v["rows"]):
+                lines.append("  " + COUNTS_NOTE)
         return "\n".join(lines)
+
+
+def _ratio(row: Mapping) -> float | None:
+    """A verification row's ratio; dumps written before rows held one: predicted / compiled,
+    for bytes only (compiled counts are after XLA's combiners)."""
+    if "ratio" in row:
+        return row["ratio"]
+    if row["predicted"] is None or not row["compiled"] or row["name"].endswith(" count"):
+        return None
+    return row["predicted"] / row["compiled"]
+
+
+def split_mirrors(rows: tuple[ArgumentRow, ...], parameters: list[ArgumentRow] = ()
+                  ) -> tuple[list[ArgumentRow], list[ArgumentRow]]:
+    """(rows with a layout of their own, rows that mirror a parameter's layout: of ``rows`` or
+    ``parameters``, ir/mirrors.py), in order."""
+    mirrored = mirror_rows([(r.path, (r.shape, r.spec)) for r in rows],
+                           [(p.path, (p.shape, p.spec)) for p in parameters])
+    return ([r for i, r in enumerate(rows) if i not in mirrored],
+            [r for i, r in enumerate(rows) if i in mirrored])
 
 
 def _rows(rows: tuple[ArgumentRow, ...], max_rows: int) -> list[str]:

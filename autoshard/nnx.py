@@ -24,7 +24,11 @@ The functional form (``graphdef, state = nnx.split(model)``, a step taking the `
 
 Variable metadata is part of a ``State``'s pytree structure, so every call is normalized onto the
 structure of the first call with the same shapes (``_Entry.template``): setting the chosen
-sharding in the metadata must not make the next call look like a new signature.
+sharding in the metadata must not make the next call look like a new signature. Static values
+in the graphdef are compared as ``nnx.jit`` compares them, so objects rebuilt by ``step.init``
+(an ``nnx.Optimizer``'s new optax transformation, which compares by identity) are a new
+signature; it is traced again, and takes the first signature's plan when it lifts to the same
+graph (``planner.plan_step``'s ``known_plans``), without planning again.
 
 Annotations (``nnx.with_partitioning``, logical names through ``nnx.logical_axis_rules`` and
 a Variable's ``sharding_rules``, as flax resolves them) are read per flat argument leaf and
@@ -107,6 +111,7 @@ class NnxFunction:
         self._names = parameter_names(fn, self._nargs)
         self._rules = flax_spmd.get_logical_axis_rules()  # in effect at compile, for replans
         self._entries: dict[Any, _Entry] = {}
+        self._known_plans: dict[str, dict] = {}   # shared by every signature (planner.plan_step)
         self.__name__ = function_name(fn)
         self.__doc__ = getattr(fn, "__doc__", None)
         self._example_key, _ = self._entry(example_args)
@@ -274,10 +279,12 @@ class NnxFunction:
             inner[i] = parts[k]
         options = self._options
         if options.annotations != "ignore":
-            rules = flax_spmd.get_logical_axis_rules() or self._rules
+            rules = options.logical_axis_rules
+            if rules is None:
+                rules = flax_spmd.get_logical_axis_rules() or self._rules
             with flax_spmd.logical_axis_rules(rules):
                 options = replace(options, annotation_specs=self._annotations(parts))
-        sharded = ShardedFunction(fn, options, inner)
+        sharded = ShardedFunction(fn, options, inner, self._known_plans)
         return _Entry(graphdef, template, positions, outputs, sharded)
 
     def _inner_args(self, entry: _Entry, args: Sequence[Any]) -> list:

@@ -24,7 +24,7 @@ from autoshard.ir.graph import Graph
 from autoshard.ir.graph import verify as verify_graph
 from autoshard.ir.mesh import MeshSpec
 from autoshard.ir.plan import Plan
-from autoshard.ir.plan_json import fingerprint, graph_fingerprint, plan_to_json
+from autoshard.ir.plan_json import fingerprint, graph_fingerprint, plan_from_json, plan_to_json
 from autoshard.ir.version import __version__
 from autoshard.measure.verify import peak_memory
 from autoshard.passes.annotations import annotation_report
@@ -34,7 +34,7 @@ from autoshard.passes.pins import Pins, collect_pins
 from autoshard.passes.rules import data_parallel_plan
 from autoshard.passes.search import search_plan
 from autoshard.passes.state import updated_arguments
-from autoshard.passes.trace import TracedFunction, abstractify_leaf, trace
+from autoshard.passes.trace import TracedFunction, abstractify_leaf, dynamic_arguments, trace
 from autoshard.plan_cache import PlanCache
 from autoshard.runtime import multihost
 
@@ -68,12 +68,14 @@ class CompileOptions:
     cache: PlanCache | None
     annotations: str = "ignore"
     annotation_specs: tuple | None = None    # per flat input position (autoshard/nnx.py)
+    logical_axis_rules: tuple | None = None   # given to compile; None: flax's context (linen.py)
 
 
 @dataclass(frozen=True)
 class PlannedStep:
     """Everything made for one call signature. ``source`` says where the plan came from:
-    ``"solved"``, ``"cache"`` (with ``cache_path``) or ``"rule"`` (data-parallel)."""
+    ``"solved"``, ``"cache"`` (with ``cache_path``), ``"rule"`` (data-parallel) or
+    ``"reused"`` (an earlier signature's, whose graph is the same: ``plan_step``)."""
 
     traced: TracedFunction
     graph: Graph
@@ -86,12 +88,17 @@ class PlannedStep:
     digest: str = ""
 
 
-def plan_step(fn: Callable, args: Sequence[Any], options: CompileOptions,
-              name: str) -> PlannedStep:
-    """Plan ``fn`` (called ``name`` in messages) for arguments shaped like ``args``."""
+def plan_step(fn: Callable, args: Sequence[Any], options: CompileOptions, name: str,
+              known_plans: dict[str, dict] | None = None) -> PlannedStep:
+    """Plan ``fn`` (called ``name`` in messages) for arguments shaped like ``args``.
+
+    ``known_plans``: the plan records of ``fn``'s earlier call signatures, by ``reuse_key``. A
+    new signature that lifts to the same graph (a static argument the step does not read, an
+    NNX optimizer rebuilt by ``step.init`` with a new optax object) takes that plan as it is
+    (source ``"reused"``) instead of planning again; new plans are added to it."""
     start = time.perf_counter()
     nargs = len(args)
-    traced = trace(fn, args, static_argnums=options.static_argnums)
+    traced = trace(fn, args, static_argnums=options.static_argnums, mesh=options.mesh)
     graph = lift(traced)
     verify_graph(graph)
     mesh_spec = MeshSpec.from_jax(options.mesh)
@@ -102,7 +109,15 @@ def plan_step(fn: Callable, args: Sequence[Any], options: CompileOptions,
     spans = argument_spans(traced, nargs, options.static_argnums)
     graph_digest = graph_fingerprint(graph)  # the cache key, the record and the agreement
     key = cache_path = None
-    if options.planner in RULES:
+    reuse = reuse_key(options, graph_digest)
+    known = None if known_plans is None else known_plans.get(reuse)
+    if known is not None:
+        source = "reused"
+        plan = plan_from_json(known, graph, in_tree=traced.in_tree, out_tree=traced.out_tree,
+                              where=f"the plan of an earlier call of {name}",
+                              graph_digest=graph_digest)
+        lowered, jitted = lower_and_jit(plan, traced, nargs, options, name)
+    elif options.planner in RULES:
         source = "rule"
         plan = data_parallel_plan(graph, mesh_spec, pins, in_tree=traced.in_tree,
                                   out_tree=traced.out_tree,
@@ -128,6 +143,8 @@ def plan_step(fn: Callable, args: Sequence[Any], options: CompileOptions,
                 name)
             warn_if_time_limited(plan, options, name)
     record = plan_to_json(plan, graph_digest=graph_digest)
+    if known_plans is not None:
+        known_plans.setdefault(reuse, record)
     if source == "solved" and key is not None:
         cache_path = store_in_cache(options.cache, key, record, name)
     digest = multihost.agree(name, record, graph)
@@ -247,8 +264,8 @@ def warn_if_time_limited(plan: Plan, options: CompileOptions, name: str) -> None
 
 def cache_key(options: CompileOptions, graph_digest: str, args: Sequence[Any]) -> str:
     """The plan cache key: everything the plan depends on (plan_cache.py)."""
-    shardings = [_sharding_key(leaf) for i, a in enumerate(args)
-                 if i not in options.static_argnums for leaf in jax.tree_util.tree_leaves(a)]
+    shardings = [_sharding_key(leaf) for leaf in jax.tree_util.tree_leaves(
+        dynamic_arguments(args, options.static_argnums))]
     mesh = options.mesh
     return fingerprint(
         "autoshard", __version__, "jax", jax.__version__, graph_digest,
@@ -259,6 +276,15 @@ def cache_key(options: CompileOptions, graph_digest: str, args: Sequence[Any]) -
         else list(options.batch_argnums), repr(options.in_specs), repr(options.out_specs),
         options.solver_time_limit, options.annotations, None if options.annotation_specs is None
         else [None if s is None else str(s) for s in options.annotation_specs])
+
+
+def reuse_key(options: CompileOptions, graph_digest: str) -> str:
+    """What decides whether a call signature may take an earlier one's plan: the graph, and the
+    one option that differs between the signatures of one compiled step (the annotations an
+    NNX step reads from its arguments). Where the arguments lie now does not matter: each call
+    places them where the plan wants them."""
+    return fingerprint(graph_digest, None if options.annotation_specs is None
+                       else [None if s is None else str(s) for s in options.annotation_specs])
 
 
 def store_in_cache(cache: PlanCache, key: str, record: dict, name: str) -> str | None:
@@ -310,7 +336,9 @@ def batch_inputs(traced: TracedFunction, spans: dict[int, range],
 def lower_and_jit(plan: Plan, traced: TracedFunction, nargs: int, options: CompileOptions,
                   name: str) -> tuple[LoweredPlan, Any]:
     """The plan lowered onto the mesh, and the ``jax.jit`` that runs it on the user's
-    (unflattened) arguments with the plan's in/out shardings."""
+    (unflattened) arguments with the plan's in/out shardings. Static leaves inside the dynamic
+    arguments and results are ``None`` there (``dynamic_arguments``; the caller puts the
+    results' back, ``traced.out_static``)."""
     lowered = lower(plan, options.mesh)
     dynamic = [i for i in range(nargs) if i not in options.static_argnums]
     in_tree, out_tree = traced.in_tree, traced.out_tree
@@ -330,14 +358,17 @@ def lower_and_jit(plan: Plan, traced: TracedFunction, nargs: int, options: Compi
 def abstract_with_shardings(args: Sequence[Any], in_shardings: Sequence[Any],
                             static_argnums: tuple[int, ...], name: str) -> list:
     """``args`` as ``ShapeDtypeStruct``s carrying the plan's input shardings (static arguments
-    as they are): what the jitted step lowers and compiles without data."""
+    as they are, static leaves as None): what the jitted step lowers and compiles without
+    data."""
     shardings = iter(in_shardings)
     out = list(args)
-    for i, arg in enumerate(args):
+    dynamic = iter(dynamic_arguments(args, static_argnums))
+    for i in range(len(args)):
         if i in static_argnums:
             continue
         out[i] = jax.tree_util.tree_map(
-            lambda leaf: _with_sharding(abstractify_leaf(leaf, "", name), next(shardings)), arg)
+            lambda leaf: _with_sharding(abstractify_leaf(leaf, "", name), next(shardings)),
+            next(dynamic))
     return out
 
 

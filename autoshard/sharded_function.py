@@ -1,14 +1,16 @@
 """``ShardedFunction``: a planned, sharded step that behaves like the result of ``jax.jit``.
 
-It holds one ``PlannedStep`` per call signature (argument shapes, dtypes and static values), as
-``jax.jit`` holds one executable per trace: a call with a new signature plans again (planner.py,
-logged), a call with a known one places its arguments where the plan wants them and runs the
-executable ``.lower(*args).compile()`` returns.
+It holds one ``PlannedStep`` per call signature (argument shapes, dtypes and static values, the
+static leaves inside arguments included: passes/arguments.py), as ``jax.jit`` holds one
+executable per trace: a call with a new signature plans again (planner.py, logged), a call with
+a known one places its arguments where the plan wants them and runs the executable
+``.lower(*args).compile()`` returns.
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from typing import Any, Callable, Sequence
 
 import jax
@@ -18,6 +20,8 @@ from autoshard.ir.errors import ArgumentError
 from autoshard.ir.graph import Graph
 from autoshard.ir.mesh import MeshSpec
 from autoshard.ir.plan import Plan, PlanCandidate
+from autoshard.linen import box_annotations, context_rules
+from autoshard.passes.arguments import combine, partition
 from autoshard.passes.lower import on_mesh
 from autoshard.passes.trace import abstract_arguments, function_name
 from autoshard.planner import (CompileOptions, PlannedStep, abstract_with_shardings,
@@ -34,13 +38,18 @@ class ShardedFunction:
 
     candidates: tuple[PlanCandidate, ...] | None = None
 
-    def __init__(self, fn: Callable, options: CompileOptions, example_args: Sequence[Any]):
+    def __init__(self, fn: Callable, options: CompileOptions, example_args: Sequence[Any],
+                 known_plans: dict[str, dict] | None = None):
+        """``known_plans``: plan records shared with other signatures of the same step
+        (``planner.plan_step``); by default this function's own."""
         self._fn = fn
         self._options = options
         self._cache: dict[Any, PlannedStep] = {}
+        self._known_plans = {} if known_plans is None else known_plans
         self.__name__ = function_name(fn)
         self.__doc__ = getattr(fn, "__doc__", None)
         self._nargs = len(example_args)
+        self._rules = context_rules()    # linen's rules in effect at compile, for replans
         self._example_key = self._signature(example_args)
         self._planned(example_args)
 
@@ -101,7 +110,8 @@ class ShardedFunction:
                                 f"(non-static) argument of the {self._nargs} it was compiled for")
         planned = self._cache[self._example_key]
         span = argument_spans(planned.traced, self._nargs, opts.static_argnums)[argnum]
-        leaves, tree = jax.tree_util.tree_flatten(local_batch)
+        traced, static = partition(local_batch)
+        leaves, tree = jax.tree_util.tree_flatten(traced)
         if len(leaves) != len(span):
             raise ArgumentError(f"{self.__name__}.shard_batch: the local batch has {len(leaves)} "
                                 f"arrays but argument {argnum} has {len(span)}")
@@ -114,14 +124,14 @@ class ShardedFunction:
                 placed.append(jax.device_put(leaf, target))
             else:
                 placed.append(multihost.shard_process_local(leaf, target, value.shape, what))
-        return jax.tree_util.tree_unflatten(tree, placed)
+        return combine(jax.tree_util.tree_unflatten(tree, placed), static)
 
     def __call__(self, *args: Any) -> Any:
         planned = self._planned(args)
         results = planned.jitted(*self._place(planned, args))
-        if self.mesh is planned.lowered_plan.mesh:
-            return results
-        return jax.tree.map(lambda r: on_mesh(r, self.mesh), results)
+        if self.mesh is not planned.lowered_plan.mesh:
+            results = jax.tree.map(lambda r: on_mesh(r, self.mesh), results)
+        return combine(results, planned.traced.out_static)
 
     def lower(self, *args: Any) -> jax.stages.Lowered:
         """jax's ``Lowered`` for these arguments (arrays or ShapeDtypeStructs); its
@@ -142,10 +152,10 @@ class ShardedFunction:
         if len(args) != self._nargs:
             raise ArgumentError(f"{self.__name__} was compiled for {self._nargs} positional "
                                 f"arguments, got {len(args)}")
-        _, avals, tree = abstract_arguments(self._fn, args, opts.static_argnums)
-        avals = tuple((a.shape, str(a.dtype), a.weak_type) for a in avals)
+        arguments = abstract_arguments(self._fn, args, opts.static_argnums)
+        avals = tuple((a.shape, str(a.dtype), a.weak_type) for a in arguments.avals)
         statics = tuple(_hashable(args[i], i, self.__name__) for i in opts.static_argnums)
-        return tree, avals, statics
+        return arguments.in_tree, avals, statics, arguments.statics
 
     def _planned(self, args: Sequence[Any]) -> PlannedStep:
         key = self._signature(args)
@@ -159,8 +169,15 @@ class ShardedFunction:
         return planned
 
     def _plan(self, args: Sequence[Any]) -> PlannedStep:
+        options = self._options
+        if options.annotations != "ignore" and options.annotation_specs is None:
+            rules = options.logical_axis_rules
+            if rules is None:
+                rules = context_rules() or self._rules
+            options = replace(options, annotation_specs=box_annotations(
+                self._fn, args, options.static_argnums, options.mesh, rules))
         try:
-            return plan_step(self._fn, args, self._options, self.__name__)
+            return plan_step(self._fn, args, options, self.__name__, self._known_plans)
         except Exception as err:
             multihost.report_failure(self.__name__, err)  # the other processes stop, naming it
             raise
@@ -168,7 +185,8 @@ class ShardedFunction:
     # -- argument placement ---------------------------------------------------------------------
 
     def _place(self, planned: PlannedStep, args: Sequence[Any]) -> list:
-        """Put each argument leaf where the plan wants it, without copying what is already there.
+        """Put each traced argument leaf where the plan wants it, without copying what is
+        already there (static leaves become None: the plan's trace closed over them).
 
         An array laid out equivalently on the user's (Explicit) mesh is re-wrapped, zero-copy,
         on the Auto view: jit would otherwise trace it with its Explicit type (results are
@@ -179,7 +197,7 @@ class ShardedFunction:
         for i, arg in enumerate(args):
             if i in self._options.static_argnums:
                 continue
-            leaves, tree = jax.tree_util.tree_flatten(arg)
+            leaves, tree = jax.tree_util.tree_flatten(partition(arg)[0])
             out[i] = jax.tree_util.tree_unflatten(tree, [_placed(leaf, next(shardings),
                                                                  self.__name__)
                                                          for leaf in leaves])

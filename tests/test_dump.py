@@ -197,3 +197,45 @@ def test_page_inlines_the_plan_safely_and_pipelines_get_a_trace():
                                          "end": 1e-3}]})
     assert {"name": "fwd mb0", "ph": "X", "pid": 0, "tid": 0, "ts": 0.0,
             "dur": 1e3} in events["traceEvents"]
+
+
+def test_cli_summary_formats_the_gap_folds_mirrors_and_prints_the_annotation_report(
+        searched, tmp_path, capsys):
+    """``autoshard summary``: the gap as a percentage, and only where it is a gap to the optimum
+    (a plan moved for start-up latency is above the bandwidth-only bound on purpose); results
+    that mirror their parameter's layout counted, not repeated; plan.json's annotation
+    report printed."""
+    from dataclasses import replace
+
+    from autoshard.ir.plan import AnnotationDiff, AnnotationReport
+    from autoshard.ir.sharding import ShardingSpec
+
+    plan = searched.plan
+    kernel = "params['towers'][0]['kernel']"
+    report = AnnotationReport("hint", 2, (AnnotationDiff(
+        kernel, ShardingSpec.parse("(B, S1)"), ShardingSpec.parse("(B, B)"), 2e-6, False),),
+        3e-4, 2e-4, 4096, 2048)
+    stopped = replace(plan, annotation_report=report, solver=replace(
+        plan.solver, status="feasible", gap=0.2253, details={}))
+    assert cli(["summary", str(autoshard.dump(stopped, tmp_path / "stopped"))]) == 0
+    text = capsys.readouterr().out
+    assert "feasible, gap 22.53%" in text and "0.2253" not in text
+    assert "annotations (hint): 1 of 2 annotated arguments differ" in text
+    assert re.search(re.escape(kernel) + r"\s+annotated \(B, S1\)\s+searched \(B, B\)", text)
+    results = text[text.index("results:"):text.index("annotations")].splitlines()
+    laid_out = {v.name.removeprefix("params"): s
+                for v, s in zip(plan.graph.inputs, plan.input_specs)}
+    mirrors = sum(laid_out.get(name.removeprefix("out[0]")) == s
+                  for name, s in zip(plan.graph.output_names, plan.output_specs))
+    assert mirrors > 0                          # the new parameters, laid out as the old
+    assert f"... {mirrors} more mirror their parameter's layout" in "\n".join(results)
+    assert not any("out[0]['towers']" in line for line in results if "mirror" not in line)
+
+    moved = replace(plan, solver=replace(plan.solver, status="feasible", gap=0.2253,
+                                         details={"latency_forbidden": ["replicated state"]}))
+    assert cli(["summary", str(autoshard.dump(moved, tmp_path / "moved"))]) == 0
+    text = capsys.readouterr().out
+    assert "gap 22.53%" not in text
+    assert ("moved off the LP optimum for start-up latency (replicated state): 22.53% above "
+            "the LP bound by bandwidth alone") in text
+    assert moved.summary().count("moved off the LP optimum") == 1      # Plan.summary agrees

@@ -9,6 +9,7 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 
@@ -155,3 +156,33 @@ def test_init_into_the_plan_never_holds_a_whole_parameter():
     with nnx.use_eager_sharding(False):
         ref_model, ref_opt = gpt.create(cfg)
     close(step(model, optimizer, batch), nnx.jit(gpt.train_step)(ref_model, ref_opt, batch))
+
+
+def test_first_call_after_init_takes_the_plan_without_planning_again(monkeypatch):
+    """``step.init`` rebuilds the optimizer, whose new optax transformation compares by
+    identity: a new signature for nnx.jit's rule, but the same graph, so the call traces again
+    and takes the plan made at compile instead of planning again (issue 30, item 1)."""
+    import autoshard.planner as planner
+
+    plans = []
+    rule = planner.data_parallel_plan
+    monkeypatch.setattr(planner, "data_parallel_plan",
+                        lambda *a, **k: plans.append(1) or rule(*a, **k))
+    mesh = make_mesh((2, 4))
+    x, y = jnp.ones((16, 16)), jnp.zeros((16, 16))
+
+    def create():
+        model = MLP(nnx.Rngs(0))
+        return model, nnx.Optimizer(model, optax.adamw(1e-3), wrt=nnx.Param)
+
+    step = autoshard.compile(_mlp_step, *nnx.eval_shape(create), x, y, mesh=mesh,
+                             planner="data-parallel")
+    model, optimizer = step.init(create, argnums=(0, 1))
+    loss = step(model, optimizer, x, y)
+    assert len(plans) == 1
+    sources = [entry.sharded.plan_source for entry in step._entries.values()]
+    assert sources[0] == "rule" and set(sources[1:]) <= {"reused"}
+    digests = {entry.sharded.plan_digest for entry in step._entries.values()}
+    assert len(digests) == 1
+    ref_model, ref_optimizer = create()
+    close(loss, nnx.jit(_mlp_step)(ref_model, ref_optimizer, x, y))

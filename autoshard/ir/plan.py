@@ -16,6 +16,7 @@ import jax
 from autoshard.ir.errors import PlanError
 from autoshard.ir.graph import Graph, Value, dtype_name
 from autoshard.ir.mesh import MeshSpec
+from autoshard.ir.mirrors import mirror_rows
 from autoshard.ir.sharding import ShardingSpec
 
 
@@ -52,6 +53,27 @@ class SolverStats:
     gap: float | None = None
     status: str = ""
     details: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def outcome(self) -> str:
+        """How the solve ended, as summaries say it (``solver_outcome``)."""
+        return solver_outcome(self.status, self.gap, self.details)
+
+
+def solver_outcome(status: str, gap: float | None, details: Mapping[str, Any]) -> str:
+    """"proven optimal", or the status and the gap to the lower bound. A plan moved for
+    start-up latency (``latency_forbidden``: the classes of combined collectives it avoids, or
+    the seed it took) is priced above the bandwidth-only LP bound on purpose, so its gap says by
+    how much, not how far it is from the optimum."""
+    moved = details.get("latency_forbidden")
+    if moved:
+        above = "" if gap is None else (f": {gap:.2%} above the LP bound by bandwidth alone, "
+                                        "which counts no start-up latency")
+        what = ", ".join(moved[:3]) + (f", {len(moved) - 3} more" if len(moved) > 3 else "")
+        return f"moved off the LP optimum for start-up latency ({what}){above}"
+    if gap == 0:
+        return "proven optimal"
+    return f"{status}, gap {'unknown' if gap is None else f'{gap:.2%}'}"
 
 
 @dataclass(frozen=True)
@@ -145,12 +167,17 @@ class AnnotationReport:
                  f"{self.searched_step_seconds * 1e3:.4g} ms searched "
                  f"({self.cost_seconds * 1e3:+.4g} ms), peak memory "
                  f"{_mib(self.annotated_peak_bytes)} vs {_mib(self.searched_peak_bytes)}"]
-        width = min(max((len(d.path) for d in self.differences), default=0), 48)
-        for d in self.differences[:max_rows]:
+        # an optimizer moment differs as its parameter does: one row for both
+        mirrored = mirror_rows([(d.path, (d.annotated, d.searched)) for d in self.differences])
+        own = [d for i, d in enumerate(self.differences) if i not in mirrored]
+        width = min(max((len(d.path) for d in own), default=0), 48)
+        for d in own[:max_rows]:
             lines.append(f"  {d.path:<{width}}  annotated {str(d.annotated):<14} searched "
                          f"{str(d.searched):<14} alone {d.seconds * 1e3:+.4g} ms  {kept}")
-        if len(self.differences) > max_rows:
-            lines.append(f"  ... {len(self.differences) - max_rows} more")
+        if len(own) > max_rows:
+            lines.append(f"  ... {len(own) - max_rows} more")
+        if mirrored:
+            lines.append(f"  ... {len(mirrored)} more mirror their parameter's difference")
         return lines
 
 
@@ -308,11 +335,8 @@ class Plan:
             lines.append(f"predicted peak memory: {_mib(p.peak_memory_bytes)} per device{budget}")
         s = self.solver
         if s is not None:
-            gap = "proven optimal" if s.gap == 0 else (
-                f"{s.status}, gap {s.gap:.2%}" if s.gap is not None else f"{s.status}, gap "
-                "unknown")
             lines.append(f"solver: {s.engine}, {s.nodes} nodes / {s.edges} edges / {s.strategies}"
-                         f" strategies, {s.seconds:.2f} s, {gap}")
+                         f" strategies, {s.seconds:.2f} s, {s.outcome}")
         return lines
 
     def _table(self, rows, max_rows: int) -> list[str]:

@@ -198,7 +198,8 @@ def _annotations_to_json(r: AnnotationReport | None) -> dict | None:
                         for d in r.differences]})
 
 
-def _annotations_from_json(d: dict | None) -> AnnotationReport | None:
+def annotations_from_json(d: dict | None) -> AnnotationReport | None:
+    """The annotation report of a plan record's ``annotations`` section (None where absent)."""
     if not d:
         return None
     return AnnotationReport(
@@ -280,7 +281,7 @@ def plan_from_json(doc: dict, graph: Graph, *, in_tree: Any, out_tree: Any,
                     {int(k): _explanation_from_json(e)
                      for k, e in doc.get("explanation", {}).items()},
                     tuple(doc.get("memory_curve", ())), doc.get("hardware_profile", ""),
-                    _annotations_from_json(doc.get("annotations")),
+                    annotations_from_json(doc.get("annotations")),
                     {int(k): ShardingSpec.parse(v) for k, v in doc.get("made", {}).items()})
     except PlanError:
         raise

@@ -6,9 +6,12 @@ from ``compiled.as_text()`` (loop trip counts applied, measure/hlo.py) and memor
 bytes, the total XLA's buffer assignment reserves on one device.
 
 Compiled counts are after XLA's combiners, which merge independent collectives into one op
-(every gradient all-reduce of a data-parallel step becomes one), so they may be lower than the
-predicted counts; bytes compare directly. A reduce-scatter the CPU backend lowers as an
-all-reduce that its readers slice is read back as the reduce-scatter a GPU build runs.
+(every gradient all-reduce of a data-parallel step becomes one), so they are shown beside the
+predicted counts without a ratio, which would read as a misprediction; bytes compare directly. A
+reduce-scatter the CPU backend lowers as an all-reduce that its readers slice is read back as
+the reduce-scatter a GPU build runs. A plan made by a rule (``planner="data-parallel"``) has no
+predictions: its compiled collectives and memory are shown with the predicted column empty,
+so a hand plan can be set beside a searched one.
 """
 
 from __future__ import annotations
@@ -21,42 +24,68 @@ from autoshard.measure.hlo import KINDS, MeasuredStep, hlo_stats, measured_step
 
 @dataclass(frozen=True)
 class Comparison:
-    """One measure, predicted and compiled; ``ratio`` = predicted / compiled."""
+    """One measure, predicted (None: the plan has no prediction) and compiled. ``ratio`` =
+    predicted / compiled, None where it says nothing: no prediction, or a ``combined`` count
+    (compiled after XLA's combiners, module docstring)."""
 
     name: str
-    predicted: float
+    predicted: float | None
     compiled: float
+    combined: bool = False
 
     @property
     def ratio(self) -> float | None:
+        if self.predicted is None or self.combined:
+            return None
         if self.compiled == 0:
             return None if self.predicted else 1.0
         return self.predicted / self.compiled
 
     @property
     def difference(self) -> float | None:
-        """Relative difference |predicted - compiled| / compiled (None when compiled is 0)."""
+        """Relative difference |predicted - compiled| / compiled (None where ``ratio`` is)."""
         r = self.ratio
         return None if r is None else abs(r - 1.0)
 
 
+COUNTS_NOTE = ("counts: compiled after XLA's combiners, which merge independent collectives "
+               "into one op; compare the bytes")
+
+
+def comparison_lines(rows: list[tuple[str, float | None, float, float | None]]) -> list[str]:
+    """The predicted-vs-compiled table, one ``(name, predicted, compiled, ratio)`` per row;
+    an empty predicted cell where there is no prediction, "-" where there is no ratio."""
+    lines = [f"{'measure':<28} {'predicted':>14} {'compiled':>14} {'ratio':>7}"]
+    for name, predicted, compiled, ratio in rows:
+        shown = "" if predicted is None else f"{predicted:,.0f}"
+        lines.append(f"{name:<28} {shown:>14} {compiled:>14,.0f} "
+                     f"{'-' if ratio is None else f'{ratio:.2f}':>7}")
+    return lines
+
+
 @dataclass(frozen=True)
 class Verification:
-    """Predicted versus compiled: collective counts and bytes by kind, and peak memory."""
+    """Predicted versus compiled: collective counts and bytes by kind, and peak memory;
+    ``predicted`` is False for a plan without predictions (a rule's)."""
 
     collective_counts: tuple[Comparison, ...]
     collective_bytes: tuple[Comparison, ...]
     total_collective_bytes: Comparison
     peak_memory: Comparison
     hlo_text: str
+    predicted: bool = True
+
+    @property
+    def rows(self) -> tuple[Comparison, ...]:
+        return (*self.collective_counts, *self.collective_bytes, self.total_collective_bytes,
+                self.peak_memory)
 
     def summary(self) -> str:
-        lines = [f"{'measure':<28} {'predicted':>14} {'compiled':>14} {'ratio':>7}"]
-        rows = [*self.collective_counts, *self.collective_bytes, self.total_collective_bytes,
-                self.peak_memory]
-        for c in rows:
-            ratio = "-" if c.ratio is None else f"{c.ratio:.2f}"
-            lines.append(f"{c.name:<28} {c.predicted:>14,.0f} {c.compiled:>14,.0f} {ratio:>7}")
+        lines = comparison_lines([(c.name, c.predicted, c.compiled, c.ratio) for c in self.rows])
+        if self.collective_counts and self.predicted:
+            lines.append(COUNTS_NOTE)
+        if not self.predicted:
+            lines.append("no predictions: the plan was made by a rule, not the cost-model search")
         return "\n".join(lines)
 
 
@@ -81,22 +110,26 @@ def compiled_roofline(compiled: Any, hw: Any, mesh: Any) -> MeasuredStep:
 
 def verify(sharded_fn: Any, *args: Any) -> Verification:
     """Compile ``sharded_fn`` (an ``autoshard.compile`` result) for ``args`` (arrays or
-    ShapeDtypeStructs) and compare the plan's predictions with the executable."""
+    ShapeDtypeStructs) and compare the plan's predictions, where it has them, with the
+    executable."""
     plan = sharded_fn.plan_for(*args)
-    if plan.prediction is None:
-        raise ValueError(f"the plan of {sharded_fn.__name__} was not made by the cost-model "
-                         f"search ({plan.method}); it has no predictions to verify")
+    prediction = plan.prediction
     compiled = sharded_fn.lower(*args).compile()
     text = compiled.as_text()
     stats = hlo_stats(text)
-    predicted = dict(plan.prediction.collectives)
+    predicted = {} if prediction is None else dict(prediction.collectives)
     kinds = [k for k in KINDS if k in stats.count or k in predicted]
-    counts = tuple(Comparison(f"{k} count", predicted.get(k, (0, 0))[0], stats.count.get(k, 0))
-                   for k in kinds)
-    nbytes = tuple(Comparison(f"{k} bytes", predicted.get(k, (0, 0))[1], stats.bytes.get(k, 0))
-                   for k in kinds)
-    total = Comparison("collective bytes", sum(v[1] for v in predicted.values()),
+
+    def if_predicted(value):
+        return None if prediction is None else value
+
+    counts = tuple(Comparison(f"{k} count", if_predicted(predicted.get(k, (0, 0))[0]),
+                              stats.count.get(k, 0), combined=True) for k in kinds)
+    nbytes = tuple(Comparison(f"{k} bytes", if_predicted(predicted.get(k, (0, 0))[1]),
+                              stats.bytes.get(k, 0)) for k in kinds)
+    total = Comparison("collective bytes", if_predicted(sum(v[1] for v in predicted.values())),
                        stats.total_bytes)
-    memory = Comparison("peak memory bytes", plan.prediction.peak_memory_bytes,
+    memory = Comparison("peak memory bytes",
+                        if_predicted(getattr(prediction, "peak_memory_bytes", 0)),
                         peak_memory(compiled))
-    return Verification(counts, nbytes, total, memory, text)
+    return Verification(counts, nbytes, total, memory, text, prediction is not None)

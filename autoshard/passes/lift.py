@@ -10,10 +10,12 @@ Loops and conditionals stay region nodes with body graphs (``scan``, ``while``, 
 body is planned once, and a scan's stacked operands are stacked along their leading axis, which
 a plan may never split.
 
-User pins become ``autoshard_hint`` nodes: ``autoshard.hint`` directly, and
+User pins become ``autoshard_hint`` nodes: ``autoshard.hint`` directly,
 ``with_sharding_constraint`` / ``device_put`` to a ``NamedSharding`` written inside the
-function. Other primitives are kept as they are and re-bound as they are, sub-jaxprs included
-(scatter combiners, ``custom_linear_solve``): the planner may treat them as opaque. Only
+function, and explicit-mode layouts (``out_sharding=`` params, ``jax.sharding.reshard``; see
+passes/explicit.py), which are dropped from the params so the node re-binds on any mesh.
+Other primitives are kept as they are and re-bound as they are, sub-jaxprs included (scatter
+combiners, ``custom_linear_solve``): the planner may treat them as opaque. Only
 primitives that fix their own per-device layout (``shard_map``, ``pmap``) cannot live inside a
 planned program; they raise UnsupportedPrimitiveError at the user's source line.
 """
@@ -32,6 +34,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from autoshard.ir.errors import UnsupportedPrimitiveError
 from autoshard.ir.graph import Graph, Literal, Node, Value
 from autoshard.ir.hint import hint_p
+from autoshard.passes.explicit import RESHARD, RESHARD_PARAM, explicit_layout, pinned_spec
 from autoshard.passes.trace import TracedFunction, short_path
 
 # primitive name -> the param holding the body that is inlined
@@ -152,10 +155,15 @@ class _Lifter:
                 outs = self.pin(builder, eqn, inputs, [eqn.params["sharding"]], stack)
             elif name == "device_put":
                 outs = self.pin(builder, eqn, inputs, list(eqn.params["devices"]), stack)
+            elif name == RESHARD:
+                outs = self.explicit_pin(builder, eqn, inputs,
+                                         pinned_spec(eqn.params[RESHARD_PARAM]), stack)
             else:
                 _reject_unsupported(eqn, stack, self.source(eqn))
-                outs = self.emit(builder, eqn.primitive, eqn.params, inputs,
+                params, spec = explicit_layout(eqn.params)
+                outs = self.emit(builder, eqn.primitive, params, inputs,
                                  [v.aval for v in eqn.outvars], eqn, stack)
+                outs = self.explicit_pin(builder, eqn, outs, spec, stack)
             for var, value in zip(eqn.outvars, outs, strict=True):
                 env[var] = value
 
@@ -201,6 +209,14 @@ class _Lifter:
         params = {k: v for k, v in eqn.params.items() if k not in _REGION_BODIES[name]}
         return self.emit(builder, eqn.primitive, params, inputs, [v.aval for v in eqn.outvars],
                          eqn, stack, bodies)
+
+    def explicit_pin(self, builder: _Builder, eqn, values: list, spec, stack: str) -> list:
+        """An explicit-mode layout (passes/explicit.py) as a hint on ``values``; None: as
+        they are."""
+        if spec is None:
+            return values
+        return [self.emit(builder, hint_p, {"spec": spec}, [v], [_aval_of(v)], eqn, stack)[0]
+                if isinstance(v, Value) else v for v in values]
 
     def pin(self, builder: _Builder, eqn, inputs: list, shardings: list, stack: str) -> list:
         """Turn a user's sharding constraint into hints; unpinnable ones become the identity."""

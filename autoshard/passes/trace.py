@@ -1,10 +1,17 @@
 """Trace the user's function on example arguments into a jaxpr, naming every argument leaf.
 
-Tracing uses abstract values only (``ShapeDtypeStruct`` with any sharding stripped), outside any
-mesh context: the plan is made later, and a trace that carried the example arrays' shardings
-would bake them into the jaxpr's ``out_sharding`` params. Leaves are named by the function's
-parameter names and their pytree paths (``params['blocks'][0]['w']``) so that every later error
-and every row of a plan speaks the user's vocabulary.
+Tracing uses abstract values only (``ShapeDtypeStruct`` with any sharding stripped), under no
+mesh whatever the caller set: the plan is made later, and a trace that carried the example
+arrays' shardings would bake them into the jaxpr's ``out_sharding`` params. A step written in
+explicit sharding mode is traced again under an Explicit view of the mesh (passes/explicit.py).
+Leaves are named by the function's parameter names and their pytree paths
+(``params['blocks'][0]['w']``) so that every later error and every row of a plan speaks the
+user's vocabulary.
+
+Leaves that are not arrays (an Equinox module's activation function or ``bool`` field) are
+static, as under ``eqx.filter_jit`` (passes/arguments.py says which): the jaxpr's inputs are the
+traced leaves only, the static ones are part of the call signature and closed over by the trace,
+and the results' static leaves are recorded here and put back by the caller.
 """
 
 from __future__ import annotations
@@ -20,6 +27,8 @@ import jax
 import numpy as np
 
 from autoshard.ir.errors import ArgumentError, UnsupportedPrimitiveError
+from autoshard.passes.arguments import combine, partition
+from autoshard.passes.explicit import explicit_mesh, is_sharding_error, neutral_mesh
 
 _SCALARS = (bool, int, float, complex, np.generic)
 
@@ -36,6 +45,19 @@ class TracedFunction:
     out_names: tuple[str, ...]
     in_avals: tuple[jax.ShapeDtypeStruct, ...]
     static_argnums: tuple[int, ...]
+    out_static: Any = None  # the results' static leaves, None where a leaf is traced
+
+
+@dataclass(frozen=True)
+class AbstractArguments:
+    """The traced leaves of a call's dynamic arguments: their names and sharding-free avals;
+    ``in_tree``, the arguments' structure with every static leaf a ``None``; ``statics``, each
+    static leaf with its name (hashable: they are part of the call signature)."""
+
+    names: tuple[str, ...]
+    avals: tuple[jax.ShapeDtypeStruct, ...]
+    in_tree: Any
+    statics: tuple[tuple[str, Any], ...]
 
 
 def function_name(fn: Callable) -> str:
@@ -83,53 +105,124 @@ def abstractify_leaf(leaf: Any, where: str, fn_name: str) -> jax.ShapeDtypeStruc
         return jax.ShapeDtypeStruct(aval.shape, aval.dtype, weak_type=aval.weak_type)
     raise ArgumentError(
         f"{fn_name}: argument {where} is a {type(leaf).__module__}.{type(leaf).__qualname__} "
-        f"({_short_repr(leaf)}); autoshard.compile traces array arguments only (jax or numpy "
-        "arrays, Python scalars, jax.ShapeDtypeStruct). Pass an array, or mark the argument "
-        "static with static_argnums if it configures the function rather than feeding it data.")
+        f"({_short_repr(leaf)}), not an array or a Python scalar, so it cannot be traced")
+
+
+def dynamic_arguments(args: Sequence[Any], static_argnums: tuple[int, ...]) -> tuple:
+    """The dynamic positional arguments, each with its static leaves replaced by None: what the
+    jitted step is called with."""
+    return tuple(partition(a)[0] for i, a in enumerate(args) if i not in static_argnums)
 
 
 def abstract_arguments(fn: Callable, args: Sequence[Any], static_argnums: tuple[int, ...]
-                       ) -> tuple[tuple[str, ...], tuple[jax.ShapeDtypeStruct, ...], Any]:
-    """Names, sharding-free avals and the tree of the dynamic arguments' leaves."""
+                       ) -> AbstractArguments:
+    """Names and sharding-free avals of the dynamic arguments' traced leaves, their tree, and
+    their static leaves (named, checked hashable)."""
     fn_name = function_name(fn)
     names = parameter_names(fn, len(args))
     dynamic = [i for i in range(len(args)) if i not in static_argnums]
+    parts = [partition(args[i]) for i in dynamic]
     leaves_with_path, in_tree = jax.tree_util.tree_flatten_with_path(
-        tuple(args[i] for i in dynamic))
+        tuple(traced for traced, _ in parts))
     arg_names, avals = [], []
     for path, leaf in leaves_with_path:
-        (first, *rest) = path
-        where = names[dynamic[first.idx]] + jax.tree_util.keystr(tuple(rest))
+        where = _leaf_name(names, dynamic, path)
         arg_names.append(where)
         avals.append(abstractify_leaf(leaf, where, fn_name))
-    return tuple(arg_names), tuple(avals), in_tree
+    statics = []
+    for path, leaf in jax.tree_util.tree_flatten_with_path(
+            tuple(static for _, static in parts))[0]:
+        where = _leaf_name(names, dynamic, path)
+        statics.append((where, _hashable_static(leaf, where, fn_name)))
+    return AbstractArguments(tuple(arg_names), tuple(avals), in_tree, tuple(statics))
 
 
-def trace(fn: Callable, args: Sequence[Any], *,
-          static_argnums: tuple[int, ...] = ()) -> TracedFunction:
-    arg_names, avals, in_tree = abstract_arguments(fn, args, static_argnums)
+def _leaf_name(names: list[str], dynamic: list[int], path: tuple) -> str:
+    (first, *rest) = path
+    return names[dynamic[first.idx]] + jax.tree_util.keystr(tuple(rest))
+
+
+def _hashable_static(leaf: Any, where: str, fn_name: str) -> Any:
+    try:
+        hash(leaf)
+    except TypeError:
+        raise ArgumentError(
+            f"{fn_name}: argument {where} is a {type(leaf).__module__}.{type(leaf).__qualname__}"
+            f" ({_short_repr(leaf)}), which is not an array, so it is static (part of the call "
+            "signature, as under eqx.filter_jit), but it is not hashable. Make it hashable, "
+            "hold the data it carries as arrays, or close over it in the function.") from None
+    return leaf
+
+
+def trace(fn: Callable, args: Sequence[Any], *, static_argnums: tuple[int, ...] = (),
+          mesh: jax.sharding.Mesh | None = None) -> TracedFunction:
+    """Trace ``fn`` under no mesh; a step in explicit sharding mode, which needs one, under an
+    Explicit view of ``mesh`` (passes/explicit.py)."""
+    arguments = abstract_arguments(fn, args, static_argnums)
     dynamic = [i for i in range(len(args)) if i not in static_argnums]
-    abstract_dynamic = jax.tree_util.tree_unflatten(in_tree, avals)
+    statics = {i: partition(args[i])[1] for i in dynamic}
+    out_static = []
+
+    def traced_step(*call_args):
+        full = [combine(a, statics[i]) if i in statics else a for i, a in enumerate(call_args)]
+        traced_out, static_out = partition(fn(*full))
+        out_static.append(static_out)
+        return traced_out
+
+    _named_like(traced_step, fn)
+    abstract_dynamic = jax.tree_util.tree_unflatten(arguments.in_tree, arguments.avals)
     abstract_args = list(args)
     for slot, i in enumerate(dynamic):
         abstract_args[i] = abstract_dynamic[slot]
+    make = jax.make_jaxpr(traced_step, static_argnums=static_argnums, return_shape=True)
     try:
-        closed, out_shape = jax.make_jaxpr(fn, static_argnums=static_argnums,
-                                           return_shape=True)(*abstract_args)
+        with neutral_mesh():
+            closed, out_shape = make(*abstract_args)
     except Exception as err:
         unsupported = _unsupported_in_trace(err, function_name(fn))
         if unsupported is not None:
             raise unsupported from err
-        err.add_note(f"autoshard: raised while tracing {function_name(fn)} (at "
-                     f"{_innermost_user_line(err)}) on abstract example arguments that carry no "
-                     "sharding; code that reads its arguments' shardings (jax.sharding.reshard, "
-                     "explicit-sharding APIs) cannot run under autoshard.compile, where "
-                     "autoshard.hint pins layouts instead.")
-        raise
+        if not is_sharding_error(err):
+            raise
+        if mesh is None:
+            _explicit_note(err, fn, None)
+            raise
+        try:
+            with explicit_mesh(mesh):
+                closed, out_shape = make(*abstract_args)
+        except Exception as explicit_err:
+            if is_sharding_error(explicit_err):
+                _explicit_note(explicit_err, fn, mesh)
+            raise explicit_err from None
     out_paths, out_tree = jax.tree_util.tree_flatten_with_path(out_shape)
     out_names = tuple("out" + jax.tree_util.keystr(p) for p, _ in out_paths)
-    return TracedFunction(function_name(fn), closed, in_tree, out_tree, arg_names, out_names,
-                          avals, static_argnums)
+    return TracedFunction(function_name(fn), closed, arguments.in_tree, out_tree,
+                          arguments.names, out_names, arguments.avals, static_argnums,
+                          out_static[-1])
+
+
+def _explicit_note(err: Exception, fn: Callable, mesh: jax.sharding.Mesh | None) -> None:
+    """What autoshard does with sharding code in a step, on an error about meshes or shardings
+    (and only there: other errors are the user's own)."""
+    where = (f"in explicit sharding mode on the mesh {dict(mesh.shape)}, every argument typed "
+             "replicated (the plan chooses their layouts)" if mesh is not None else
+             "under no mesh, on arguments that carry no sharding")
+    err.add_note(f"autoshard: raised while tracing {function_name(fn)} (at "
+                 f"{_innermost_user_line(err)}) {where}. out_sharding= and "
+                 "jax.sharding.reshard are read as pins; code that reads its arguments' "
+                 "shardings cannot run under autoshard.compile, where autoshard.hint(x, spec) "
+                 "pins layouts instead.")
+
+
+def _named_like(wrapper: Callable, fn: Callable) -> None:
+    """Give ``wrapper`` the name and signature of ``fn``, which jax's debug info (and so its
+    error messages) reads."""
+    wrapper.__name__ = getattr(fn, "__name__", "step")
+    wrapper.__qualname__ = function_name(fn)
+    try:
+        wrapper.__signature__ = inspect.signature(fn)
+    except (TypeError, ValueError):
+        pass
 
 
 def _unsupported_in_trace(err: Exception, fn_name: str) -> Exception | None:

@@ -517,9 +517,10 @@
     box.append(el("h2", { text: "Predicted vs compiled" }), el("table", { id: "verification-table", style: "max-width:760px" },
       el("thead", {}, el("tr", {}, ["measure", "predicted", "compiled", "ratio"].map((h, i) => el("th", { class: i ? "num" : null, text: h })))),
       el("tbody", {}, v.rows.map((r) => el("tr", {}, el("td", { text: r.name }),
-        el("td", { class: "num", text: Math.round(r.predicted).toLocaleString() }),
+        el("td", { class: "num", text: r.predicted == null ? "" : Math.round(r.predicted).toLocaleString() }),
         el("td", { class: "num", text: Math.round(r.compiled).toLocaleString() }),
-        el("td", { class: "num", text: r.compiled ? (r.predicted / r.compiled).toFixed(2) : "-" }))))));
+        // no ratio for counts (compiled after XLA's combiners) or without a prediction
+        el("td", { class: "num", text: r.ratio == null ? "-" : r.ratio.toFixed(2) }))))));
   };
 
   show("arguments");

@@ -192,6 +192,29 @@ def test_sharding_constraint_in_user_code_becomes_a_hint():
     assert hint.params["spec"] == P("data")
 
 
+def test_explicit_mode_layouts_become_hints_and_leave_the_params():
+    """``out_sharding=`` and ``jax.sharding.reshard`` (traced under the explicit view of the
+    mesh) are pins; the re-bound primitives carry no layout, so the graph runs under no mesh."""
+    mesh = jax.make_mesh((2, 4), ("data", "model"))
+
+    def fn(x, w):
+        h = jnp.einsum("bd,df->bf", x, w, out_sharding=P("data", "model"))
+        h = jax.sharding.reshard(jnp.tanh(h), P("data", None))
+        return (h.reshape(2, 4, 16) + jnp.zeros((2, 4, 1))).sum(0)
+
+    x, w = jnp.arange(64.0).reshape(8, 8) / 64, jnp.ones((8, 16)) / 8
+    _, graph = lift_fn(fn, x, w, mesh=mesh)
+    hints = [n.params["spec"] for n in graph.nodes if n.op == "autoshard_hint"]
+    assert P("data", "model") in hints and P("data", None) in hints
+    for node, _ in graph.walk():
+        for key in ("sharding", "out_sharding"):
+            assert node.params.get(key) is None, (node.op, key)
+    with jax.set_mesh(mesh):
+        want = jax.jit(fn)(x, w)
+    np.testing.assert_allclose(jax.jit(lambda *a: evaluate(graph, a))(x, w)[0], want,
+                               rtol=1e-6)
+
+
 def test_output_may_be_input_or_literal():
     _, graph = lift_fn(lambda x: (x, 3.0), jnp.ones(2))
     assert graph.outputs[0] is graph.inputs[0]
