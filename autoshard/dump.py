@@ -39,7 +39,8 @@ from autoshard.ir.graph import Graph, Value, dtype_name
 from autoshard.ir.mesh import MeshSpec
 from autoshard.ir.mirrors import mirror_rows
 from autoshard.ir.plan import Plan, StrategyCost, solver_outcome
-from autoshard.ir.plan_json import annotations_from_json, check_header, plan_to_json
+from autoshard.ir.plan_json import (annotations_from_json, check_header, plan_to_json,
+                                   redundant_axes_from_json)
 from autoshard.ir.sharding import ShardingSpec
 from autoshard.measure.verify import COUNTS_NOTE, comparison_lines
 from autoshard.viewer import render_page
@@ -334,6 +335,7 @@ class PlanDump:
             outcome = solver_outcome(s["status"], s["gap"], s.get("details") or {})
             lines.append(f"solver: {s['engine']}, {s['nodes']} nodes / {s['edges']} edges / "
                          f"{s['strategies']} strategies, {s['seconds']:.2f} s, {outcome}")
+        lines += [r.line() for r in redundant_axes_from_json(self.record.get("redundant_axes"))]
         parameters: list[ArgumentRow] = []
         for title, rows in (("arguments", self.inputs), ("results", self.outputs)):
             total = sum(r.bytes_per_device for r in rows)

@@ -169,12 +169,15 @@ def search_within_budget(args, traced, graph, mesh_spec, pins, donated, options:
     peaks), so that this plan cannot fit again."""
     target = options.memory_budget
     previous = None
+    # a plan that leaves a mesh axis unused is priced against one that splits the batch over it
+    batch = batch_inputs(traced, argument_spans(traced, len(args), options.static_argnums),
+                         options.batch_argnums)
     for _ in range(4):
         plan = search_plan(graph, mesh_spec, options.hardware, pins, in_tree=traced.in_tree,
                            out_tree=traced.out_tree, donated=donated,
                            updated=updated_arguments(graph), memory_budget=target,
                            time_limit=options.solver_time_limit,
-                           progress=_progress_of(name))
+                           progress=_progress_of(name), batch_inputs=batch)
         lowered, jitted = lower_and_jit(plan, traced, len(args), options, name)
         if options.memory_budget is None:
             return plan, lowered, jitted

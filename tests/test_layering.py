@@ -28,18 +28,25 @@ PASSES_ALLOWED = {
 }
 
 
-def imported_layers(path):
+def imported_modules(path):
+    """(dotted autoshard module, line) of every import in ``path``; ``from autoshard.passes import
+    x`` names ``autoshard.passes.x``."""
     tree = ast.parse(path.read_text())
     for node in ast.walk(tree):
         names = []
         if isinstance(node, ast.Import):
             names = [a.name for a in node.names]
         elif isinstance(node, ast.ImportFrom) and node.module:
-            names = [node.module]
+            names = [node.module] if node.module != "autoshard.passes" else [
+                f"autoshard.passes.{a.name}" for a in node.names]
         for name in names:
-            parts = name.split(".")
-            if parts[0] == "autoshard":
-                yield (parts[1] if len(parts) > 1 else "<package>"), node.lineno
+            if name.split(".")[0] == "autoshard":
+                yield name.split("."), node.lineno
+
+
+def imported_layers(path):
+    for parts, line in imported_modules(path):
+        yield (parts[1] if len(parts) > 1 else "<package>"), line
 
 
 @pytest.mark.parametrize("layer", sorted(ALLOWED))
@@ -59,18 +66,9 @@ def test_every_package_has_a_rule():
 
 
 def imported_passes_modules(path):
-    tree = ast.parse(path.read_text())
-    for node in ast.walk(tree):
-        names = []
-        if isinstance(node, ast.Import):
-            names = [a.name for a in node.names]
-        elif isinstance(node, ast.ImportFrom) and node.module:
-            names = [node.module] if node.module != "autoshard.passes" else [
-                f"autoshard.passes.{a.name}" for a in node.names]
-        for name in names:
-            parts = name.split(".")
-            if parts[:2] == ["autoshard", "passes"] and len(parts) > 2:
-                yield parts[2], node.lineno
+    for parts, line in imported_modules(path):
+        if parts[1:2] == ["passes"] and len(parts) > 2:
+            yield parts[2], line
 
 
 @pytest.mark.parametrize("subpackage", sorted(PASSES_ALLOWED))

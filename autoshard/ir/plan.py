@@ -182,6 +182,34 @@ class AnnotationReport:
 
 
 @dataclass(frozen=True)
+class RedundantAxis:
+    """A mesh axis (``axis``, of ``size`` devices) along which the plan splits no op's work, so
+    its devices compute the same thing: the plan's predicted step (``chosen_step_seconds``)
+    against the best plan the search finds with the batch split over that axis
+    (``best_using_it_step_seconds``; None with the reason in ``unavailable``: none fits, or
+    no batch argument divides over it). passes/redundant_axes.py solves for it."""
+
+    axis: str
+    size: int
+    chosen_step_seconds: float
+    best_using_it_step_seconds: float | None = None
+    unavailable: str = ""
+
+    def line(self) -> str:
+        times = {2: "twice", 3: "three times"}.get(self.size, f"{self.size} times")
+        head = (f"mesh axis {self.axis!r} ({self.size} devices) computes the same thing "
+                f"{times}: ")
+        chosen = _duration(self.chosen_step_seconds)
+        best = self.best_using_it_step_seconds
+        if best is None:
+            return head + f"{self.unavailable or 'no plan that uses it fits'} (the chosen " \
+                          f"plan is predicted {chosen})"
+        verdict = "is cheaper than" if best > self.chosen_step_seconds else "costs as much as"
+        return head + (f"the chosen plan (predicted {chosen}) {verdict} the best plan that "
+                       f"splits the batch over {self.axis!r} ({_duration(best)})")
+
+
+@dataclass(frozen=True)
 class PlanCandidate:
     """One plan ``planner="measured"`` weighed: its method, its executable's step time
     measured as the plan-quality benchmark measures (matmul FLOPs and collectives read from
@@ -220,6 +248,8 @@ class Plan:
     ``made_specs`` gives, per value id, the layout its op makes it in where the plan then
     pins it in another (``value_specs``): the lowering constrains it to both in turn, or the
     partitioner reaches the pinned layout by moving the op's operands, not its result.
+    ``redundant_axes`` (search plans) lists the mesh axes along which the plan splits no
+    op's work, each priced against the best plan that uses it (``RedundantAxis``).
     """
 
     graph: Graph
@@ -240,6 +270,7 @@ class Plan:
     hardware: str = ""
     annotation_report: AnnotationReport | None = None
     made_specs: Mapping[int, ShardingSpec] = field(default_factory=dict)
+    redundant_axes: tuple[RedundantAxis, ...] = ()
 
     def __post_init__(self):
         if len(self.input_specs) != len(self.graph.inputs):
@@ -298,6 +329,7 @@ class Plan:
             f"graph: {g.num_nodes()} nodes ({top})",
         ]
         lines += self._prediction_lines()
+        lines += [r.line() for r in self.redundant_axes]
         total_in = sum(self.bytes_per_device(v, s) for v, s in zip(g.inputs, self.input_specs))
         lines.append(f"arguments: {len(g.inputs)} arrays, {_mib(total_in)} per device")
         lines += self._table(
@@ -363,6 +395,11 @@ class Plan:
             out.append(f"  ... {len(folded)} {kind} ({_mib(nbytes)}/dev): "
                        f"{', '.join(r[0] for r in folded[:3])}{', ...' if len(folded) > 3 else ''}")
         return out
+
+
+def _duration(seconds: float) -> str:
+    """Milliseconds, or microseconds below 0.1 ms (a tiny step's 3.6e-06 ms reads as 0.0036 us)."""
+    return f"{seconds * 1e3:.4g} ms" if seconds >= 1e-4 else f"{seconds * 1e6:.4g} us"
 
 
 def _mib(nbytes: int) -> str:

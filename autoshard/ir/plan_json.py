@@ -18,7 +18,9 @@ Schema (``SCHEMA_VERSION`` is bumped on any incompatible change; readers reject 
   reshard-in, reshard-out seconds] and collectives as [kind, axes, bytes, count, cause],
   annotations {mode, annotated, annotated_step_seconds, searched_step_seconds,
   annotated_peak_bytes, searched_peak_bytes, differences: [[path, annotated spec, searched
-  spec, seconds, kept]]} | null (added within version 1: a record without it reads as null).
+  spec, seconds, kept]]} | null (added within version 1: a record without it reads as null),
+  redundant_axes [[axis name, size, chosen step seconds, best step seconds using it | null,
+  why none]] (added within version 1: a record without it reads as []).
 Specs are SBP strings as ``str(ShardingSpec)`` writes them (``"(S0, B)"``), parsed back with
 ``ShardingSpec.parse``.
 """
@@ -37,7 +39,8 @@ from autoshard.ir.errors import PlanError
 from autoshard.ir.graph import Graph, Value, dtype_name
 from autoshard.ir.mesh import MeshSpec
 from autoshard.ir.plan import (AnnotationDiff, AnnotationReport, CollectiveCause,
-                               NodeExplanation, Plan, Prediction, SolverStats, StrategyCost)
+                               NodeExplanation, Plan, Prediction, RedundantAxis, SolverStats,
+                               StrategyCost)
 from autoshard.ir.sharding import ShardingSpec
 from autoshard.ir.version import __version__
 
@@ -182,6 +185,9 @@ def plan_to_json(plan: Plan, *, graph_digest: str | None = None) -> dict:
         "explanation": {str(k): _explanation_to_json(e)
                         for k, e in sorted(plan.explanation.items())},
         "annotations": _annotations_to_json(plan.annotation_report),
+        "redundant_axes": [_jsonable([r.axis, r.size, r.chosen_step_seconds,
+                                      r.best_using_it_step_seconds, r.unavailable])
+                           for r in plan.redundant_axes],
     }
 
 
@@ -208,6 +214,13 @@ def annotations_from_json(d: dict | None) -> AnnotationReport | None:
                              bool(kept)) for path, a, b, t, kept in d["differences"]),
         float(d["annotated_step_seconds"]), float(d["searched_step_seconds"]),
         int(d["annotated_peak_bytes"]), int(d["searched_peak_bytes"]))
+
+
+def redundant_axes_from_json(rows: list | None) -> tuple[RedundantAxis, ...]:
+    """The unused mesh axes of a plan record's ``redundant_axes`` section (() where absent)."""
+    return tuple(RedundantAxis(str(axis), int(size), float(chosen),
+                               None if best is None else float(best), str(why))
+                 for axis, size, chosen, best, why in rows or ())
 
 
 def _strategy_to_json(c: StrategyCost) -> list:
@@ -282,7 +295,8 @@ def plan_from_json(doc: dict, graph: Graph, *, in_tree: Any, out_tree: Any,
                      for k, e in doc.get("explanation", {}).items()},
                     tuple(doc.get("memory_curve", ())), doc.get("hardware_profile", ""),
                     annotations_from_json(doc.get("annotations")),
-                    {int(k): ShardingSpec.parse(v) for k, v in doc.get("made", {}).items()})
+                    {int(k): ShardingSpec.parse(v) for k, v in doc.get("made", {}).items()},
+                    redundant_axes_from_json(doc.get("redundant_axes")))
     except PlanError:
         raise
     except (KeyError, TypeError, ValueError, AttributeError) as err:

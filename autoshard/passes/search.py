@@ -6,7 +6,9 @@ solved first, a proven optimum where its solution is integral; where a binding m
 makes it fractional, its memory duals price a plan and the combinatorial search checks it. The
 LP prices collectives by bandwidth alone, so the plan is then refined for the start-up latency
 each combined collective pays once (latency.py; the LP with fixed charges where the problem is
-small). The plan is read off the choice by chosen_plan.py and priced by prediction/predict.py.
+small). The plan is read off the choice by chosen_plan.py and priced by prediction/predict.py;
+a plan that leaves a mesh axis unused is priced against the best one that uses it
+(redundant_axes.py).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from autoshard.passes.pins import Pins
 from autoshard.passes.prediction.explain import local_costs
 from autoshard.passes.prediction.predict import predict
 from autoshard.passes.problem import NS, PlanningProblem, build_problem
+from autoshard.passes.redundant_axes import with_redundant_axes
 from autoshard.solver.lp import (MIN_ITERATIONS, FixedCharge, solve_lagrangian,
                                  solve_local_polytope)
 from autoshard.solver.problem import Problem, evaluate
@@ -53,12 +56,33 @@ FIXED_CHARGE_MAX_STRATEGIES = 10_000
 
 def search_plan(graph: Graph, mesh: MeshSpec, hw: Hardware, pins: Pins, *, in_tree, out_tree,
                 donated: set[int], updated: dict[int, int], memory_budget: int | None,
-                time_limit: float, progress: Callable[[str], None] | None = None) -> Plan:
+                time_limit: float, progress: Callable[[str], None] | None = None,
+                batch_inputs: tuple[int, ...] | None = None) -> Plan:
     """Plan ``graph``: the local-polytope LP first (solver/lp.py); when its optimum is integral it
     is a proven optimal plan; when a memory limit makes it fractional, the LP priced by its
     memory duals (``solve_lagrangian``), and the combinatorial search (solve.py) as well when
     that plan is more than ``PRICED_GAP`` above the LP bound or none fits, keeping the cheaper.
-    The LP optimum is the lower bound the gap is reported against."""
+    The LP optimum is the lower bound the gap is reported against.
+
+    With ``batch_inputs`` (flat positions of the batch arguments), a plan that leaves a mesh
+    axis unused is priced against the best plan that splits the batch over it, solved the
+    same way (redundant_axes.py); a plan that uses every axis is returned as solved."""
+    def solve_with(these_pins: Pins):
+        return _search_once(graph, mesh, hw, these_pins, in_tree=in_tree, out_tree=out_tree,
+                            donated=donated, updated=updated, memory_budget=memory_budget,
+                            time_limit=time_limit, progress=progress)
+
+    found = solve_with(pins)
+    if batch_inputs is None:
+        return found[0]
+    return with_redundant_axes(found, graph, mesh, pins, tuple(batch_inputs), solve_with,
+                               progress)
+
+
+def _search_once(graph: Graph, mesh: MeshSpec, hw: Hardware, pins: Pins, *, in_tree, out_tree,
+                 donated: set[int], updated: dict[int, int], memory_budget: int | None,
+                 time_limit: float, progress: Callable[[str], None] | None = None):
+    """(plan, planning problem, choice) of ``search_plan``'s solve under ``pins``."""
     pp = build_problem(graph, mesh, hw, pins, donated=donated, updated=updated,
                        usage_limit=memory_budget)
     problem = pp.problem
@@ -114,8 +138,9 @@ def search_plan(graph: Graph, mesh: MeshSpec, hw: Hardware, pins: Pins, *, in_tr
         # over budget scales this one down, or the same plan fits the next budget again
         stats = replace(stats, details=dict(
             stats.details, constrained_peak=int(evaluate(problem, choice).peak_usage)))
-    return plan_from_choice(pp, choice, graph, mesh, in_tree=in_tree, out_tree=out_tree,
+    plan = plan_from_choice(pp, choice, graph, mesh, in_tree=in_tree, out_tree=out_tree,
                             pins=pins, prediction=prediction, solver=stats, hw=hw)
+    return plan, pp, choice
 
 
 def least_held_free_layouts(pp: PlanningProblem, choice) -> np.ndarray:
