@@ -147,7 +147,7 @@ def test_priced_search_offers_only_plans_that_fit_and_finds_the_optimum_of_a_sma
 def test_large_core_path_is_deterministic_and_feasible(monkeypatch):
     """The large-core path (local search, then LNS) with a tiny threshold: the same answer
     twice, and it fits."""
-    from tests.passes.test_solve import _chain_problem
+    from tests.solver.test_solve import _chain_problem
     monkeypatch.setattr(solve_search, "WHOLE_MAX_NODES", 10)
     p = _chain_problem(4, 200)
     a = solve(p, time_limit=1)

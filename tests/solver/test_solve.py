@@ -211,7 +211,7 @@ _DETERMINISM_SCRIPT = """
 import sys
 from autoshard.solver import search as solve_search
 solve_search.WHOLE_MAX_NODES = int(sys.argv[1])
-from tests.passes.test_solve import _chain_problem
+from tests.solver.test_solve import _chain_problem
 from autoshard.solver.solve import solve
 print(solve(_chain_problem(3, 150), time_limit=1).choice)
 """
