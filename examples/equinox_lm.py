@@ -173,5 +173,6 @@ def main():
     print(f"losses {got[0]} equal eqx.filter_jit's {want[0]}; parameters equal where the "
           "gradient is nonzero")
 
+
 if __name__ == "__main__":
     main()
