@@ -126,6 +126,47 @@ class ShardedFunction:
                 placed.append(multihost.shard_process_local(leaf, target, value.shape, what))
         return combine(jax.tree_util.tree_unflatten(tree, placed), static)
 
+    def argument_shardings(self, argnum: int) -> Any:
+        """The plan's layout of argument ``argnum`` (for the example arguments): a pytree of
+        ``NamedSharding`` shaped like its arrays."""
+        planned = self._cache[self._example_key]
+        spans = argument_spans(planned.traced, self._nargs, self._options.static_argnums)
+        if argnum not in spans:
+            raise ArgumentError(f"{self.__name__}: argument {argnum} is not a (non-static) "
+                                f"argument of the {self._nargs} it was compiled for")
+        dynamic = [i for i in range(self._nargs) if i not in self._options.static_argnums]
+        tree = planned.traced.in_tree.children()[dynamic.index(argnum)]
+        return jax.tree_util.tree_unflatten(
+            tree, [planned.lowered_plan.in_shardings[i] for i in spans[argnum]])
+
+    def init(self, create: Callable[[], Any], argnums: int | Sequence[int]) -> Any:
+        """Build what ``create()`` returns (say ``(params, opt_state)`` for arguments ``(0, 1)``)
+        directly in the layouts the plan chose for those arguments: ``create`` runs under
+        ``jax.jit`` with them as ``out_shardings``, so XLA computes each shard on its own device
+        (jax's partitionable threefry makes random initializers shardable) and no array is
+        ever whole on one device. Returns one pytree, or a tuple as ``create``."""
+        nums = (argnums,) if isinstance(argnums, int) else tuple(argnums)
+        made = jax.eval_shape(create)
+        objects = made if len(nums) > 1 else (made,)
+        if not isinstance(objects, tuple) or len(objects) != len(nums):
+            raise ArgumentError(f"{self.__name__}.init: create() must return one pytree per "
+                                f"argument of argnums={nums}")
+        planned = self._cache[self._example_key]
+        spans = argument_spans(planned.traced, self._nargs, self._options.static_argnums)
+        shardings = []
+        for argnum, made_arg in zip(nums, objects):
+            layout = self.argument_shardings(argnum)
+            got = jax.tree_util.tree_leaves(made_arg)
+            want = [planned.graph.inputs[i] for i in spans[argnum]]
+            if [tuple(a.shape) for a in got] != [tuple(v.shape) for v in want]:
+                raise ArgumentError(
+                    f"{self.__name__}.init: create() makes argument {argnum} with arrays of "
+                    f"shapes {[tuple(a.shape) for a in got]}; the step was compiled for "
+                    f"{[tuple(v.shape) for v in want]}")
+            shardings.append(layout)
+        return jax.jit(create, out_shardings=tuple(shardings) if len(nums) > 1
+                       else shardings[0])()
+
     def __call__(self, *args: Any) -> Any:
         planned = self._planned(args)
         results = planned.jitted(*self._place(planned, args))

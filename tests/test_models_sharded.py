@@ -78,3 +78,24 @@ def test_hand_plans_match_unsharded(model, shape, plan):
     for leaf, spec in zip(jax.tree.leaves(result[0]),
                           jax.tree.leaves(param_specs, is_leaf=lambda x: isinstance(x, P))):
         assert leaf.sharding.is_equivalent_to(NamedSharding(mesh, spec), leaf.ndim)
+
+
+def test_depthwise_convs_split_whole_groups_and_match_unsharded():
+    # the depthwise kernels pinned split over their channels (output features): their weight
+    # gradients (convolutions with batch_group_count = channels) make them split, on whole
+    # groups, with no partial sum and no gather (before, a grouped convolution had no channel
+    # split); the forward convolutions take the split or gather the 4.5 KiB kernels, by cost
+    from tests.models import depthwise
+    args = example_args(depthwise)
+    mesh = jax.make_mesh((4,), ("data",), devices=jax.devices()[:4])
+    kernel = P(None, None, None, "data")
+    params_specs = {"dw1": kernel, "dw2": kernel, "pw1": P(), "pw2": P(), "head": P()}
+    step = autoshard.compile(depthwise.train_step, *args, mesh=mesh, cache=False,
+                             in_specs=(params_specs, None, None))
+    grouped = {n.id: n for n, _ in step.plan.graph.walk() if n.op == "conv_general_dilated"
+               and (n.params["feature_group_count"] > 1 or n.params["batch_group_count"] > 1)}
+    labels = {i: step.plan.explanation[i].chosen.label for i in grouped}
+    weight_gradients = [i for i, n in grouped.items() if n.params["batch_group_count"] > 1]
+    assert len(weight_gradients) == 2, labels
+    assert all(labels[i].startswith("batch_group") for i in weight_gradients), labels
+    assert_tree_close(step(*args), jax.tree.map(np.asarray, jax.jit(depthwise.train_step)(*args)))

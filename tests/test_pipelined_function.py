@@ -152,11 +152,7 @@ def test_value_and_grad_outside_a_pipeline_is_jax():
 # what is tested is which measured candidate is kept
 @pytest.mark.filterwarnings("ignore::autoshard.SolverTimeLimitWarning")
 @pytest.mark.parametrize("hardware,budget,flat_method", [
-    # quarantined: passes alone, but in a full run (after other tests in the same worker, on a
-    # loaded machine) the search's flat candidate measured slower than data parallel's in three
-    # of three runs since the restructure; cause not yet found (order or wall clock, issue 28)
-    pytest.param("h100", None, "cost-model search",
-                 marks=pytest.mark.xfail(strict=False, reason="order/load dependent; see note")),
+    ("h100", None, "cost-model search"),
     ("h100", 1_500_000, "fully-sharded data-parallel rule")])
 def test_auto_keeps_the_candidate_whose_executable_measures_fastest(hardware, budget,
                                                                     flat_method):

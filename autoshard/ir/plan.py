@@ -61,10 +61,18 @@ class SolverStats:
 
 
 def solver_outcome(status: str, gap: float | None, details: Mapping[str, Any]) -> str:
-    """"proven optimal", or the status and the gap to the lower bound. A plan moved for
-    start-up latency (``latency_forbidden``: the classes of combined collectives it avoids, or
-    the seed it took) is priced above the bandwidth-only LP bound on purpose, so its gap says by
-    how much, not how far it is from the optimum."""
+    """"proven optimal", or the status and the gap to the lower bound next to the cheapest seed
+    plan's cost (``seeds``: passes/seeds.py). A plan moved for start-up latency
+    (``latency_forbidden``: the classes of combined collectives it avoids) is priced above the
+    bandwidth-only LP bound on purpose, so its gap says by how much, not how far it is from the
+    optimum; a seed that beat the solvers' plan (``seed_taken``) is named with the others'
+    costs."""
+    seeds = details.get("seeds") or {}
+    taken = details.get("seed_taken")
+    if taken:
+        others = ", ".join(f"{name} {_duration(t)}" for name, t in seeds.items() if name != taken)
+        return (f"the {taken} seed ({_duration(seeds[taken])}), cheaper than the solvers' plan"
+                + (f"; other seeds: {others}" if others else ""))
     moved = details.get("latency_forbidden")
     if moved:
         above = "" if gap is None else (f": {gap:.2%} above the LP bound by bandwidth alone, "
@@ -73,7 +81,9 @@ def solver_outcome(status: str, gap: float | None, details: Mapping[str, Any]) -
         return f"moved off the LP optimum for start-up latency ({what}){above}"
     if gap == 0:
         return "proven optimal"
-    return f"{status}, gap {'unknown' if gap is None else f'{gap:.2%}'}"
+    best = min(seeds.items(), key=lambda item: item[1], default=None)
+    seed = "" if best is None else f"; best seed: {best[0]} {_duration(best[1])}"
+    return f"{status}, gap {'unknown' if gap is None else f'{gap:.2%}'}{seed}"
 
 
 @dataclass(frozen=True)

@@ -22,8 +22,11 @@ the measure is a GPU's:
   counted as reduce-scatters of the same input.
 * combining: the GPU combiner passes merge collectives that do not depend on each other. A
   collective no matmul precedes (it moves state, e.g. FSDP's parameter gathers) or none
-  follows (it reduces gradients for the optimizer) is marked ``combinable``; ``measured_step``
-  charges such collectives of one kind and device group one start-up latency in all.
+  follows (it reduces gradients for the optimizer) is marked ``combinable``. Walking the
+  program in order, each joins the open op of its kind, device group and side unless it
+  depends on a member of that op, where a new op opens (a chain of reductions, each feeding
+  the next, makes one op per link); ``measured_step`` charges one start-up latency per op and
+  ``HloStats.ops`` counts them.
 """
 
 from __future__ import annotations
@@ -57,6 +60,7 @@ class Collective:
     nbytes: int
     groups: tuple[tuple[int, ...], ...]
     combinable: str = ""   # "head" (no matmul before it), "tail" (none after it) or ""
+    op: int = 0            # which combined op of its kind, group and side it joins (from 1)
 
     @property
     def group_size(self) -> int:
@@ -77,9 +81,13 @@ class HloStats:
     collectives: list[tuple[Collective, float]] = field(default_factory=list)
     matmul_flops: dict[str, float] = field(default_factory=dict)
     kernels: list[tuple[str, float, float, float]] = field(default_factory=list)
+    #: ops per kind after a GPU build's combiners (module docstring); ``count`` is per
+    #: instruction of this program
+    ops: dict[str, float] = field(default_factory=dict)
 
     def add(self, other: "HloStats", times: float = 1) -> None:
         for mine, theirs in ((self.count, other.count), (self.bytes, other.bytes),
+                             (self.ops, other.ops),
                              (self.by_group_size, other.by_group_size),
                              (self.matmul_flops, other.matmul_flops)):
             for key, value in theirs.items():
@@ -288,6 +296,8 @@ def hlo_stats(hlo_text: str) -> HloStats:
         dtype, flops = "", 0.0
         if kind in KINDS:
             if opcode.endswith("-done"):
+                if operand_names:
+                    program[current].append((name, "copy", operand_names[:1], [], ""))
                 continue
             nbytes = _result_bytes(opcode, result_type)
             groups = device_groups(rest)
@@ -400,14 +410,51 @@ def _gpu_collectives(stats: HloStats, instructions, placed, shapes, slicing, has
                 if c.nbytes - scattered > 0:
                     out.append(Collective("all-reduce", c.nbytes - scattered, c.groups, tag))
         rewritten[index] = out
+    _combine(instructions, placed, rewritten)
     stats.collectives = [(new, n) for index, (c, n) in enumerate(stats.collectives)
                          for new in rewritten.get(index, [c])]
-    stats.count, stats.bytes, stats.by_group_size = {}, {}, {}
+    stats.count, stats.bytes, stats.by_group_size, stats.ops = {}, {}, {}, {}
+    seen_ops: set = set()
     for c, n in stats.collectives:
         stats.count[c.kind] = stats.count.get(c.kind, 0) + n
+        key = (c.kind, c.groups, c.combinable, c.op)
+        if not c.combinable or key not in seen_ops:
+            seen_ops.add(key)
+            stats.ops[c.kind] = stats.ops.get(c.kind, 0) + n
         stats.bytes[c.kind] = stats.bytes.get(c.kind, 0) + c.nbytes * n
         key = (c.kind, c.group_size)
         stats.by_group_size[key] = stats.by_group_size.get(key, 0) + n
+
+
+def _combine(instructions, placed, rewritten: dict[int, list[Collective]]) -> None:
+    """Number the combined op each combinable collective of ``rewritten`` joins, as a GPU
+    build's combiners do (module docstring): ``reach[name][key]`` is the newest op of class
+    ``key`` that instruction ``name`` depends on."""
+    at = {name: index for index, name in placed}
+    opened: dict[tuple, int] = {}
+    reach: dict[str, dict[tuple, int]] = {}
+    for name, _, operands, _, _ in instructions:
+        upstream: dict[tuple, int] = {}
+        for operand in operands:
+            for key, op in reach.get(operand, {}).items():
+                upstream[key] = max(upstream.get(key, 0), op)
+        index = at.get(name)
+        if index is not None:
+            joined = []
+            for c in rewritten[index]:
+                if c.combinable:
+                    key = (c.kind, c.groups, c.combinable)
+                    op = opened.get(key, 0)
+                    if op == 0 or upstream.get(key, 0) >= op:
+                        op = opened[key] = op + 1
+                    c = Collective(c.kind, c.nbytes, c.groups, c.combinable, op)
+                joined.append(c)
+            rewritten[index] = joined
+            for c in joined:
+                if c.combinable:
+                    key = (c.kind, c.groups, c.combinable)
+                    upstream[key] = max(upstream.get(key, 0), c.op)
+        reach[name] = upstream
 
 
 def _flops_by_dtype(name: str, own: dict, kernels: dict) -> dict[str, float]:
@@ -486,10 +533,10 @@ def measured_step(stats: HloStats, hw, device_positions: dict[int, int] | None =
             n_in = max(len(worst) // n_out, 1)
         t = group_collective_time(hw, c.kind, c.nbytes, n_in, n_out) * times
         if c.combinable:
-            # one latency for all combinable collectives of this kind, group and side
+            # one latency per combined op (module docstring)
             latency = group_collective_latency(hw, c.kind, n_in, n_out)
             t -= latency * times
-            key = (c.kind, c.groups, c.combinable)
+            key = (c.kind, c.groups, c.combinable, c.op)
             if key not in combined:
                 combined.add(key)
                 t += latency

@@ -5,9 +5,11 @@ from ``compiled.as_text()`` (loop trip counts applied, measure/hlo.py) and memor
 ``compiled.memory_analysis()``: peak = arguments + results + temporaries - aliased (donated)
 bytes, the total XLA's buffer assignment reserves on one device.
 
-Compiled counts are after XLA's combiners, which merge independent collectives into one op
-(every gradient all-reduce of a data-parallel step becomes one), so they are shown beside the
-predicted counts without a ratio, which would read as a misprediction; bytes compare directly. A
+Counts are of ops after XLA's combiners, which merge independent collectives of one kind into
+one op (every gradient all-reduce of a data-parallel step becomes one) but not a chain of them
+(a reduction whose result feeds the next one's operand): the prediction counts combined ops as
+``passes/latency.combined_ops`` does, so both columns count the same thing; bytes compare
+directly. A
 reduce-scatter the CPU backend lowers as an all-reduce that its readers slice is read back as
 the reduce-scatter a GPU build runs. A plan made by a rule (``planner="data-parallel"``) has no
 predictions: its compiled collectives and memory are shown with the predicted column empty,
@@ -25,17 +27,15 @@ from autoshard.measure.hlo import KINDS, MeasuredStep, hlo_stats, measured_step
 @dataclass(frozen=True)
 class Comparison:
     """One measure, predicted (None: the plan has no prediction) and compiled. ``ratio`` =
-    predicted / compiled, None where it says nothing: no prediction, or a ``combined`` count
-    (compiled after XLA's combiners, module docstring)."""
+    predicted / compiled, None where there is no prediction."""
 
     name: str
     predicted: float | None
     compiled: float
-    combined: bool = False
 
     @property
     def ratio(self) -> float | None:
-        if self.predicted is None or self.combined:
+        if self.predicted is None:
             return None
         if self.compiled == 0:
             return None if self.predicted else 1.0
@@ -48,8 +48,8 @@ class Comparison:
         return None if r is None else abs(r - 1.0)
 
 
-COUNTS_NOTE = ("counts: compiled after XLA's combiners, which merge independent collectives "
-               "into one op; compare the bytes")
+COUNTS_NOTE = ("counts: ops after XLA's combiners, which merge independent collectives of "
+               "one kind into one op, not a chain of them")
 
 
 def comparison_lines(rows: list[tuple[str, float | None, float, float | None]]) -> list[str]:
@@ -124,7 +124,7 @@ def verify(sharded_fn: Any, *args: Any) -> Verification:
         return None if prediction is None else value
 
     counts = tuple(Comparison(f"{k} count", if_predicted(predicted.get(k, (0, 0))[0]),
-                              stats.count.get(k, 0), combined=True) for k in kinds)
+                              stats.ops.get(k, 0)) for k in kinds)
     nbytes = tuple(Comparison(f"{k} bytes", if_predicted(predicted.get(k, (0, 0))[1]),
                               stats.bytes.get(k, 0)) for k in kinds)
     total = Comparison("collective bytes", if_predicted(sum(v[1] for v in predicted.values())),

@@ -8,8 +8,9 @@ In the order ``autoshard/planner.py`` calls them:
 4. ``rules``       the data-parallel and fully-sharded rules (no search), or:
 5. ``problem``     graph -> the strategy problem (``strategies/`` lists each op's choices;
                    ``fusion`` and ``latency`` model what XLA fuses and combines)
-6. ``search``      solve it (``autoshard.solver``) -> a choice; ``chosen_plan`` reads the plan
-                   off it, ``prediction/`` prices it (time, collectives, memory, alternatives)
+6. ``search``      solve it (``autoshard.solver``) -> a choice, never dearer than a ``seeds``
+                   plan; ``chosen_plan`` reads the plan off it, ``prediction/`` prices it
+                   (time, collectives, memory, alternatives)
 7. ``annotations`` the report comparing the user's annotations with the searched plan
 8. ``lower``       the plan -> a function that constrains every planned value, for ``jax.jit``
 

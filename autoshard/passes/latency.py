@@ -15,7 +15,8 @@ members), at several times the simplex's work per iteration; ``search`` solves t
 well where the problem is small (``class_entries`` gives its members).
 
 A class is (kind, mesh axes, side); the compiled-program measure (measure/hlo.py) keys
-combined collectives the same way.
+combined collectives the same way. Collectives of one class that depend on each other cannot be
+combined: a chain pays one start-up per link (``combined_ops``).
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ from autoshard.cost_model.hardware import Hardware
 from autoshard.cost_model.reshard import reshard_steps
 from autoshard.ir.mesh import MeshSpec
 from autoshard.passes.problem import NS, PlanningProblem, Slot, Transfer
+from autoshard.solver.fixed_charge import ChainCharge
+from autoshard.solver.lp import FixedCharge
 from autoshard.solver.problem import Problem, evaluate
 
 #: Re-solve only when the chosen plan's fixed start-up charges are at least this share of its
@@ -71,31 +74,84 @@ def _step_classes(src, dst, mesh: MeshSpec, side: str, cache: dict) -> set[Class
     return {(kind, axes, side) for kind, axes in kinds}
 
 
+def combined_ops(pp: PlanningProblem, choice, mesh: MeshSpec) -> dict[ClassKey, int]:
+    """Per class the plan ``choice`` makes, how many combined ops XLA makes of its members.
+
+    XLA's combiners walk the program in order and add each collective to the open op of its
+    class unless it depends on a member of that op; then they open a new one. Independent
+    collectives (data parallel's gradient all-reduces) become one op; a chain (a per-parameter
+    RMS all-reduced after its gradient's all-reduce, as in Adafactor's update clipping) becomes
+    one op per link, each paying its start-up latency. The walk below replays that in slot order:
+    ``reach[i][k]`` is the newest op of class ``k`` that slot ``i`` depends on."""
+    moves: dict[int, list] = {}
+    for t in pp.transfers:
+        moves.setdefault(t.consumer, []).append(t)
+    inputs: dict[int, set[int]] = {}
+    for producer, consumer in pp.links:
+        inputs.setdefault(consumer, set()).add(producer)
+    opened: dict[ClassKey, int] = {}
+    reach: list[dict[ClassKey, int]] = []
+    cache: dict = {}
+
+    def join(key: ClassKey, upstream: dict[ClassKey, int]) -> None:
+        newest = opened.get(key, 0)
+        if newest == 0 or upstream.get(key, 0) >= newest:
+            newest = opened[key] = newest + 1
+        upstream[key] = newest
+
+    def merge(into: dict[ClassKey, int], other: dict[ClassKey, int]) -> None:
+        for key, op in other.items():
+            into[key] = max(into.get(key, 0), op)
+
+    for i, slot in enumerate(pp.slots):
+        upstream: dict[ClassKey, int] = {}
+        for producer in sorted(inputs.get(i, ())):
+            if producer < i:
+                merge(upstream, reach[producer])
+        if slot.source is not None and slot.source < i:
+            merge(upstream, reach[slot.source])
+        for t in moves.get(i, ()):
+            if t.combined and t.producer < i:
+                moved = dict(reach[t.producer])
+                for key in sorted(_step_classes(pp.source(t, int(choice[t.producer])),
+                                                t.required[int(choice[i])], mesh,
+                                                _transfer_side(pp, t), cache)):
+                    join(key, moved)
+                merge(upstream, moved)
+        if slot.kind == "op" and slot.combined:
+            for key in sorted(_strategy_classes(slot, int(choice[i]), mesh,
+                                                _slot_side(pp, slot))):
+                join(key, upstream)
+        reach.append(upstream)
+    # a result's new state moved to where the next step expects its argument (the transfer
+    # from a sink back to an earlier input slot): after the result is made
+    for t in pp.transfers:
+        if t.combined and t.producer > t.consumer:
+            moved = dict(reach[t.producer])
+            for key in sorted(_step_classes(pp.source(t, int(choice[t.producer])),
+                                            t.required[int(choice[t.consumer])], mesh,
+                                            _transfer_side(pp, t), cache)):
+                join(key, moved)
+    return opened
+
+
 def classes_used(pp: PlanningProblem, choice, mesh: MeshSpec) -> set[ClassKey]:
     """The combined-op classes the plan ``choice`` makes."""
-    used: set[ClassKey] = set()
-    for slot, c in zip(pp.slots, choice):
-        if slot.kind == "op" and slot.combined:
-            used |= _strategy_classes(slot, int(c), mesh, _slot_side(pp, slot))
-    cache: dict = {}
-    for t in pp.transfers:
-        if t.combined:
-            used |= _step_classes(pp.source(t, int(choice[t.producer])),
-                                  t.required[int(choice[t.consumer])], mesh,
-                                  _transfer_side(pp, t), cache)
-    return used
+    return set(combined_ops(pp, choice, mesh))
 
 
-def class_seconds(keys, mesh: MeshSpec, hw: Hardware) -> dict[str, float]:
-    """Start-up seconds per collective kind for the combined-op classes ``keys``."""
+def class_seconds(ops, mesh: MeshSpec, hw: Hardware) -> dict[str, float]:
+    """Start-up seconds per collective kind for ``ops``: combined-op classes, each paying once,
+    or a mapping from class to its number of combined ops (``combined_ops``)."""
+    counts = ops if isinstance(ops, dict) else dict.fromkeys(ops, 1)
     out: dict[str, float] = {}
-    for kind, axes, _ in keys:
-        out[kind] = out.get(kind, 0.0) + collective_latency(hw, mesh, kind, axes)
+    for (kind, axes, _), n in counts.items():
+        out[kind] = out.get(kind, 0.0) + n * collective_latency(hw, mesh, kind, axes)
     return out
 
 
 def fixed_seconds(pp: PlanningProblem, choice, mesh: MeshSpec, hw: Hardware) -> float:
-    return sum(class_seconds(classes_used(pp, choice, mesh), mesh, hw).values())
+    return sum(class_seconds(combined_ops(pp, choice, mesh), mesh, hw).values())
 
 
 def total_nanoseconds(pp: PlanningProblem, choice, mesh: MeshSpec, hw: Hardware) -> float:
@@ -118,21 +174,32 @@ class _Entries:
     edges: np.ndarray
 
 
-def class_entries(pp: PlanningProblem, mesh: MeshSpec) -> dict[ClassKey, _Entries]:
-    """Per class, every problem entry whose choice makes a collective of that class."""
+Site = tuple[str, int]          # ("slot", slot index) or ("transfer", index in pp.transfers)
+
+
+def class_sites(pp: PlanningProblem, mesh: MeshSpec) -> dict[ClassKey, dict[Site, _Entries]]:
+    """Per class and per site (an op slot's own collectives, or one combined transfer), every
+    problem entry whose choice makes a collective of that class there."""
     problem = pp.problem
-    nodes: dict[ClassKey, list[int]] = {}
-    edges: dict[ClassKey, list[int]] = {}
+    found: dict[ClassKey, dict[Site, tuple[list[int], list[int]]]] = {}
+
+    def add(key: ClassKey, site: Site, node: int | None = None, edge: int | None = None):
+        nodes, edges = found.setdefault(key, {}).setdefault(site, ([], []))
+        if node is not None:
+            nodes.append(node)
+        if edge is not None:
+            edges.append(edge)
+
     for i, slot in enumerate(pp.slots):
         if slot.kind == "op" and slot.combined:
             side = _slot_side(pp, slot)
             for s in range(len(slot.strategies)):
                 for key in _strategy_classes(slot, s, mesh, side):
-                    nodes.setdefault(key, []).append(int(problem.offsets[i]) + s)
+                    add(key, ("slot", i), node=int(problem.offsets[i]) + s)
     edge_index = {(int(u), int(v)): e for e, (u, v) in enumerate(problem.edges)}
     k = problem.num_strategies
     cache: dict = {}
-    for t in pp.transfers:
+    for n, t in enumerate(pp.transfers):
         if not t.combined:
             continue
         u, c = t.producer, t.consumer
@@ -145,11 +212,72 @@ def class_entries(pp: PlanningProblem, mesh: MeshSpec) -> dict[ClassKey, _Entrie
         for su, src in enumerate(sources):
             for sc, dst in enumerate(t.required):
                 for key in _step_classes(src, dst, mesh, side, cache):
-                    flat = base + (su * k[c] + sc if u < c else sc * k[u] + su)
-                    edges.setdefault(key, []).append(int(flat))
-    return {key: _Entries(np.unique(np.array(nodes.get(key, ()), np.int64)),
-                          np.unique(np.array(edges.get(key, ()), np.int64)))
-            for key in set(nodes) | set(edges)}
+                    add(key, ("transfer", n),
+                        edge=int(base + (su * k[c] + sc if u < c else sc * k[u] + su)))
+    return {key: {site: _Entries(np.unique(np.array(nodes, np.int64)),
+                                 np.unique(np.array(edges, np.int64)))
+                  for site, (nodes, edges) in sites.items()}
+            for key, sites in found.items()}
+
+
+def class_entries(pp: PlanningProblem, mesh: MeshSpec) -> dict[ClassKey, _Entries]:
+    """Per class, every problem entry whose choice makes a collective of that class."""
+    return {key: _Entries(np.unique(np.concatenate([e.nodes for e in sites.values()])),
+                          np.unique(np.concatenate([e.edges for e in sites.values()])))
+            for key, sites in class_sites(pp, mesh).items()}
+
+
+def site_order(pp: PlanningProblem) -> Callable[[Site, Site], bool]:
+    """``follows(a, b)``: whether a collective at site ``b`` depends on one at site ``a`` (so
+    XLA's combiners cannot merge them: ``combined_ops``)."""
+    ancestors: list[set[int]] = []
+    inputs: dict[int, set[int]] = {}
+    for producer, consumer in pp.links:
+        if producer < consumer:
+            inputs.setdefault(consumer, set()).add(producer)
+    for i, slot in enumerate(pp.slots):
+        direct = set(inputs.get(i, ()))
+        if slot.source is not None and slot.source < i:
+            direct.add(slot.source)
+        ancestors.append(direct.union(*(ancestors[j] for j in direct)))
+
+    def follows(a: Site, b: Site) -> bool:
+        if a[0] == "slot":
+            made, strict = a[1], True
+        else:
+            t = pp.transfers[a[1]]
+            if t.producer > t.consumer:     # a result tied back to its argument: nothing after
+                return False
+            made, strict = t.consumer, False
+        if b[0] == "slot":
+            return made in ancestors[b[1]] or (not strict and made == b[1])
+        at = pp.transfers[b[1]].producer
+        return made == at or made in ancestors[at]
+    return follows
+
+
+def fixed_charges(pp: PlanningProblem, mesh: MeshSpec, hw: Hardware
+                  ) -> tuple[FixedCharge, ...]:
+    """One ``FixedCharge`` per class: its start-up latency (ns), paid once by any member."""
+    return tuple(FixedCharge(sum(class_seconds([key], mesh, hw).values()) * NS,
+                             entries.nodes, entries.edges)
+                 for key, entries in sorted(class_entries(pp, mesh).items()))
+
+
+def chain_charges(pp: PlanningProblem, mesh: MeshSpec, hw: Hardware) -> tuple[ChainCharge, ...]:
+    """One ``ChainCharge`` per class with sites that depend on each other: a second start-up
+    where two of them are used (``combined_ops``: a second op)."""
+    follows = site_order(pp)
+    out = []
+    for key, sites in sorted(class_sites(pp, mesh).items()):
+        order = sorted(sites)
+        pairs = tuple((a, b) for a in range(len(order)) for b in range(len(order))
+                      if a != b and follows(order[a], order[b]))
+        if pairs:
+            out.append(ChainCharge(sum(class_seconds([key], mesh, hw).values()) * NS,
+                                   tuple((sites[s].nodes, sites[s].edges) for s in order),
+                                   pairs))
+    return tuple(out)
 
 
 def forbid(problem: Problem, entries: list[_Entries], penalty: float) -> Problem:

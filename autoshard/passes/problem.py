@@ -90,6 +90,9 @@ class PlanningProblem:
     #: a top-level loop's position -> the slots of its bodies (nested ones too), in program
     #: order: they all hold memory at that position (loop_liveness.py)
     bodies: dict[int, tuple[int, ...]] = field(default_factory=dict)
+    #: every operand edge as (producer slot, consumer slot), those that never move data too:
+    #: what depends on what, for the combiners' model (latency.combined_ops)
+    links: tuple[tuple[int, int], ...] = ()
 
     def source(self, t: Transfer, s: int) -> ShardingSpec:
         """The layout ``t``'s value leaves its producer in when the producer takes strategy
@@ -144,6 +147,7 @@ class _Builder:
         self.value_slot: dict[int, tuple[int, int]] = {}
         self.edges: dict[tuple[int, int], np.ndarray] = {}
         self.transfers: list[Transfer] = []
+        self.links: list[tuple[int, int]] = []
         self.unplanned: list[str] = []
         self._pair_cache: dict = {}
         self._op_cache: dict = {}
@@ -211,6 +215,7 @@ class _Builder:
         u, k = producer
         if u == consumer:
             return
+        self.links.append((u, consumer))
         src = [s.outputs[k] for s in self.slots[u].strategies]
         if transform is not None:
             src = [transform(s) for s in src]
@@ -447,12 +452,17 @@ class _Builder:
                 continue
             name = g.output_names[o] if g.output_names else f"out[{o}]"
             specs = self.value_specs(atom, pinned=self.pins.outputs.get(o))
+            source = self.updated.get(o)
+            # a result that is no argument's new value (an initializer's parameters) is held
+            # by the caller: among layouts its computation makes equally cheap, the one that
+            # holds least per device (1% of writing what is held, as arguments' tie-break),
+            # never a replicated copy for free; an argument's new value follows the argument
+            costs = np.zeros(len(specs)) if source is not None or len(specs) == 1 else np.array(
+                [self.usage([atom], [s]) for s in specs]) / self.hw.memory_rate * NS * 0.01
             sink = self.add_slot(Slot("sink", name, [Strategy((s,), (s,)) for s in specs], None,
-                                      atom, np.zeros(len(specs)), np.zeros(len(specs), np.int64),
-                                      (0, 0)))
+                                      atom, costs, np.zeros(len(specs), np.int64), (0, 0)))
             self.sink_slots.append(sink)
             self.connect(self.value_slot[atom.id], sink, specs, atom)
-            source = self.updated.get(o)
             if source is not None:
                 arg = g.inputs[source]
                 arg_slot = self.value_slot[arg.id][0]
@@ -521,7 +531,8 @@ def build_problem(graph: Graph, mesh: MeshSpec, hw: Hardware, pins: Pins, *,
     return PlanningProblem(problem, builder.slots, builder.value_slot, builder.sink_slots,
                            builder.unplanned, builder.transfers,
                            frozenset(builder.head), builder.result_starts,
-                           {p: tuple(body) for p, body in builder.bodies.items()})
+                           {p: tuple(body) for p, body in builder.bodies.items()},
+                           tuple(builder.links))
 
 
 _LAYER_INDEX = re.compile(r"\[\d+\]")

@@ -6,9 +6,11 @@ solved first, a proven optimum where its solution is integral; where a binding m
 makes it fractional, its memory duals price a plan and the combinatorial search checks it. The
 LP prices collectives by bandwidth alone, so the plan is then refined for the start-up latency
 each combined collective pays once (latency.py; the LP with fixed charges where the problem is
-small). The plan is read off the choice by chosen_plan.py and priced by prediction/predict.py;
-a plan that leaves a mesh axis unused is priced against the best one that uses it
-(redundant_axes.py).
+small), checked against seed plans (seeds.py: replicated, data parallel, fully sharded), and,
+on a small problem, solved exactly with the start-up charges in the model
+(solver/fixed_charge.py). The plan is read off the choice by chosen_plan.py and priced by
+prediction/predict.py; a plan that leaves a mesh axis unused is priced against the best one
+that uses it (redundant_axes.py).
 """
 
 from __future__ import annotations
@@ -26,15 +28,16 @@ from autoshard.ir.mesh import MeshSpec
 from autoshard.ir.plan import Plan, SolverStats
 from autoshard.passes.chosen_plan import plan_from_choice
 from autoshard.passes.fusion import made_from_nothing
-from autoshard.passes.latency import (PENALTY_PLANS, class_entries, class_seconds, latency_bound,
-                                      refine_latency, total_nanoseconds)
+from autoshard.passes.latency import (PENALTY_PLANS, chain_charges, fixed_charges,
+                                      latency_bound, refine_latency, total_nanoseconds)
 from autoshard.passes.pins import Pins
 from autoshard.passes.prediction.explain import local_costs
 from autoshard.passes.prediction.predict import predict
 from autoshard.passes.problem import NS, PlanningProblem, build_problem
 from autoshard.passes.redundant_axes import with_redundant_axes
-from autoshard.solver.lp import (MIN_ITERATIONS, FixedCharge, solve_lagrangian,
-                                 solve_local_polytope)
+from autoshard.passes.seeds import seed_choices
+from autoshard.solver.fixed_charge import model_size, solve_fixed_charges
+from autoshard.solver.lp import MIN_ITERATIONS, solve_lagrangian, solve_local_polytope
 from autoshard.solver.problem import Problem, evaluate
 from autoshard.solver.solve import solve
 
@@ -52,6 +55,11 @@ RESOLVE_ITERATIONS = 1.5
 #: iteration cap or the time limit, fractional, where the small models' (a few thousand) solve
 #: in seconds.
 FIXED_CHARGE_MAX_STRATEGIES = 10_000
+#: Problems of at most this many booleans (strategies and edge pairs) are solved exactly with
+#: their start-up charges (solver/fixed_charge.py) after the heuristics.
+EXACT_MAX_BOOLEANS = 20_000
+#: At most this many exact solves per plan (each after the last made a chain of one class).
+EXACT_ROUNDS = 8
 
 
 def search_plan(graph: Graph, mesh: MeshSpec, hw: Hardware, pins: Pins, *, in_tree, out_tree,
@@ -70,7 +78,8 @@ def search_plan(graph: Graph, mesh: MeshSpec, hw: Hardware, pins: Pins, *, in_tr
     def solve_with(these_pins: Pins):
         return _search_once(graph, mesh, hw, these_pins, in_tree=in_tree, out_tree=out_tree,
                             donated=donated, updated=updated, memory_budget=memory_budget,
-                            time_limit=time_limit, progress=progress)
+                            time_limit=time_limit, progress=progress,
+                            batch_inputs=tuple(batch_inputs or ()))
 
     found = solve_with(pins)
     if batch_inputs is None:
@@ -81,8 +90,10 @@ def search_plan(graph: Graph, mesh: MeshSpec, hw: Hardware, pins: Pins, *, in_tr
 
 def _search_once(graph: Graph, mesh: MeshSpec, hw: Hardware, pins: Pins, *, in_tree, out_tree,
                  donated: set[int], updated: dict[int, int], memory_budget: int | None,
-                 time_limit: float, progress: Callable[[str], None] | None = None):
-    """(plan, planning problem, choice) of ``search_plan``'s solve under ``pins``."""
+                 time_limit: float, progress: Callable[[str], None] | None = None,
+                 batch_inputs: tuple[int, ...] = ()):
+    """(plan, planning problem, choice) of ``search_plan``'s solve under ``pins``: the
+    solvers' plan, or a seed plan (seeds.py) where one is cheaper in the same currency."""
     pp = build_problem(graph, mesh, hw, pins, donated=donated, updated=updated,
                        usage_limit=memory_budget)
     problem = pp.problem
@@ -131,6 +142,9 @@ def _search_once(graph: Graph, mesh: MeshSpec, hw: Hardware, pins: Pins, *, in_t
                             key if isinstance(key, str) else " ".join(map(str, key))
                             for key in forbidden]))
     choice = least_held_free_layouts(pp, choice)
+    choice, stats = _against_seeds(pp, graph, mesh, hw, choice, stats, batch_inputs,
+                                   set(updated.values()), progress)
+    choice, stats = _exact_when_small(pp, mesh, hw, choice, stats, progress)
     prediction = predict(pp, choice, mesh, hw, memory_budget)
     if memory_budget is not None:
         # the peak the budget constraint saw (below the predicted peak, which adds the buffers
@@ -141,6 +155,94 @@ def _search_once(graph: Graph, mesh: MeshSpec, hw: Hardware, pins: Pins, *, in_t
     plan = plan_from_choice(pp, choice, graph, mesh, in_tree=in_tree, out_tree=out_tree,
                             pins=pins, prediction=prediction, solver=stats, hw=hw)
     return plan, pp, choice
+
+
+def _against_seeds(pp: PlanningProblem, graph: Graph, mesh: MeshSpec, hw: Hardware, choice,
+                   stats: SolverStats, batch_inputs: tuple[int, ...], state_inputs: set[int],
+                   progress):
+    """(choice, stats): the plan found, or the cheapest seed plan (seeds.py) that fits where it
+    costs less with start-up charges counted; ``stats.details["seeds"]`` holds every fitting
+    seed's cost (seconds) for the summary, and ``"seed_taken"`` the seed that replaced the
+    plan."""
+    problem = pp.problem
+    own = total_nanoseconds(pp, choice, mesh, hw)
+    totals: dict[str, float] = {}
+    taken = None
+    for name, seed in seed_choices(pp, graph, mesh, batch_inputs, state_inputs).items():
+        if not evaluate(problem, seed).feasible:
+            continue
+        totals[name] = total_nanoseconds(pp, seed, mesh, hw)
+        if totals[name] < own * (1 - 1e-9) and (taken is None or totals[name] < totals[taken[0]]):
+            taken = (name, seed)
+    details = dict(stats.details, seeds={name: t / NS for name, t in totals.items()})
+    if taken is None:
+        return choice, replace(stats, details=details)
+    name, seed = taken
+    if progress:
+        progress(f"the {name} seed: {totals[name] / NS * 1e3:.4f} ms against the solver's "
+                 f"{own / NS * 1e3:.4f}; taken")
+    cost = float(evaluate(problem, seed).cost)
+    bound = stats.bound
+    return np.asarray(seed, np.int64), replace(
+        stats, objective=cost / NS, status="feasible",
+        gap=None if bound is None or not cost else max(0.0, (cost - bound * NS) / cost),
+        details=dict(details, seed_taken=name))
+
+
+def _exact_when_small(pp: PlanningProblem, mesh: MeshSpec, hw: Hardware, choice,
+                      stats: SolverStats, progress):
+    """(choice, stats): on a problem of at most ``EXACT_MAX_BOOLEANS``, the optimum with every
+    class's start-up charge in the model (solver/fixed_charge.py), where it is cheaper than
+    ``choice`` by ``total_nanoseconds``; the heuristics above (latency refinement, the LP with
+    fixed charges rounded, seeds) can each stop above it. The model charges a class once where
+    a chain of its collectives pays once per link, so a plan it finds with a chain is priced in
+    full and excluded, and the next solved, until the model's optimum is priced exactly or
+    costs no less than the best plan (``EXACT_ROUNDS``). ``details["exact"]`` says whether
+    that proved the plan optimal."""
+    problem = pp.problem
+    if model_size(problem) > EXACT_MAX_BOOLEANS:
+        return choice, stats
+    own = total_nanoseconds(pp, choice, mesh, hw)
+    # a plan that keeps the state replicated is kept within REPLICATED_STATE_TIE of a cheaper
+    # one (_replicated_state_seed says why)
+    margin = REPLICATED_STATE_TIE if "replicated state" in (
+        stats.details.get("latency_forbidden") or ()) else 1e-9
+    charges, chains = fixed_charges(pp, mesh, hw), chain_charges(pp, mesh, hw)
+    # the model rounds each cost to RESOLUTION: its objective may miss a total by that much
+    # per term, far less than one start-up charge
+    slack = 1e-4
+    found, total, excluded, proven = None, own * (1 - margin), [], False
+    for _ in range(EXACT_ROUNDS):
+        solution = solve_fixed_charges(problem, charges, chains=chains,
+                                       hint=choice if found is None else found,
+                                       exclude=tuple(excluded))
+        if solution.choice is None or not solution.optimal:
+            break
+        if solution.objective >= total * (1 - slack):
+            proven = True               # no plan the model prices below the best one
+            break
+        priced = total_nanoseconds(pp, solution.choice, mesh, hw)
+        if priced < total and evaluate(problem, solution.choice).feasible:
+            found, total = solution.choice, priced
+        if priced <= solution.objective * (1 + slack):
+            proven = True               # the model priced it in full
+            break
+        # a chain of three or more collectives of one class (one op per link,
+        # latency.combined_ops), which the model charges twice: the next plan, without it
+        excluded.append(solution.choice)
+    details = dict(stats.details, exact="optimal" if proven else "stopped")
+    if found is None:
+        return choice, replace(stats, details=details)
+    if progress:
+        progress(f"start-up latency: the exact model with fixed charges: "
+                 f"{total / NS * 1e3:.4f} ms against {own / NS * 1e3:.4f}; taken")
+    cost = float(evaluate(problem, found).cost)
+    bound = stats.bound
+    details.pop("seed_taken", None)
+    return np.asarray(found, np.int64), replace(
+        stats, objective=cost / NS, status="feasible",
+        gap=None if bound is None or not cost else max(0.0, (cost - bound * NS) / cost),
+        details=dict(details, latency_forbidden=["exact fixed start-up charges"]))
 
 
 def least_held_free_layouts(pp: PlanningProblem, choice) -> np.ndarray:
@@ -177,9 +279,7 @@ def _fixed_charge_plan(pp: PlanningProblem, mesh: MeshSpec, hw: Hardware, found,
     if not latency_bound(pp, choice, mesh, hw) or \
             int(problem.num_strategies.sum()) > FIXED_CHARGE_MAX_STRATEGIES:
         return found
-    charges = tuple(FixedCharge(sum(class_seconds([key], mesh, hw).values()) * NS,
-                                entries.nodes, entries.edges)
-                    for key, entries in sorted(class_entries(pp, mesh).items()))
+    charges = fixed_charges(pp, mesh, hw)
     # the charges' rows make each simplex iteration several times slower; under a budget the
     # greedy walk has no replicated-state seed to fall back on, so it gets more of them
     lp = solve_local_polytope(problem, time_limit=time_limit, charges=charges,

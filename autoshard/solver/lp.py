@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -245,14 +246,17 @@ def _lp_arrays(problem: Problem, rep: np.ndarray, charges=()):
 
 
 #: The seconds one dual-simplex iteration takes, a fixed part and a part per LP variable, fitted
-#: on a 2-core machine (one core used) to LPs of 11k to 196k variables. Memory rows make
-#: iterations slower; that is left to the wall clock.
+#: on a 2-core machine (one core used) to LPs of 11k to 196k variables: they turn a time limit
+#: into an iteration cap, the same on every machine.
 ITERATION_SECONDS = 6e-5
 ITERATION_SECONDS_PER_VARIABLE = 3e-10
 MIN_ITERATIONS = 1000
-#: The wall clock stops an LP only at this multiple of its limit (a guard against a machine
-#: far slower than this one; hitting it is the one way two processes can disagree).
-WALL_CLOCK_GUARD = 4.0
+#: The wall clock stops an LP only at this multiple of its limit, and not before
+#: ``WALL_CLOCK_FLOOR`` seconds: a safety stop against a machine far slower than this one, far
+#: beyond what a loaded machine takes to reach the iteration cap (a stop there could make two
+#: processes disagree, so it warns).
+WALL_CLOCK_GUARD = 20.0
+WALL_CLOCK_FLOOR = 300.0
 
 
 def lp_iteration_limit(variables: int, time_limit: float) -> int:
@@ -284,12 +288,14 @@ def solve_local_polytope(problem: Problem, *, time_limit: float = 60.0,
         cap = min(cap, max_iterations)
     # HiGHS' serial dual simplex (SciPy runs it on one thread) under an iteration limit, so
     # that a loaded machine stops where an idle one does; the wall clock is only a guard
+    guard = max(WALL_CLOCK_GUARD * time_limit, WALL_CLOCK_FLOOR)
+
     def simplex(presolve: bool):
         return linprog(c, A_ub=a_ub, b_ub=b_ub, A_eq=a_eq, b_eq=b_eq, bounds=(0.0, 1.0),
                        method="highs-ds",
                        options={"presolve": presolve, "disp": False,
                                 "maxiter": cap,
-                                "time_limit": max(WALL_CLOCK_GUARD * time_limit, 1.0)})
+                                "time_limit": guard})
 
     res = simplex(True)
     if res.status in (3, 4):
@@ -299,6 +305,13 @@ def solve_local_polytope(problem: Problem, *, time_limit: float = 60.0,
     status = {0: "optimal", 2: "infeasible"}.get(res.status, "not solved")
     if res.status == 1:     # the iteration cap or the wall-clock guard (SciPy's message says)
         status = f"stopped: {res.message.split('(')[0].strip().rstrip('.').lower()}"
+        if res.nit < cap:
+            warnings.warn(
+                f"autoshard: the LP relaxation ({nvar:,} variables) reached its wall-clock "
+                f"safety stop of {guard:.0f} s after {res.nit:,} of its {cap:,} simplex "
+                "iterations; this plan depends on the machine's speed and load (another "
+                "machine may plan differently). Lower solver_time_limit to cap the iterations "
+                "instead.", RuntimeWarning, stacklevel=2)
     choice = np.zeros(problem.num_nodes, np.int64)
     integral = False
     if res.x is not None and res.status in (0, 1):

@@ -22,7 +22,7 @@ from autoshard.cost_model.reshard import reshard_steps
 from autoshard.ir.mesh import MeshSpec
 from autoshard.ir.plan import Prediction
 from autoshard.ir.sharding import ShardingSpec
-from autoshard.passes.latency import class_seconds, classes_used
+from autoshard.passes.latency import class_seconds, combined_ops
 from autoshard.passes.prediction.early_updates import early_updates
 from autoshard.passes.prediction.liveness import assigned_peak, packed_profile
 from autoshard.passes.prediction.loop_liveness import expanded
@@ -41,7 +41,7 @@ def predict(pp: PlanningProblem, choice, mesh: MeshSpec, hw: Hardware,
         t = collective_time(hw, mesh, kind, nbytes, axes, latency=latency) * times
         seconds[kind] = seconds.get(kind, 0.0) + t
         entry = counts.setdefault(kind, [0.0, 0.0])
-        entry[0] += times
+        entry[0] += times if latency else 0.0   # combined members: counted per op below
         entry[1] += nbytes * times
 
     for slot, c in zip(pp.slots, choice):
@@ -66,9 +66,12 @@ def predict(pp: PlanningProblem, choice, mesh: MeshSpec, hw: Hardware,
             collective(step.kind, step.axes, step.factor * t.value.nbytes, t.times,
                        not t.combined)
             reshard += seconds[step.kind] - before
-    # the combined ops' start-up latency, once per op (latency.py)
-    for kind, t in class_seconds(classes_used(pp, choice, mesh), mesh, hw).items():
+    # the combined ops: their start-up latency and their count, once per op (latency.py)
+    ops = combined_ops(pp, choice, mesh)
+    for kind, t in class_seconds(ops, mesh, hw).items():
         seconds[kind] = seconds.get(kind, 0.0) + t
+    for (kind, _, _), n in ops.items():
+        counts.setdefault(kind, [0.0, 0.0])[0] += n
     problem, buffers, starts, _ = expanded(pp, *predicted_buffers(pp, choice, mesh))
     peak = assigned_peak(problem, choice, starts, buffers)
     total = compute + sum(seconds.values())

@@ -7,7 +7,10 @@ cheapest (Megatron's row-parallel layer is the contracting split; its column-par
 right-free split; data parallelism the left-free split of the batch).
 
 conv: the same roles for batch (lhs batch dim), output features (rhs out-feature dim) and
-input features (a contraction, P); spatial dims are not split (that needs halo exchange).
+input features (a contraction, P); a grouped convolution (``feature_group_count`` > 1, depthwise
+included) splits whole groups, and its weight gradient (``batch_group_count`` > 1) whole batch
+groups, as XLA's partitioner does (each device convolves its groups, no sum); spatial dims are
+not split (that needs halo exchange).
 """
 
 from __future__ import annotations
@@ -75,12 +78,23 @@ def _conv_rule(node: Node, mesh: MeshSpec) -> list[Strategy]:
     lhs, rhs = node.inputs[:2]
     dn = node.params["dimension_numbers"]
     lhs_spec, rhs_spec, out_spec = dn.lhs_spec, dn.rhs_spec, dn.out_spec
+    feature_groups = node.params.get("feature_group_count", 1)
+    batch_groups = node.params.get("batch_group_count", 1)
     roles = []
-    if node.params.get("batch_group_count", 1) == 1:
+    if batch_groups == 1:
         roles.append(("batch", lhs.shape[lhs_spec[0]], lhs_spec[0], None, out_spec[0]))
-    if node.params.get("feature_group_count", 1) == 1:
-        roles.append(("out_ch", rhs.shape[rhs_spec[0]], None, rhs_spec[0], out_spec[1]))
+    else:
+        # the weight gradient of a grouped convolution: lhs "batch" holds the groups' input
+        # features, each group making its block of output features; a split over whole groups
+        roles.append(("batch_group", batch_groups, lhs_spec[0], rhs_spec[0], out_spec[1]))
+    if feature_groups == 1:
+        if batch_groups == 1:
+            roles.append(("out_ch", rhs.shape[rhs_spec[0]], None, rhs_spec[0], out_spec[1]))
         roles.append(("in_ch", lhs.shape[lhs_spec[1]], lhs_spec[1], rhs_spec[1], None))
+    else:
+        # grouped (depthwise: one input feature a group): a split over whole groups splits
+        # the input features, the kernel's output features and the output's alike, no sum
+        roles.append(("group", feature_groups, lhs_spec[1], rhs_spec[0], out_spec[1]))
     roles = [r for r in roles if r[1] > 1]
     strategies = _contraction_strategies(mesh, roles,
                                          (lhs.shape, rhs.shape, node.outputs[0].shape))

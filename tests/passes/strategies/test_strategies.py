@@ -153,6 +153,46 @@ def test_conv_batch_and_channels():
     assert not any(ins[0].dim_axes(1) or ins[0].dim_axes(2) for ins, _ in found)  # no halo
 
 
+def depthwise_conv(x, w, groups):
+    return jax.lax.conv_general_dilated(x, w, (1, 1), "SAME", feature_group_count=groups,
+                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+@pytest.mark.parametrize("channels,multiplier,groups", [(8, 1, 8), (8, 2, 8), (16, 2, 4)])
+def test_grouped_conv_splits_whole_groups(channels, multiplier, groups):
+    # depthwise (one input feature a group, output features = multiplier x groups) and grouped:
+    # the groups split over an axis split the input features, the kernel's output features
+    # and the output's, with no partial sum; the batch split stays
+    x = jnp.ones((8, 6, 6, channels))
+    w = jnp.ones((3, 3, channels // groups, multiplier * groups))
+    found, _ = layouts(only_node(lambda x, w: depthwise_conv(x, w, groups), x, w))
+    assert ((spec(S(0), S(3)), spec(B, S(3))), (spec(S(0), S(3)),)) in found
+    assert ((spec(S(3), S(0)), spec(S(3), B)), (spec(S(3), S(0)),)) in found
+    assert ((spec(S(0), B), spec(B, B)), (spec(S(0), B),)) in found
+    # no split inside a group and no sum over a group's input features
+    assert not any(ins[1].dim_axes(2) for ins, _ in found)
+    assert not any(PARTIAL in out[0].sbp for _, out in found)
+
+
+def test_grouped_conv_weight_gradient_splits_batch_groups():
+    # jax.grad of a depthwise conv's kernel is a conv with batch_group_count = groups: its lhs
+    # "batch" dim holds the input features, each group making its block of kernel outputs
+    x = jnp.ones((8, 6, 6, 8))
+    w = jnp.ones((3, 3, 1, 16))
+    node = [n for n, _ in lift(trace(lambda x, w: jax.grad(
+        lambda w: depthwise_conv(x, w, 8).sum())(w), (x, w))).walk()
+            if n.op == "conv_general_dilated" and n.params["batch_group_count"] > 1][0]
+    found, _ = layouts(node)
+    dn = node.params["dimension_numbers"]
+    lhs_groups, rhs_out, out_features = dn.lhs_spec[0], dn.rhs_spec[0], dn.out_spec[1]
+    by_group = [(ins, outs) for ins, outs in found
+                if ins[0].dim_axes(lhs_groups) and ins[1].dim_axes(rhs_out)
+                and outs[0].dim_axes(out_features)]
+    assert by_group and not any(PARTIAL in outs[0].sbp for _, outs in by_group)
+    # data parallel's weight gradient: the true batch is the contraction, a partial sum
+    assert any(ins[0].dim_axes(dn.lhs_spec[1]) and PARTIAL in outs[0].sbp for ins, outs in found)
+
+
 def test_unknown_primitive_is_replicated_and_unplanned():
     node = only_node(lambda x: jnp.linalg.qr(x)[0], jnp.ones((8, 8)))
     strategies, planned = strategies_for(node, MESH)
