@@ -1,12 +1,11 @@
 """A depthwise-separable convolution net (NHWC, MobileNet's block): a 3x3 depthwise conv
 (``feature_group_count`` = channels), a 1x1 pointwise conv, twice, then a global mean and a
-dense head. Wide channels and small images: the channel split is the cheap layout."""
+dense head. Its grouped convolutions, and their weight gradients (``batch_group_count`` =
+channels), are what the group splits of the convolution rule are for."""
 
 import jax
-import jax.numpy as jnp
-import optax
 
-from tests.models.layers import adamw, dense_init, make_train_step
+from tests.models.layers import adamw, dense_init, make_train_step, token_loss
 
 BATCH, SIZE, CHANNELS, CLASSES = 8, 8, 128, 16
 
@@ -40,8 +39,7 @@ def forward(params, images):
 
 
 def loss(params, batch):
-    logits = forward(params, batch["images"])
-    return optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"]).mean()
+    return token_loss(forward(params, batch["images"]), batch["labels"])
 
 
 tx = adamw()
