@@ -21,6 +21,7 @@ from autoshard.passes.pins import ANNOTATION_MODES
 from autoshard.passes.trace import function_name, normalize_static_argnums
 from autoshard.plan_cache import PlanCache, cache_enabled
 from autoshard.planner import PLANNERS, RULES, CompileOptions
+from autoshard.progress import progress_enabled
 from autoshard.sharded_function import ShardedFunction
 from autoshard.step import Step
 
@@ -41,7 +42,8 @@ def compile(fn: Callable, *example_args: Any, mesh: Mesh, memory_budget: int | N
             batch_argnums: int | Sequence[int] | None = None, planner: str = "search",
             solver_time_limit: float = 30.0, cache: bool | None = None,
             annotations: str = "hint",
-            logical_axis_rules: Sequence[tuple[str, Any]] | None = None) -> Step:
+            logical_axis_rules: Sequence[tuple[str, Any]] | None = None,
+            progress: bool | None = None) -> Step:
     """Plan ``fn`` for ``mesh`` on ``example_args`` (arrays or ``jax.ShapeDtypeStruct``s) and
     return a ``Step`` that runs it sharded: a ``ShardedFunction``, or an ``NnxFunction`` /
     ``PipelinedFunction`` for the cases below.
@@ -88,6 +90,10 @@ def compile(fn: Callable, *example_args: Any, mesh: Mesh, memory_budget: int | N
     compile of the same step reuses the plan instead of solving. ``cache=False`` (or
     ``AUTOSHARD_CACHE=0``) bypasses the cache. After ``jax.distributed.initialize`` every process
     plans and the plans are checked equal across processes (``PlanAgreementError`` otherwise).
+
+    A plan that takes over a second shows its progress on stderr (phase, graph size, solver
+    messages, elapsed time: one updating line on a terminal, plain lines elsewhere;
+    autoshard/progress.py); ``progress=False`` or ``AUTOSHARD_PROGRESS=0`` turns it off.
     """
     if not isinstance(mesh, Mesh):
         raise ArgumentError(f"autoshard.compile({function_name(fn)}): mesh must be a "
@@ -121,7 +127,7 @@ def compile(fn: Callable, *example_args: Any, mesh: Mesh, memory_budget: int | N
                              else int(memory_budget), float(solver_time_limit),
                              PlanCache.default() if planner in ("search", "measured")
                              and cache_enabled(cache) else None, annotations,
-                             logical_axis_rules=rules)
+                             logical_axis_rules=rules, progress=progress_enabled(progress))
     if has_nnx_objects(example_args):
         if pipeline is not None:
             raise ArgumentError(f"autoshard.compile({function_name(fn)}): pipelines over Flax "

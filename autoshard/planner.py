@@ -36,6 +36,7 @@ from autoshard.passes.search import search_plan
 from autoshard.passes.state import updated_arguments
 from autoshard.passes.trace import TracedFunction, abstractify_leaf, dynamic_arguments, trace
 from autoshard.plan_cache import PlanCache
+from autoshard.progress import phase, planning, report
 from autoshard.runtime import multihost
 
 log = logging.getLogger("autoshard")
@@ -69,6 +70,7 @@ class CompileOptions:
     annotations: str = "ignore"
     annotation_specs: tuple | None = None    # per flat input position (autoshard/nnx.py)
     logical_axis_rules: tuple | None = None   # given to compile; None: flax's context (linen.py)
+    progress: bool = True                    # the planning display (autoshard/progress.py)
 
 
 @dataclass(frozen=True)
@@ -96,10 +98,18 @@ def plan_step(fn: Callable, args: Sequence[Any], options: CompileOptions, name: 
     new signature that lifts to the same graph (a static argument the step does not read, an
     NNX optimizer rebuilt by ``step.init`` with a new optax object) takes that plan as it is
     (source ``"reused"``) instead of planning again; new plans are added to it."""
+    with planning(name, options.progress):
+        return _plan_step(fn, args, options, name, known_plans)
+
+
+def _plan_step(fn: Callable, args: Sequence[Any], options: CompileOptions, name: str,
+               known_plans: dict[str, dict] | None) -> PlannedStep:
     start = time.perf_counter()
     nargs = len(args)
     traced = trace(fn, args, static_argnums=options.static_argnums, mesh=options.mesh)
+    phase("lifting")
     graph = lift(traced)
+    phase("pins", f"{graph.num_nodes()} nodes")
     verify_graph(graph)
     mesh_spec = MeshSpec.from_jax(options.mesh)
     pins = collect_pins(graph, mesh_spec, in_specs=options.in_specs,
@@ -135,6 +145,7 @@ def plan_step(fn: Callable, args: Sequence[Any], options: CompileOptions, name: 
             lowered, jitted = lower_and_jit(plan, traced, nargs, options, name)
         else:
             source = "solved"
+            phase("solving", f"{graph.num_nodes()} nodes")
             donated = {i for a in options.donate_argnums if a in spans for i in spans[a]}
             plan, lowered, jitted = search_within_budget(
                 args, traced, graph, mesh_spec, pins, donated, options, name)
@@ -147,6 +158,7 @@ def plan_step(fn: Callable, args: Sequence[Any], options: CompileOptions, name: 
         known_plans.setdefault(reuse, record)
     if source == "solved" and key is not None:
         cache_path = store_in_cache(options.cache, key, record, name)
+    phase("agreeing" if jax.process_count() > 1 else "done")
     digest = multihost.agree(name, record, graph)
     seconds = time.perf_counter() - start
     log.info("autoshard: planned %s in %.2fs (%d nodes, plan %s%s)", name, seconds,
@@ -342,6 +354,7 @@ def lower_and_jit(plan: Plan, traced: TracedFunction, nargs: int, options: Compi
     (unflattened) arguments with the plan's in/out shardings. Static leaves inside the dynamic
     arguments and results are ``None`` there (``dynamic_arguments``; the caller puts the
     results' back, ``traced.out_static``)."""
+    phase("lowering")
     lowered = lower(plan, options.mesh)
     dynamic = [i for i in range(nargs) if i not in options.static_argnums]
     in_tree, out_tree = traced.in_tree, traced.out_tree
@@ -382,6 +395,7 @@ def _with_sharding(aval: jax.ShapeDtypeStruct, sharding) -> jax.ShapeDtypeStruct
 
 def _progress(name: str, message: str) -> None:
     log.info("autoshard: planning %s: %s", name, message)
+    report(message)
 
 
 def _progress_of(name: str) -> Callable[[str], None]:
