@@ -56,8 +56,11 @@ RESOLVE_ITERATIONS = 1.5
 #: in seconds.
 FIXED_CHARGE_MAX_STRATEGIES = 10_000
 #: Problems of at most this many booleans (strategies and edge pairs) are solved exactly with
-#: their start-up charges (solver/fixed_charge.py) after the heuristics.
-EXACT_MAX_BOOLEANS = 20_000
+#: their start-up charges (solver/fixed_charge.py) after the heuristics, each solve within
+#: ``EXACT_BUDGET`` units of CP-SAT's deterministic time (about a second each): a few hundred
+#: milliseconds on a graph of a few dozen ops, where a 12k-boolean MLP step took a minute.
+EXACT_MAX_BOOLEANS = 5_000
+EXACT_BUDGET = 2.0
 #: At most this many exact solves per plan (each after the last made a chain of one class).
 EXACT_ROUNDS = 8
 
@@ -215,7 +218,7 @@ def _exact_when_small(pp: PlanningProblem, mesh: MeshSpec, hw: Hardware, choice,
     for _ in range(EXACT_ROUNDS):
         solution = solve_fixed_charges(problem, charges, chains=chains,
                                        hint=choice if found is None else found,
-                                       exclude=tuple(excluded))
+                                       exclude=tuple(excluded), budget=EXACT_BUDGET)
         if solution.choice is None or not solution.optimal:
             break
         if solution.objective >= total * (1 - slack):
