@@ -20,7 +20,7 @@ from autoshard.passes.fusion import made_from_nothing
 from autoshard.passes.pins import Pins
 from autoshard.passes.prediction.explain import explain
 from autoshard.passes.prediction.predict import memory_profile
-from autoshard.passes.problem import PlanningProblem, Slot
+from autoshard.passes.problem import PlanningProblem, Slot, stacked
 
 METHOD = "cost-model search"
 
@@ -52,6 +52,30 @@ def moved_state(pp: PlanningProblem, choice) -> dict[int, ShardingSpec]:
         if not own.has_partial and moved != own and needs.get(index, set()) - {moved, own, None}:
             pinned[slot.value.id] = moved
     return pinned
+
+def scan_operand_specs(pp: PlanningProblem, choice, graph: Graph
+                       ) -> dict[int, tuple[ShardingSpec | None, ...]]:
+    """Per scan node, the layout each operand has where the loop reads it: its body input's
+    port, stacked for a scanned operand. The problem moves an argument stored in another layout
+    (split over the layers, say) to it before the loop; pinned as the scan's operand layouts, the
+    lowering makes XLA move it there too."""
+    out = {}
+    for node, _ in graph.walk():
+        if node.op != "scan":
+            continue
+        first_x = node.params["num_consts"] + node.params["num_carry"]
+        specs = []
+        for j, (atom, inner) in enumerate(zip(node.inputs, node.regions[0].inputs)):
+            entry = pp.value_slot.get(inner.id)
+            if not isinstance(atom, Value) or entry is None:
+                specs.append(None)
+                continue
+            slot, k = entry
+            spec = pp.slots[slot].strategies[choice[slot]].outputs[k]
+            specs.append(stacked(spec) if j >= first_x else spec)
+        out[node.id] = tuple(specs)
+    return out
+
 
 def plan_from_choice(pp: PlanningProblem, choice, graph: Graph, mesh: MeshSpec, *, in_tree,
                      out_tree, pins: Pins, prediction: Prediction | None,
@@ -97,6 +121,7 @@ def plan_from_choice(pp: PlanningProblem, choice, graph: Graph, mesh: MeshSpec, 
         reasons.setdefault(f"out:{o}", "chosen by the solver")
     operand_specs = {slot.node.id: slot.strategies[c].inputs
                      for slot, c in zip(pp.slots, choice) if slot.kind == "op"}
+    operand_specs.update(scan_operand_specs(pp, choice, graph))
     explanation = {} if hw is None else explain(pp, choice, mesh, hw)
     curve = () if hw is None else tuple(memory_profile(pp, choice, mesh).tolist())
     return Plan(graph, mesh, input_specs, output_specs, value_specs, in_tree, out_tree, METHOD,

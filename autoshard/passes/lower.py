@@ -104,16 +104,21 @@ def check_plan(plan: Plan) -> None:
 
 
 def _check_scanned_axes(plan: Plan) -> None:
-    """A scan's stacked operands and results are never split along the scanned axis."""
+    """A scan never reads or makes a stacked value split along the scanned axis. What it reads
+    is the operand's layout when it runs (``operand_specs``, where the plan moves an argument
+    stored split over layers before the loop), else the value's; what it makes is the layout
+    its results are made in (``made_specs``), else the value's."""
     inputs = {v.id: s for v, s in zip(plan.graph.inputs, plan.input_specs)}
     for node, _ in plan.graph.walk():
         if node.op != "scan":
             continue
         first_x = node.params["num_consts"] + node.params["num_carry"]
-        stacked = [a for a in node.inputs[first_x:] if isinstance(a, Value)]
-        stacked += list(node.outputs[node.params["num_carry"]:])
-        for value in stacked:
-            spec = plan.value_specs.get(value.id) or inputs.get(value.id)
+        operands = plan.operand_specs.get(node.id) or (None,) * len(node.inputs)
+        stacked = [(a, operands[k]) for k, a in enumerate(node.inputs)
+                   if k >= first_x and isinstance(a, Value)]
+        stacked += [(v, plan.made_specs.get(v.id)) for v in node.outputs[node.params["num_carry"]:]]
+        for value, read in stacked:
+            spec = read or plan.value_specs.get(value.id) or inputs.get(value.id)
             if spec is None:
                 continue
             axes = [plan.mesh.axis_names[i] for i, e in enumerate(spec.sbp)
@@ -122,8 +127,9 @@ def _check_scanned_axes(plan: Plan) -> None:
                 label = value.name or f"%{value.id}"
                 raise ShardingError(
                     f"{label} (shape {value.shape}) is scanned over by {node.describe()}, and the "
-                    f"plan splits its scanned (leading) axis over mesh axis {axes}; pin a "
-                    "different dim (the per-layer dims of a stacked parameter) instead")
+                    f"plan has the loop read or make it split along its scanned (leading) axis "
+                    f"over mesh axis {axes}; a loop runs one slice a step, so that dim cannot be "
+                    "split there: pin another dim (the per-layer dims of a stacked parameter)")
 
 
 def lower(plan: Plan, mesh: Mesh) -> LoweredPlan:

@@ -408,7 +408,7 @@ class _Builder:
                 atom = node.inputs[j]
                 if isinstance(atom, Value):
                     specs = [s.outputs[0] for s in self.slots[port].strategies]
-                    required = [_stack(s) for s in specs] if role == "x" else specs
+                    required = [stacked(s) for s in specs] if role == "x" else specs
                     self.connect(self.read_from(atom), port, required, atom, 1.0)
             self.region_body(region, inner, times * length)
             if region is results_from:
@@ -422,14 +422,14 @@ class _Builder:
                                          times * length)
         for k, out in enumerate(node.outputs):
             atom = results_from.outputs[k]
-            stacked = node.op == "scan" and k >= p["num_carry"]
-            port = self.leaf_slot("port", out, self.value_specs(out, no_leading_split=stacked),
+            scanned = node.op == "scan" and k >= p["num_carry"]
+            port = self.leaf_slot("port", out, self.value_specs(out, no_leading_split=scanned),
                                   interval)
             if isinstance(atom, Value):
                 specs = [s.outputs[0] for s in self.slots[port].strategies]
-                required = [_unstack(s) for s in specs] if stacked else specs
+                required = [unstacked(s) for s in specs] if scanned else specs
                 self.connect(self.value_slot[atom.id], port, required, atom,
-                             times * (length if stacked else 1.0))
+                             times * (length if scanned else 1.0))
 
     def region_body(self, region: Graph, interval: tuple[int, int], times: float) -> None:
         self.fused |= fused_values(region)
@@ -498,12 +498,12 @@ def _signature(node: Node, pinned: ShardingSpec | None):
     return node.op, params, ins, outs, pinned
 
 
-def _stack(spec: ShardingSpec) -> ShardingSpec:
+def stacked(spec: ShardingSpec) -> ShardingSpec:
     """The stacked array's layout whose per-step slice has layout ``spec`` (leading dim whole)."""
     return ShardingSpec(tuple(Split(e.dim + 1) if isinstance(e, Split) else e for e in spec.sbp))
 
 
-def _unstack(spec: ShardingSpec) -> ShardingSpec:
+def unstacked(spec: ShardingSpec) -> ShardingSpec:
     return ShardingSpec(tuple(Split(e.dim - 1) if isinstance(e, Split) and e.dim > 0 else
                               (B if isinstance(e, Split) else e) for e in spec.sbp))
 

@@ -1,6 +1,8 @@
 """Lowering runs any plan: hand plans give the collectives they should (checked in the compiled
 HLO), pins on intermediates become constraints, and plans no layout can run are rejected."""
 
+from dataclasses import replace
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -121,16 +123,37 @@ def test_partial_pins_are_left_to_the_partitioner_but_boundaries_reject_them():
         lower(bad, mesh)
 
 
-def test_splitting_a_scanned_axis_is_rejected():
-    def stacked_mlp(weights, x):
-        return jax.lax.scan(lambda h, w: (jnp.tanh(h @ w), None), x, weights)[0]
+def stacked_mlp(weights, x):
+    return jax.lax.scan(lambda h, w: (jnp.tanh(h @ w), None), x, weights)[0]
 
+
+def test_an_argument_stored_split_over_layers_is_moved_before_the_loop():
+    # the user stores the stacked weights split over their layers; the loop reads them in the
+    # layout its plan chose for one layer's slice, moved there before it (issue 29: the
+    # planner's own choice of such an argument layout was rejected by the lowering)
+    mesh = make_mesh((2, 4))
+    weights, x = jnp.ones((4, 8, 8)) * 0.1, jnp.ones((8, 8))
+    step = autoshard.compile(stacked_mlp, weights, x, mesh=mesh, in_specs=(P("model"), None),
+                             cache=False)
+    scan = next(n for n, _ in step.plan.graph.walk() if n.op == "scan")
+    read = step.plan.operand_specs[scan.id][1]
+    assert step.plan.input_specs[0].dim_axes(0) == (1,) and not read.dim_axes(0)
+    np.testing.assert_allclose(np.asarray(step(weights, x)),
+                               np.asarray(jax.jit(stacked_mlp)(weights, x)), rtol=1e-6)
+
+
+def test_a_loop_reading_its_scanned_axis_split_is_rejected():
     mesh = make_mesh((2, 4))
     weights, x = jnp.ones((4, 8, 8)), jnp.ones((8, 8))
-    autoshard.compile(stacked_mlp, weights, x, mesh=mesh, in_specs=(P(None, "model"), None))
+    step = autoshard.compile(stacked_mlp, weights, x, mesh=mesh, cache=False)
+    plan = step.plan
+    scan = next(n for n, _ in plan.graph.walk() if n.op == "scan")
+    split_layers = ShardingSpec((B, S(0)))
+    bad = replace(plan, operand_specs={**plan.operand_specs,
+                                       scan.id: (plan.operand_specs[scan.id][0], split_layers)})
     with pytest.raises(ShardingError, match=r"weights \(shape \(4, 8, 8\)\) is scanned over by "
                                             r"scan at tests/passes/test_lower.py:\d+"):
-        autoshard.compile(stacked_mlp, weights, x, mesh=mesh, in_specs=(P("model"), None))
+        lower(bad, mesh)
 
 
 def test_plan_for_another_mesh_is_rejected():
