@@ -51,11 +51,16 @@ def report(case: str, step, args, mesh) -> None:
         "compiled_ops": dict(getattr(stats, "ops", {}) or {})}), flush=True)
 
 
+def from_this_checkout(name: str, path: str):
+    """A test module of this checkout (the cases), whatever autoshard ROOT holds."""
+    spec = importlib.util.spec_from_file_location(name, HERE / path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def depthwise() -> None:
-    spec = importlib.util.spec_from_file_location("depthwise",
-                                                  HERE / "tests/models/depthwise.py")
-    model = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(model)
+    model = from_this_checkout("depthwise", "tests/models/depthwise.py")
     model.BATCH, model.SIZE, model.CHANNELS = 1, 64, 256
     params = jax.eval_shape(model.init, jax.random.key(0))
     args = (params, jax.eval_shape(model.tx.init, params),
@@ -80,27 +85,12 @@ def gpt_step(optimizer: str, tx, mesh_shape, names, **options) -> None:
     report(f"test gpt 2 layers, {optimizer}, {mesh_shape}", step, args, mesh)
 
 
-def chained_step(params, x):
-    def loss(params):
-        h = jnp.tanh(x @ params["w0"])
-        for name in ("w1", "w2", "w3"):
-            h = jnp.tanh(h @ params[name])
-        return jnp.mean(h ** 2)
-
-    grads = jax.grad(loss)(params)
-    scale, new = 1.0, {}
-    for name in sorted(grads):
-        g = autoshard.hint(grads[name], P(("data", "model"))) * scale
-        scale = 1.0 / (1.0 + jnp.sqrt(jnp.mean(g ** 2)))
-        new[name] = params[name] - 0.1 * scale * g
-    return new
-
-
 def chain() -> None:
     params = {f"w{i}": jnp.full((512, 512), 0.002) for i in range(4)}
     x = jnp.ones((16, 512))
     split = {name: P(("data", "model")) for name in params}
     mesh = jax.make_mesh((2, 4), ("data", "model"))
+    chained_step = from_this_checkout("test_verify", "tests/measure/test_verify.py").chained_step
     step = autoshard.compile(chained_step, params, x, mesh=mesh, cache=False,
                              in_specs=(split, P()), out_specs=split)
     report("chained RMS all-reduces (2, 4)", step, (params, x), mesh)

@@ -23,8 +23,8 @@ def init(key):
 
 def test_an_initializer_returns_its_parameters_split_not_replicated():
     # no budget and no consumer: every layout of the results costs the same time, and the tie
-    # goes to the one that holds least per device (before, the solver left them replicated:
-    # 4x the bytes on every device)
+    # goes to the one that holds least per device, not a replicated copy (4x the bytes on
+    # every device)
     mesh = make_mesh((2, 4))
     step = autoshard.compile(init, jax.random.key(0), mesh=mesh, cache=False)
     out = step(jax.random.key(0))

@@ -21,8 +21,7 @@ METHODS = ["cost-model search", "data-parallel rule", "fully-sharded data-parall
 def test_the_fastest_executable_that_fits_is_returned(budget, chosen):
     # This small step is latency bound on H100: data parallel (~12 us, ~1.9 MB) does not fit
     # 1.5 MB; the searched plan (~16 us, ~1.4 MB) and the fully-sharded rule (~22 us, ~0.9 MB)
-    # do, and the searched plan is faster (it measured ~97 us before the search checked its
-    # plan against seed plans and solved small problems exactly with start-up charges).
+    # do, and the searched plan is faster.
     args = example(2)
     mesh = jax.make_mesh((2, 4), ("data", "model"))
     step = autoshard.compile(train_step, *args, mesh=mesh, planner="measured",

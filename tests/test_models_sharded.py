@@ -83,8 +83,8 @@ def test_hand_plans_match_unsharded(model, shape, plan):
 def test_depthwise_convs_split_whole_groups_and_match_unsharded():
     # the depthwise kernels pinned split over their channels (output features): their weight
     # gradients (convolutions with batch_group_count = channels) make them split, on whole
-    # groups, with no partial sum and no gather (before, a grouped convolution had no channel
-    # split); the forward convolutions take the split or gather the 4.5 KiB kernels, by cost
+    # groups, with no partial sum and no gather; the forward convolutions take the split or
+    # gather the 4.5 KiB kernels, by cost
     from tests.models import depthwise
     args = example_args(depthwise)
     mesh = jax.make_mesh((4,), ("data",), devices=jax.devices()[:4])

@@ -57,8 +57,8 @@ RESOLVE_ITERATIONS = 1.5
 FIXED_CHARGE_MAX_STRATEGIES = 10_000
 #: Problems of at most this many booleans (strategies and edge pairs) are solved exactly with
 #: their start-up charges (solver/fixed_charge.py) after the heuristics, each solve within
-#: ``EXACT_BUDGET`` units of CP-SAT's deterministic time (about a second each): a few hundred
-#: milliseconds on a graph of a few dozen ops, where a 12k-boolean MLP step took a minute.
+#: ``EXACT_BUDGET`` units of CP-SAT's deterministic time (about a second each): the model grows
+#: with every edge pair, so past a few dozen ops a solve costs more than the charges it saves.
 EXACT_MAX_BOOLEANS = 5_000
 EXACT_BUDGET = 2.0
 #: At most this many exact solves per plan (each after the last made a chain of one class).

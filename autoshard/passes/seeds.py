@@ -17,7 +17,7 @@ from autoshard.ir.graph import Graph
 from autoshard.ir.mesh import MeshSpec
 from autoshard.ir.sharding import ShardingSpec, Split
 from autoshard.passes.problem import PlanningProblem
-from autoshard.solver.problem import FORBIDDEN, evaluate
+from autoshard.solver.problem import FORBIDDEN
 
 SEEDS = ("replicated", "data parallel", "fully sharded")
 
@@ -116,8 +116,3 @@ def seed_choices(pp: PlanningProblem, graph: Graph, mesh: MeshSpec,
         if ok:
             out[seed] = follow(pp, fixed)
     return out
-
-
-def feasible(pp: PlanningProblem, choice: np.ndarray) -> bool:
-    ev = evaluate(pp.problem, choice)
-    return bool(ev.feasible) and ev.cost < FORBIDDEN

@@ -65,8 +65,7 @@ def chained_step(params, x):
 def test_a_chain_of_reductions_is_predicted_as_the_ops_xla_cannot_combine():
     # the gradients pinned split over every device: each scale's RMS is an all-reduce that
     # depends on the one before, so XLA's combiner makes one op per link (it merges only
-    # independent collectives); the prediction counts and prices the same ops (before, it
-    # predicted one combined op and priced one start-up)
+    # independent collectives); the prediction counts and prices the same ops
     # 1 MiB gradients: gathering each to take its RMS locally costs more than the chain
     params = {f"w{i}": jnp.full((512, 512), 0.002) for i in range(4)}
     x = jnp.ones((16, 512))

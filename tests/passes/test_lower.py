@@ -129,8 +129,7 @@ def stacked_mlp(weights, x):
 
 def test_an_argument_stored_split_over_layers_is_moved_before_the_loop():
     # the user stores the stacked weights split over their layers; the loop reads them in the
-    # layout its plan chose for one layer's slice, moved there before it (issue 29: the
-    # planner's own choice of such an argument layout was rejected by the lowering)
+    # layout its plan chose for one layer's slice, moved there before it
     mesh = make_mesh((2, 4))
     weights, x = jnp.ones((4, 8, 8)) * 0.1, jnp.ones((8, 8))
     step = autoshard.compile(stacked_mlp, weights, x, mesh=mesh, in_specs=(P("model"), None),
