@@ -66,13 +66,17 @@ def solver_outcome(status: str, gap: float | None, details: Mapping[str, Any]) -
     (``latency_forbidden``: the classes of combined collectives it avoids) is priced above the
     bandwidth-only LP bound on purpose, so its gap says by how much, not how far it is from the
     optimum; a seed that beat the solvers' plan (``seed_taken``) is named with the others'
-    costs."""
+    costs; a plan within a hair of a lower bound on every plan's total, start-up latency
+    included (``bound_met``), says which plan and bound."""
     seeds = details.get("seeds") or {}
     taken = details.get("seed_taken")
     if taken:
         others = ", ".join(f"{name} {_duration(t)}" for name, t in seeds.items() if name != taken)
         return (f"the {taken} seed ({_duration(seeds[taken])}), cheaper than the solvers' plan"
                 + (f"; other seeds: {others}" if others else ""))
+    met = details.get("bound_met")
+    if met:
+        return f"optimal with start-up latency counted: {met}"
     moved = details.get("latency_forbidden")
     if moved:
         above = "" if gap is None else (f": {gap:.2%} above the LP bound by bandwidth alone, "

@@ -61,6 +61,11 @@ FIXED_CHARGE_MAX_STRATEGIES = 10_000
 #: with every edge pair, so past a few dozen ops a solve costs more than the charges it saves.
 EXACT_MAX_BOOLEANS = 5_000
 EXACT_BUDGET = 2.0
+#: A plan whose total with start-up charges is within this share of a lower bound on every
+#: plan's total (the LP optimum by bandwidth alone, or the LP with fixed charges) is taken at
+#: once: the latency refinement, the replicated-state re-solve and the exact solve below can
+#: find no plan cheaper by more (on the small test models they took most of a plan's seconds).
+BOUND_MET = 5e-4
 #: At most this many exact solves per plan (each after the last made a chain of one class).
 EXACT_ROUNDS = 8
 
@@ -124,30 +129,36 @@ def _search_once(graph: Graph, mesh: MeshSpec, hw: Hardware, pins: Pins, *, in_t
         fits = lp.integral and (not budget_free or evaluate(variant, lp.choice).feasible)
         return lp.choice if fits else None
 
-    refined, forbidden = (refine_latency(pp, choice, mesh, hw, resolve, progress)
-                          if refined_by_lp else (choice, ()))
-    # on every path: a plan of the memory-priced LPs or the search is priced by bandwidth as
-    # much as the first LP's, and a latency-bound step under a budget gains as much from the
-    # fixed charges
-    refined, forbidden = _fixed_charge_plan(pp, mesh, hw, (refined, forbidden), time_limit,
-                                            resolve_cap, progress)
-    if refined_by_lp and memory_budget is None:
-        refined, forbidden = _replicated_state_seed(pp, graph, updated, mesh, hw, resolve,
-                                                    (refined, forbidden), progress)
-    if forbidden:
-        cost = evaluate(problem, refined).cost
-        bound = stats.bound
-        choice = refined
-        stats = replace(stats, seconds=time.perf_counter() - start, objective=cost / NS,
-                        status="feasible", gap=None if bound is None or not cost else
-                        max(0.0, (cost - bound * NS) / cost),
-                        details=dict(stats.details, latency_forbidden=[
-                            key if isinstance(key, str) else " ".join(map(str, key))
-                            for key in forbidden]))
+    met = _bound_met(pp, graph, mesh, hw, choice, stats, batch_inputs, set(updated.values()),
+                     time_limit, resolve_cap, progress) if refined_by_lp else None
+    if met is not None:
+        choice, stats = met
+    else:
+        refined, forbidden = (refine_latency(pp, choice, mesh, hw, resolve, progress)
+                              if refined_by_lp else (choice, ()))
+        # on every path: a plan of the memory-priced LPs or the search is priced by bandwidth as
+        # much as the first LP's, and a latency-bound step under a budget gains as much from the
+        # fixed charges
+        refined, forbidden = _fixed_charge_plan(pp, mesh, hw, (refined, forbidden), time_limit,
+                                                resolve_cap, progress)
+        if refined_by_lp and memory_budget is None:
+            refined, forbidden = _replicated_state_seed(pp, graph, updated, mesh, hw, resolve,
+                                                        (refined, forbidden), progress)
+        if forbidden:
+            cost = evaluate(problem, refined).cost
+            bound = stats.bound
+            choice = refined
+            stats = replace(stats, seconds=time.perf_counter() - start, objective=cost / NS,
+                            status="feasible", gap=None if bound is None or not cost else
+                            max(0.0, (cost - bound * NS) / cost),
+                            details=dict(stats.details, latency_forbidden=[
+                                key if isinstance(key, str) else " ".join(map(str, key))
+                                for key in forbidden]))
     choice = least_held_free_layouts(pp, choice)
     choice, stats = _against_seeds(pp, graph, mesh, hw, choice, stats, batch_inputs,
                                    set(updated.values()), progress)
-    choice, stats = _exact_when_small(pp, mesh, hw, choice, stats, progress)
+    if met is None:
+        choice, stats = _exact_when_small(pp, mesh, hw, choice, stats, progress)
     prediction = predict(pp, choice, mesh, hw, memory_budget)
     if memory_budget is not None:
         # the peak the budget constraint saw (below the predicted peak, which adds the buffers
@@ -159,6 +170,53 @@ def _search_once(graph: Graph, mesh: MeshSpec, hw: Hardware, pins: Pins, *, in_t
                             pins=pins, prediction=prediction, solver=stats, hw=hw)
     return plan, pp, choice
 
+
+def _bound_met(pp: PlanningProblem, graph: Graph, mesh: MeshSpec, hw: Hardware, choice,
+               stats: SolverStats, batch_inputs: tuple[int, ...], state_inputs: set[int],
+               time_limit: float, max_iterations: int, progress):
+    """(choice, stats) of a plan whose total with start-up charges is within ``BOUND_MET`` of
+    a lower bound on every plan's total, or None. Tried in order of cost: the LP's own plan and
+    the seed plans (seeds.py) against the LP optimum (every plan's total is its bandwidth cost
+    plus nonnegative charges, so the LP that prices bandwidth alone bounds it); then, on a
+    small latency-bound problem, the LP with each class's start-up charge in its objective
+    (``_fixed_charge_plan``), whose integral optimum is a bound too where it prices its own
+    plan in full (no chain of one class pays again per link)."""
+    problem = pp.problem
+    if stats.bound is None or stats.status != "optimal":
+        return None
+    candidates = {"the LP's": np.asarray(choice, np.int64)}
+    for name, seed in seed_choices(pp, graph, mesh, batch_inputs, state_inputs).items():
+        if evaluate(problem, seed).feasible:
+            candidates[f"the {name} seed's"] = np.asarray(seed, np.int64)
+    totals = {name: total_nanoseconds(pp, c, mesh, hw) for name, c in candidates.items()}
+    name = min(totals, key=lambda k: (totals[k], k != "the LP's"))
+    bound = stats.bound * NS
+    if totals[name] > bound * (1 + BOUND_MET) and latency_bound(
+            pp, candidates[name], mesh, hw) and \
+            int(problem.num_strategies.sum()) <= FIXED_CHARGE_MAX_STRATEGIES:
+        lp = solve_local_polytope(problem, time_limit=time_limit,
+                                  charges=fixed_charges(pp, mesh, hw),
+                                  max_iterations=max_iterations * (
+                                      1 if problem.usage_limit is None else 4))
+        if lp.status == "optimal" and lp.integral and evaluate(problem, lp.choice).feasible:
+            name, bound = "the LP with fixed charges'", lp.objective
+            candidates[name] = np.asarray(lp.choice, np.int64)
+            totals[name] = total_nanoseconds(pp, lp.choice, mesh, hw)
+    total = totals[name]
+    if total > bound * (1 + BOUND_MET):
+        if progress:
+            progress(f"start-up latency: the best of the LP's and the seed plans ({name[:-2]}, "
+                     f"{total / NS * 1e3:.4f} ms) against the bound {bound / NS * 1e3:.4f} ms; "
+                     "refining")
+        return None
+    if progress:
+        progress(f"start-up latency: {name} plan ({total / NS * 1e3:.4f} ms) is within "
+                 f"{BOUND_MET:.1%} of the bound {bound / NS * 1e3:.4f} ms; taken")
+    cost = float(evaluate(problem, candidates[name]).cost)
+    gap = max(0.0, (total - bound) / total) if total else 0.0
+    return candidates[name], replace(
+        stats, objective=cost / NS, status="optimal", gap=gap,
+        details=dict(stats.details, bound_met=f"{name} plan, {gap:.2%} above the bound"))
 
 def _against_seeds(pp: PlanningProblem, graph: Graph, mesh: MeshSpec, hw: Hardware, choice,
                    stats: SolverStats, batch_inputs: tuple[int, ...], state_inputs: set[int],
