@@ -294,3 +294,41 @@ def test_branch_and_bound_finds_what_enumeration_finds():
         if checked == 40:
             return
     pytest.fail(f"only {checked} graphs both references reach")
+
+
+def test_the_bounds_that_end_a_solve_early_are_below_the_optimum():
+    """``search._bound_met`` takes a plan within 0.05% of a lower bound on every plan's total
+    without refining it further: a bound above the optimum would end the solve at a dearer
+    plan. The LP's, and those of ``_latency_bounds`` (the LP with fixed charges, the LP
+    without combined collectives plus the cheapest start-up), must each stay at or below the
+    exhaustive optimum."""
+    from autoshard.passes.latency import latency_bound
+    from autoshard.passes.problem import NS
+    from autoshard.passes.search import _latency_bounds, solve_plan_problem
+
+    checked = latency_bound_graphs = 0
+    for seed in range(60_000, 60_400):
+        graph = draw_graph(seed, (2, 2) if seed % 2 else (4,), seed % 3 == 0, range(1, 6))
+        step = lifted(graph)
+        pp = problem_of(step)
+        if combinations(pp.problem) > MAX_COMBINATIONS:
+            continue
+        try:
+            best = enumerate_optimum(pp, step.mesh, HW, MAX_COMBINATIONS)
+        except TooLarge:
+            continue
+        choice, stats = solve_plan_problem(pp.problem, 30.0)
+        bounds = {"LP": stats.bound * NS}
+        if latency_bound(pp, choice, step.mesh, HW):
+            latency_bound_graphs += 1
+            found = _latency_bounds(pp, step.mesh, HW, best.total, stats.bound * NS, 30.0,
+                                    10_000)
+            bounds.update({name: bound for name, (_, bound) in found.items()})
+        for name, bound in bounds.items():
+            assert bound <= best.total * (1 + 1e-6), (
+                f"{graph.describe()}\n    {name} bound {bound / 1e3:.4f} us above the optimum "
+                f"{best.total / 1e3:.4f} us")
+        checked += 1
+        if checked == 60:
+            break
+    assert checked == 60 and latency_bound_graphs >= 10, (checked, latency_bound_graphs)
