@@ -38,7 +38,8 @@ from autoshard.passes.problem import NS, PlanningProblem, build_problem
 from autoshard.passes.redundant_axes import with_redundant_axes
 from autoshard.passes.seeds import seed_choices
 from autoshard.solver.fixed_charge import model_size, solve_fixed_charges
-from autoshard.solver.lp import MIN_ITERATIONS, solve_lagrangian, solve_local_polytope
+from autoshard.solver.lp import (MIN_ITERATIONS, LPResult, solve_lagrangian,
+                                 solve_local_polytope)
 from autoshard.solver.problem import Problem, evaluate
 from autoshard.solver.solve import solve
 
@@ -130,8 +131,10 @@ def _search_once(graph: Graph, mesh: MeshSpec, hw: Hardware, pins: Pins, *, in_t
         fits = lp.integral and (not budget_free or evaluate(variant, lp.choice).feasible)
         return lp.choice if fits else None
 
-    met = _bound_met(pp, graph, mesh, hw, choice, stats, batch_inputs, set(updated.values()),
-                     time_limit, resolve_cap, progress) if refined_by_lp else None
+    # the LP with fixed charges, where _bound_met solved it, is not solved again below
+    met, fixed_lp = _bound_met(pp, graph, mesh, hw, choice, stats, batch_inputs,
+                               set(updated.values()), time_limit, resolve_cap,
+                               progress) if refined_by_lp else (None, None)
     if met is not None:
         choice, stats = met
     else:
@@ -141,7 +144,7 @@ def _search_once(graph: Graph, mesh: MeshSpec, hw: Hardware, pins: Pins, *, in_t
         # much as the first LP's, and a latency-bound step under a budget gains as much from the
         # fixed charges
         refined, forbidden = _fixed_charge_plan(pp, mesh, hw, (refined, forbidden), time_limit,
-                                                resolve_cap, progress)
+                                                resolve_cap, progress, solved=fixed_lp)
         if refined_by_lp and memory_budget is None:
             refined, forbidden = _replicated_state_seed(pp, graph, updated, mesh, hw, resolve,
                                                         (refined, forbidden), progress)
@@ -175,14 +178,16 @@ def _search_once(graph: Graph, mesh: MeshSpec, hw: Hardware, pins: Pins, *, in_t
 def _bound_met(pp: PlanningProblem, graph: Graph, mesh: MeshSpec, hw: Hardware, choice,
                stats: SolverStats, batch_inputs: tuple[int, ...], state_inputs: set[int],
                time_limit: float, max_iterations: int, progress):
-    """(choice, stats) of a plan whose total with start-up charges is within ``BOUND_MET`` of
-    a lower bound on every plan's total, or None. Tried in order of cost: the LP's own plan and
+    """((choice, stats) or None, the LP with fixed charges where it was solved): a plan whose
+    total with start-up charges is within ``BOUND_MET`` of a lower bound on every plan's
+    total, where one is. Tried in order of cost: the LP's own plan and
     the seed plans (seeds.py) against the LP optimum (every plan's total is its bandwidth cost
     plus nonnegative charges, so the LP that prices bandwidth alone bounds it); then, on a
     latency-bound step, against the bounds of ``_latency_bounds``, with those LPs' plans."""
     problem = pp.problem
     if stats.bound is None or stats.status != "optimal":
-        return None
+        return None, None
+    fixed_lp = None
     candidates = {"LP": np.asarray(choice, np.int64)}
     for name, seed in seed_choices(pp, graph, mesh, batch_inputs, state_inputs).items():
         if evaluate(problem, seed).feasible:
@@ -191,8 +196,8 @@ def _bound_met(pp: PlanningProblem, graph: Graph, mesh: MeshSpec, hw: Hardware, 
     name = min(totals, key=lambda k: (totals[k], k != "LP"))
     bound = stats.bound * NS
     if totals[name] > bound * (1 + BOUND_MET) and latency_bound(pp, choice, mesh, hw):
-        more = _latency_bounds(pp, mesh, hw, totals[name], stats.bound * NS, time_limit,
-                               max_iterations)
+        more, fixed_lp = _latency_bounds(pp, mesh, hw, totals[name], stats.bound * NS,
+                                         time_limit, max_iterations)
         for other, (other_choice, other_bound) in more.items():
             bound = max(bound, other_bound)
             if other_choice is not None:
@@ -205,31 +210,33 @@ def _bound_met(pp: PlanningProblem, graph: Graph, mesh: MeshSpec, hw: Hardware, 
             progress(f"start-up latency: the best plan so far ({name}, "
                      f"{total / NS * 1e3:.4f} ms) against the bound {bound / NS * 1e3:.4f} ms; "
                      "refining")
-        return None
+        return None, fixed_lp
     if progress:
         progress(f"start-up latency: the plan of the {name} ({total / NS * 1e3:.4f} ms) is "
                  f"within {BOUND_MET:.2%} of the bound {bound / NS * 1e3:.4f} ms; taken")
     cost = float(evaluate(problem, candidates[name]).cost)
     gap = max(0.0, (total - bound) / total) if total else 0.0
-    return candidates[name], replace(
+    return (candidates[name], replace(
         stats, objective=cost / NS, status="optimal", gap=gap,
-        details=dict(stats.details, bound_met=f"the plan of the {name}, {gap:.2%} above the bound"))
+        details=dict(stats.details, bound_met=f"the plan of the {name}, "
+                                              f"{gap:.2%} above the bound"))), fixed_lp
 
 
 def _latency_bounds(pp: PlanningProblem, mesh: MeshSpec, hw: Hardware, best_total: float,
                     lp_bound: float, time_limit: float, max_iterations: int):
-    """{name: (plan or None, lower bound on every plan's total)} of two LPs that count start-up
-    latency: on a small problem the LP with fixed charges (``FIXED_CHARGE_MAX_STRATEGIES``;
-    its plan where integral); on any, the LP with every entry that makes a combined collective
-    forbidden, whose optimum bounds the plans that make none, while a plan that makes one pays
-    at least the LP bound plus the cheapest start-up charge (on a latency-bound step the
-    replicated plan meets that bound where the first LP's is far below it)."""
+    """({name: (plan or None, lower bound on every plan's total)}, the LP with fixed charges'
+    result where solved) of two LPs that count start-up latency: on a small problem
+    (``FIXED_CHARGE_MAX_STRATEGIES``) the LP with fixed charges, its plan where integral; on
+    any, the LP with every entry that makes a combined collective forbidden, whose optimum
+    bounds the plans that make none, while a plan that makes one pays at least the LP bound
+    plus the cheapest start-up charge (on a latency-bound step the replicated plan meets that
+    bound where the first LP's is far below it)."""
     problem = pp.problem
     extra = 1 if problem.usage_limit is None else 4
     charges = fixed_charges(pp, mesh, hw)
-    out = {}
+    out, lp = {}, None
     if not charges:
-        return out
+        return out, lp
     if int(problem.num_strategies.sum()) <= FIXED_CHARGE_MAX_STRATEGIES:
         lp = solve_local_polytope(problem, time_limit=time_limit, charges=charges,
                                   max_iterations=max_iterations * extra)
@@ -239,7 +246,7 @@ def _latency_bounds(pp: PlanningProblem, mesh: MeshSpec, hw: Hardware, best_tota
                 np.asarray(lp.choice, np.int64) if fits else None, lp.objective)
     with_one = lp_bound + min(c.cost for c in charges)
     if best_total > with_one * (1 + BOUND_MET):
-        return out              # no bound this LP gives can be met: not worth its solve
+        return out, lp          # no bound this LP gives can be met: not worth its solve
     quiet = solve_local_polytope(
         forbid(problem, list(class_entries(pp, mesh).values()), PENALTY_PLANS * best_total),
         time_limit=time_limit, max_iterations=max_iterations * extra)
@@ -248,7 +255,7 @@ def _latency_bounds(pp: PlanningProblem, mesh: MeshSpec, hw: Hardware, best_tota
         out["LP without combined collectives"] = (
             np.asarray(quiet.choice, np.int64) if fits else None,
             min(quiet.objective, with_one))
-    return out
+    return out, lp
 
 
 def _against_seeds(pp: PlanningProblem, graph: Graph, mesh: MeshSpec, hw: Hardware, choice,
@@ -359,7 +366,8 @@ def least_held_free_layouts(pp: PlanningProblem, choice) -> np.ndarray:
 
 
 def _fixed_charge_plan(pp: PlanningProblem, mesh: MeshSpec, hw: Hardware, found,
-                       time_limit: float, max_iterations: int, progress):
+                       time_limit: float, max_iterations: int, progress,
+                       solved: LPResult | None = None):
     """``found`` (choice, forbidden classes), or the optimum of the LP in which each class of
     combined op pays its start-up latency once (``FixedCharge``; rounded where fractional)
     where that fits and is cheaper with the fixed charges counted. ``refine_latency`` only
@@ -373,12 +381,11 @@ def _fixed_charge_plan(pp: PlanningProblem, mesh: MeshSpec, hw: Hardware, found,
     if not latency_bound(pp, choice, mesh, hw) or \
             int(problem.num_strategies.sum()) > FIXED_CHARGE_MAX_STRATEGIES:
         return found
-    charges = fixed_charges(pp, mesh, hw)
     # the charges' rows make each simplex iteration several times slower; under a budget the
     # greedy walk has no replicated-state seed to fall back on, so it gets more of them
-    lp = solve_local_polytope(problem, time_limit=time_limit, charges=charges,
-                              max_iterations=max_iterations * (
-                                  1 if problem.usage_limit is None else 4))
+    lp = solved if solved is not None else solve_local_polytope(
+        problem, time_limit=time_limit, charges=fixed_charges(pp, mesh, hw),
+        max_iterations=max_iterations * (1 if problem.usage_limit is None else 4))
     fits = lp.status == "optimal" and evaluate(problem, lp.choice).feasible
     base = total_nanoseconds(pp, choice, mesh, hw)
     # its argmax rounding where fractional: a plan like any other, priced the same way

@@ -321,7 +321,7 @@ def test_the_bounds_that_end_a_solve_early_are_below_the_optimum():
         bounds = {"LP": stats.bound * NS}
         if latency_bound(pp, choice, step.mesh, HW):
             latency_bound_graphs += 1
-            found = _latency_bounds(pp, step.mesh, HW, best.total, stats.bound * NS, 30.0,
+            found, _ = _latency_bounds(pp, step.mesh, HW, best.total, stats.bound * NS, 30.0,
                                     10_000)
             bounds.update({name: bound for name, (_, bound) in found.items()})
         for name, bound in bounds.items():
