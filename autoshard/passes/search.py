@@ -180,13 +180,15 @@ def _bound_met(pp: PlanningProblem, graph: Graph, mesh: MeshSpec, hw: Hardware, 
                time_limit: float, max_iterations: int, progress):
     """((choice, stats) or None, the LP with fixed charges where it was solved): a plan whose
     total with start-up charges is within ``BOUND_MET`` of a lower bound on every plan's
-    total, where one is. Tried in order of cost: the LP's own plan and
-    the seed plans (seeds.py) against the LP optimum (every plan's total is its bandwidth cost
-    plus nonnegative charges, so the LP that prices bandwidth alone bounds it); then, on a
-    latency-bound step, against the bounds of ``_latency_bounds``, with those LPs' plans."""
+    total, where one is; tried only where the LP's plan is latency bound (elsewhere nothing
+    is refined). In order of cost: the LP's own plan and the seed plans (seeds.py) against the
+    LP optimum (every plan's total is its bandwidth cost plus nonnegative charges, so the LP
+    that prices bandwidth alone bounds it); then against the bounds of ``_latency_bounds``,
+    with those LPs' plans."""
     problem = pp.problem
-    if stats.bound is None or stats.status != "optimal":
-        return None, None
+    if stats.bound is None or stats.status != "optimal" or not latency_bound(pp, choice, mesh,
+                                                                            hw):
+        return None, None       # where the LP's plan is not latency bound, nothing is refined
     fixed_lp = None
     candidates = {"LP": np.asarray(choice, np.int64)}
     for name, seed in seed_choices(pp, graph, mesh, batch_inputs, state_inputs).items():
@@ -195,7 +197,7 @@ def _bound_met(pp: PlanningProblem, graph: Graph, mesh: MeshSpec, hw: Hardware, 
     totals = {name: total_nanoseconds(pp, c, mesh, hw) for name, c in candidates.items()}
     name = min(totals, key=lambda k: (totals[k], k != "LP"))
     bound = stats.bound * NS
-    if totals[name] > bound * (1 + BOUND_MET) and latency_bound(pp, choice, mesh, hw):
+    if totals[name] > bound * (1 + BOUND_MET):
         more, fixed_lp = _latency_bounds(pp, mesh, hw, totals[name], stats.bound * NS,
                                          time_limit, max_iterations)
         for other, (other_choice, other_bound) in more.items():
