@@ -29,6 +29,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/pipeline.py
 	$(BIN)/python benchmarks/dump_size.py
 	$(BIN)/python benchmarks/nnx_annotations.py
+	$(BIN)/python benchmarks/plan_time.py --loaded
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache

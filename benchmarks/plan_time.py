@@ -1,6 +1,6 @@
 """Planning seconds by phase against layer count (issue 28), plan cache off, compile only.
 
-    python benchmarks/plan_time.py [--gpt-layers 6,24,48,96] [--llama] [--loaded]
+    python benchmarks/plan_time.py [--gpt-layers 6,24,48] [--llama] [--loaded]
                                    [--out benchmarks/results/plan_time.md]
 
 Rows: a GPT-2-medium-shaped AdamW train step (d=1024, 16 heads, FF 4096, seq 1024, batch 16,
@@ -156,7 +156,7 @@ def chart(table: list[dict], path: pathlib.Path) -> bool:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--gpt-layers", default="6,24")
+    parser.add_argument("--gpt-layers", default="6,24,48")
     parser.add_argument("--llama", action="store_true")
     parser.add_argument("--loaded", action="store_true",
                         help="plan each row again beside two CPU-bound processes")
