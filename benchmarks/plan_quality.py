@@ -69,11 +69,16 @@ SIZES = {
 }
 
 
-def load_model(name: str, size: str):
+def configured(name: str, config: dict):
+    """The test model ``name`` with its module constants (sizes) set from ``config``."""
     module = importlib.import_module(f"tests.models.{name}")
-    for key, value in SIZES[size][name].items():
+    for key, value in config.items():
         setattr(module, key, value)
     return module
+
+
+def load_model(name: str, size: str):
+    return configured(name, SIZES[size][name])
 
 
 def abstract_args(model):

@@ -37,7 +37,7 @@ sys.path.insert(0, str(ROOT))
 
 import autoshard  # noqa: E402
 import autoshard.progress as progress_module  # noqa: E402
-from benchmarks.plan_quality import abstract_args  # noqa: E402
+from benchmarks.plan_quality import abstract_args, configured  # noqa: E402
 
 GPT2_MEDIUM = dict(VOCAB=50304, D=1024, HEADS=16, FF=4096, SEQ=1024, BATCH=16)
 LLAMA2_7B = dict(VOCAB=32000, D=4096, HEADS=32, KV_HEADS=8, FF=11008, SEQ=2048, BATCH=8,
@@ -46,14 +46,6 @@ SHOWN = {"tracing": "trace", "lifting": "lift", "pins": "pins", "solving": "buil
          "lowering": "lower"}
 COLOURS = {"trace": "#4e79a7", "lift": "#f28e2b", "pins": "#76b7b2", "build + solve": "#e15759",
            "lower": "#59a14f"}
-
-
-def shaped(name: str, config: dict):
-    import importlib
-    module = importlib.import_module(f"tests.models.{name}")
-    for key, value in config.items():
-        setattr(module, key, value)
-    return module
 
 
 @contextlib.contextmanager
@@ -73,7 +65,7 @@ def phase_clock(marks: list):
 
 
 def plan_once(name, config, mesh, budget):
-    model = shaped(name, config)      # set here: the rows share one module
+    model = configured(name, config)  # set here: the rows share one module
     args = abstract_args(model)
     marks = [("tracing", time.monotonic())]
     with phase_clock(marks), open(os.devnull, "w") as quiet, \

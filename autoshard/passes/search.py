@@ -131,9 +131,10 @@ def _search_once(graph: Graph, mesh: MeshSpec, hw: Hardware, pins: Pins, *, in_t
         fits = lp.integral and (not budget_free or evaluate(variant, lp.choice).feasible)
         return lp.choice if fits else None
 
+    # the seeds are priced once, for the bound check and for the check against the plan found
+    seeds = priced_seeds(pp, graph, mesh, hw, batch_inputs, set(updated.values()))
     # the LP with fixed charges, where _bound_met solved it, is not solved again below
-    met, fixed_lp = _bound_met(pp, graph, mesh, hw, choice, stats, batch_inputs,
-                               set(updated.values()), time_limit, resolve_cap,
+    met, fixed_lp = _bound_met(pp, mesh, hw, choice, stats, seeds, time_limit, resolve_cap,
                                progress) if refined_by_lp else (None, None)
     if met is not None:
         choice, stats = met
@@ -159,8 +160,7 @@ def _search_once(graph: Graph, mesh: MeshSpec, hw: Hardware, pins: Pins, *, in_t
                                 key if isinstance(key, str) else " ".join(map(str, key))
                                 for key in forbidden]))
     choice = least_held_free_layouts(pp, choice)
-    choice, stats = _against_seeds(pp, graph, mesh, hw, choice, stats, batch_inputs,
-                                   set(updated.values()), progress)
+    choice, stats = _against_seeds(pp, mesh, hw, choice, stats, seeds, progress)
     if met is None:
         choice, stats = _exact_when_small(pp, mesh, hw, choice, stats, progress)
     prediction = predict(pp, choice, mesh, hw, memory_budget)
@@ -175,31 +175,30 @@ def _search_once(graph: Graph, mesh: MeshSpec, hw: Hardware, pins: Pins, *, in_t
     return plan, pp, choice
 
 
-def _bound_met(pp: PlanningProblem, graph: Graph, mesh: MeshSpec, hw: Hardware, choice,
-               stats: SolverStats, batch_inputs: tuple[int, ...], state_inputs: set[int],
-               time_limit: float, max_iterations: int, progress):
+def _bound_met(pp: PlanningProblem, mesh: MeshSpec, hw: Hardware, choice, stats: SolverStats,
+               seeds: dict[str, tuple[np.ndarray, float]], time_limit: float,
+               max_iterations: int, progress):
     """((choice, stats) or None, the LP with fixed charges where it was solved): a plan whose
     total with start-up charges is within ``BOUND_MET`` of a lower bound on every plan's
     total, where one is; tried only where the LP's plan is latency bound (elsewhere nothing
-    is refined). In order of cost: the LP's own plan and the seed plans (seeds.py) against the
-    LP optimum (every plan's total is its bandwidth cost plus nonnegative charges, so the LP
-    that prices bandwidth alone bounds it); then against the bounds of ``_latency_bounds``,
-    with those LPs' plans."""
+    is refined). In order of cost: the LP's own plan and the seed plans (``priced_seeds``)
+    against the LP optimum (every plan's total is its bandwidth cost plus nonnegative charges,
+    so the LP that prices bandwidth alone bounds it); then against the bounds of
+    ``_latency_bounds``, with those LPs' plans."""
     problem = pp.problem
     if stats.bound is None or stats.status != "optimal" or not latency_bound(pp, choice, mesh,
                                                                             hw):
         return None, None       # where the LP's plan is not latency bound, nothing is refined
     fixed_lp = None
     candidates = {"LP": np.asarray(choice, np.int64)}
-    for name, seed in seed_choices(pp, graph, mesh, batch_inputs, state_inputs).items():
-        if evaluate(problem, seed).feasible:
-            candidates[f"{name} seed"] = np.asarray(seed, np.int64)
-    totals = {name: total_nanoseconds(pp, c, mesh, hw) for name, c in candidates.items()}
+    totals = {"LP": total_nanoseconds(pp, choice, mesh, hw)}
+    for name, (seed, total) in seeds.items():
+        candidates[f"{name} seed"], totals[f"{name} seed"] = seed, total
     name = min(totals, key=lambda k: (totals[k], k != "LP"))
     bound = stats.bound * NS
     if totals[name] > bound * (1 + BOUND_MET):
-        more, fixed_lp = _latency_bounds(pp, mesh, hw, totals[name], stats.bound * NS,
-                                         time_limit, max_iterations)
+        more, fixed_lp = _latency_bounds(pp, mesh, hw, totals[name], bound, time_limit,
+                                         max_iterations)
         for other, (other_choice, other_bound) in more.items():
             bound = max(bound, other_bound)
             if other_choice is not None:
@@ -234,14 +233,12 @@ def _latency_bounds(pp: PlanningProblem, mesh: MeshSpec, hw: Hardware, best_tota
     plus the cheapest start-up charge (on a latency-bound step the replicated plan meets that
     bound where the first LP's is far below it)."""
     problem = pp.problem
-    extra = 1 if problem.usage_limit is None else 4
     charges = fixed_charges(pp, mesh, hw)
     out, lp = {}, None
     if not charges:
         return out, lp
     if int(problem.num_strategies.sum()) <= FIXED_CHARGE_MAX_STRATEGIES:
-        lp = solve_local_polytope(problem, time_limit=time_limit, charges=charges,
-                                  max_iterations=max_iterations * extra)
+        lp = _fixed_charge_lp(pp, charges, time_limit, max_iterations)
         if lp.status == "optimal":
             fits = lp.integral and evaluate(problem, lp.choice).feasible
             out["LP with fixed charges"] = (
@@ -251,7 +248,7 @@ def _latency_bounds(pp: PlanningProblem, mesh: MeshSpec, hw: Hardware, best_tota
         return out, lp          # no bound this LP gives can be met: not worth its solve
     quiet = solve_local_polytope(
         forbid(problem, list(class_entries(pp, mesh).values()), PENALTY_PLANS * best_total),
-        time_limit=time_limit, max_iterations=max_iterations * extra)
+        time_limit=time_limit, max_iterations=max_iterations * _budget_iterations(problem))
     if quiet.status == "optimal":
         fits = quiet.integral and evaluate(problem, quiet.choice).feasible
         out["LP without combined collectives"] = (
@@ -260,22 +257,29 @@ def _latency_bounds(pp: PlanningProblem, mesh: MeshSpec, hw: Hardware, best_tota
     return out, lp
 
 
-def _against_seeds(pp: PlanningProblem, graph: Graph, mesh: MeshSpec, hw: Hardware, choice,
-                   stats: SolverStats, batch_inputs: tuple[int, ...], state_inputs: set[int],
-                   progress):
-    """(choice, stats): the plan found, or the cheapest seed plan (seeds.py) that fits where it
-    costs less with start-up charges counted; ``stats.details["seeds"]`` holds every fitting
+def priced_seeds(pp: PlanningProblem, graph: Graph, mesh: MeshSpec, hw: Hardware,
+                 batch_inputs: tuple[int, ...], state_inputs: set[int]
+                 ) -> dict[str, tuple[np.ndarray, float]]:
+    """Each seed plan (seeds.py) that fits, with its total (``total_nanoseconds``)."""
+    out = {}
+    for name, seed in seed_choices(pp, graph, mesh, batch_inputs, state_inputs).items():
+        if evaluate(pp.problem, seed).feasible:
+            out[name] = (np.asarray(seed, np.int64), total_nanoseconds(pp, seed, mesh, hw))
+    return out
+
+
+def _against_seeds(pp: PlanningProblem, mesh: MeshSpec, hw: Hardware, choice,
+                   stats: SolverStats, seeds: dict[str, tuple[np.ndarray, float]], progress):
+    """(choice, stats): the plan found, or the cheapest of ``seeds`` (``priced_seeds``) where
+    it costs less with start-up charges counted; ``stats.details["seeds"]`` holds every fitting
     seed's cost (seconds) for the summary, and ``"seed_taken"`` the seed that replaced the
     plan."""
     problem = pp.problem
     own = total_nanoseconds(pp, choice, mesh, hw)
-    totals: dict[str, float] = {}
+    totals = {name: total for name, (_, total) in seeds.items()}
     taken = None
-    for name, seed in seed_choices(pp, graph, mesh, batch_inputs, state_inputs).items():
-        if not evaluate(problem, seed).feasible:
-            continue
-        totals[name] = total_nanoseconds(pp, seed, mesh, hw)
-        if totals[name] < own * (1 - 1e-9) and (taken is None or totals[name] < totals[taken[0]]):
+    for name, (seed, total) in seeds.items():
+        if total < own * (1 - 1e-9) and (taken is None or total < totals[taken[0]]):
             taken = (name, seed)
     details = dict(stats.details, seeds={name: t / NS for name, t in totals.items()})
     if taken is None:
@@ -383,11 +387,8 @@ def _fixed_charge_plan(pp: PlanningProblem, mesh: MeshSpec, hw: Hardware, found,
     if not latency_bound(pp, choice, mesh, hw) or \
             int(problem.num_strategies.sum()) > FIXED_CHARGE_MAX_STRATEGIES:
         return found
-    # the charges' rows make each simplex iteration several times slower; under a budget the
-    # greedy walk has no replicated-state seed to fall back on, so it gets more of them
-    lp = solved if solved is not None else solve_local_polytope(
-        problem, time_limit=time_limit, charges=fixed_charges(pp, mesh, hw),
-        max_iterations=max_iterations * (1 if problem.usage_limit is None else 4))
+    lp = solved if solved is not None else _fixed_charge_lp(pp, fixed_charges(pp, mesh, hw),
+                                                            time_limit, max_iterations)
     fits = lp.status == "optimal" and evaluate(problem, lp.choice).feasible
     base = total_nanoseconds(pp, choice, mesh, hw)
     # its argmax rounding where fractional: a plan like any other, priced the same way
@@ -400,6 +401,20 @@ def _fixed_charge_plan(pp: PlanningProblem, mesh: MeshSpec, hw: Hardware, found,
     if not cheaper:
         return found
     return np.asarray(lp.choice, np.int64), forbidden or ("fixed start-up charges",)
+
+
+def _budget_iterations(problem: Problem) -> int:
+    """The multiple of a re-solve's iteration cap a budgeted problem's latency LPs get: under
+    a budget the greedy walk has no replicated-state seed to fall back on."""
+    return 1 if problem.usage_limit is None else 4
+
+
+def _fixed_charge_lp(pp: PlanningProblem, charges, time_limit: float,
+                     max_iterations: int) -> LPResult:
+    """The LP with each class's start-up charge in its objective (its rows make each simplex
+    iteration several times slower than the plain LP's)."""
+    return solve_local_polytope(pp.problem, time_limit=time_limit, charges=charges,
+                                max_iterations=max_iterations * _budget_iterations(pp.problem))
 
 
 def _replicated_state_seed(pp: PlanningProblem, graph: Graph, updated: dict[int, int],

@@ -12,7 +12,7 @@ from autoshard.passes.latency import total_nanoseconds
 from autoshard.passes.lift import lift
 from autoshard.passes.pins import collect_pins
 from autoshard.passes.problem import build_problem
-from autoshard.passes.search import _against_seeds
+from autoshard.passes.search import _against_seeds, priced_seeds
 from autoshard.passes.seeds import seed_choices
 from autoshard.passes.state import updated_arguments
 from autoshard.passes.trace import trace
@@ -73,8 +73,8 @@ def test_a_plan_a_seed_beats_is_replaced_and_the_summary_says_so():
     poor = seed_choices(pp, graph, MESH, (2,), set(updated.values()))["fully sharded"]
     stats = SolverStats("lp (highs)", problem.num_nodes, problem.num_edges,
                         int(problem.num_strategies.sum()), 0.0, 0.0)
-    choice, stats = _against_seeds(pp, graph, MESH, HW, poor, stats, (2,),
-                                   set(updated.values()), None)
+    priced = priced_seeds(pp, graph, MESH, HW, (2,), set(updated.values()))
+    choice, stats = _against_seeds(pp, MESH, HW, poor, stats, priced, None)
     taken = stats.details["seed_taken"]
     seeds = stats.details["seeds"]
     assert taken == "replicated"
@@ -86,7 +86,6 @@ def test_a_plan_a_seed_beats_is_replaced_and_the_summary_says_so():
     fresh = SolverStats("cp-sat", problem.num_nodes, problem.num_edges,
                         int(problem.num_strategies.sum()), 0.0, 0.0, gap=0.05,
                         status="feasible")
-    kept, again = _against_seeds(pp, graph, MESH, HW, choice, fresh, (2,),
-                                 set(updated.values()), None)
+    kept, again = _against_seeds(pp, MESH, HW, choice, fresh, priced, None)
     assert (kept == choice).all() and "seed_taken" not in again.details
     assert again.outcome.startswith("feasible, gap 5.00%; best seed: replicated ")
