@@ -30,6 +30,7 @@ from __future__ import annotations
 import enum
 import hashlib
 import json
+import math
 import re
 from typing import Any
 
@@ -223,10 +224,19 @@ def redundant_axes_from_json(rows: list | None) -> tuple[RedundantAxis, ...]:
                  for axis, size, chosen, best, why in rows or ())
 
 
+def _number(x: Any) -> Any:
+    """``_jsonable`` of a number (numpy scalars as Python ones, non-finite floats as None),
+    without its walk: a large plan's explanations hold hundreds of thousands of numbers."""
+    if isinstance(x, np.generic):
+        x = x.item()
+    return None if isinstance(x, float) and not math.isfinite(x) else x
+
+
 def _strategy_to_json(c: StrategyCost) -> list:
-    return [c.label, [None if x is None else str(x) for x in c.inputs],
-            [str(x) for x in c.outputs], c.compute_seconds, c.collective_seconds,
-            c.reshard_in_seconds, c.reshard_out_seconds]
+    return [str(c.label), [None if x is None else str(x) for x in c.inputs],
+            [str(x) for x in c.outputs], _number(c.compute_seconds),
+            _number(c.collective_seconds), _number(c.reshard_in_seconds),
+            _number(c.reshard_out_seconds)]
 
 
 def _strategy_from_json(row: list) -> StrategyCost:
@@ -236,11 +246,11 @@ def _strategy_from_json(row: list) -> StrategyCost:
 
 
 def _explanation_to_json(e: NodeExplanation) -> dict:
-    return _jsonable({"chosen": _strategy_to_json(e.chosen),
-                      "rejected": [_strategy_to_json(c) for c in e.rejected],
-                      "collectives": [[c.kind, list(c.axes), c.bytes, c.count, c.cause]
-                                      for c in e.collectives],
-                      "num_strategies": e.num_strategies})
+    return {"chosen": _strategy_to_json(e.chosen),
+            "rejected": [_strategy_to_json(c) for c in e.rejected],
+            "collectives": [[str(c.kind), [str(a) for a in c.axes], _number(c.bytes),
+                             _number(c.count), str(c.cause)] for c in e.collectives],
+            "num_strategies": _number(e.num_strategies)}
 
 
 def _explanation_from_json(d: dict) -> NodeExplanation:

@@ -83,6 +83,13 @@ def combined_ops(pp: PlanningProblem, choice, mesh: MeshSpec) -> dict[ClassKey, 
     RMS all-reduced after its gradient's all-reduce, as in Adafactor's update clipping) becomes
     one op per link, each paying its start-up latency. The walk below replays that in slot order:
     ``reach[i][k]`` is the newest op of class ``k`` that slot ``i`` depends on."""
+    key = ("combined_ops", np.asarray(choice, np.int64).tobytes())
+    if key not in pp.memo:
+        pp.memo[key] = _combined_ops(pp, choice, mesh)
+    return dict(pp.memo[key])
+
+
+def _combined_ops(pp: PlanningProblem, choice, mesh: MeshSpec) -> dict[ClassKey, int]:
     moves: dict[int, list] = {}
     for t in pp.transfers:
         moves.setdefault(t.consumer, []).append(t)

@@ -93,6 +93,9 @@ class PlanningProblem:
     #: every operand edge as (producer slot, consumer slot), those that never move data too:
     #: what depends on what, for the combiners' model (latency.combined_ops)
     links: tuple[tuple[int, int], ...] = ()
+    #: what the search works out of this problem more than once, by name (and choice): the
+    #: combined ops of a plan it prices again (latency.combined_ops), seeds.follow's tables
+    memo: dict = field(default_factory=dict, repr=False, compare=False)
 
     def source(self, t: Transfer, s: int) -> ShardingSpec:
         """The layout ``t``'s value leaves its producer in when the producer takes strategy
@@ -148,6 +151,7 @@ class _Builder:
         self.edges: dict[tuple[int, int], np.ndarray] = {}
         self.transfers: list[Transfer] = []
         self.links: list[tuple[int, int]] = []
+        self._result_ids: dict[int, frozenset[int]] = {}
         self.unplanned: list[str] = []
         self._pair_cache: dict = {}
         self._op_cache: dict = {}
@@ -317,7 +321,7 @@ class _Builder:
     def fanouts(self, node: Node, index: int, strategies: list[Strategy], times: float,
                 graph: Graph) -> None:
         """A fanout slot for each partial-sum output read more than once (module docstring)."""
-        results = {a.id for a in graph.outputs if isinstance(a, Value)}
+        results = self.result_ids(graph)
         for k, v in enumerate(node.outputs):
             readers = len(graph.consumers(v)) + (v.id in results)
             if readers > 1 and any(s.outputs[k].has_partial for s in strategies):
@@ -325,6 +329,14 @@ class _Builder:
                 fanout = self.leaf_slot("fanout", v, specs, (0, 0), counts_memory=False)
                 self.slots[fanout].source, self.slots[fanout].source_output = index, k
                 self.connect((index, k), fanout, specs, v, times)
+
+    def result_ids(self, graph: Graph) -> frozenset[int]:
+        """Ids of ``graph``'s result values (the top level's or a loop body's), made once."""
+        ids = self._result_ids.get(id(graph))
+        if ids is None:
+            ids = frozenset(a.id for a in graph.outputs if isinstance(a, Value))
+            self._result_ids[id(graph)] = ids
+        return ids
 
     def shared_fanout(self, value: Value, graph: Graph) -> None:
         """A fanout for a state value (``head_values``) read by more than one op (module

@@ -16,7 +16,7 @@ that uses it (redundant_axes.py).
 from __future__ import annotations
 
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import numpy as np
@@ -120,6 +120,11 @@ def _search_once(graph: Graph, mesh: MeshSpec, hw: Hardware, pins: Pins, *, in_t
     iterations = stats.details.get("lp_iterations")  # the first LP's, where it was solved
     resolve_cap = int(max(MIN_ITERATIONS, RESOLVE_ITERATIONS * iterations)
                       ) if iterations else MIN_ITERATIONS
+    # the LP with fixed charges is solved whole (no elimination): its cap scales with the
+    # iterations the first LP would have taken whole
+    whole = stats.details.get("lp_whole_iterations")
+    caps = _Caps(resolve_cap, int(max(MIN_ITERATIONS, RESOLVE_ITERATIONS * whole))
+                 if whole else resolve_cap)
 
     def resolve(variant: Problem):
         # the LP alone: re-solving where it is fractional (a binding budget) takes the
@@ -134,7 +139,7 @@ def _search_once(graph: Graph, mesh: MeshSpec, hw: Hardware, pins: Pins, *, in_t
     # the seeds are priced once, for the bound check and for the check against the plan found
     seeds = priced_seeds(pp, graph, mesh, hw, batch_inputs, set(updated.values()))
     # the LP with fixed charges, where _bound_met solved it, is not solved again below
-    met, fixed_lp = _bound_met(pp, mesh, hw, choice, stats, seeds, time_limit, resolve_cap,
+    met, fixed_lp = _bound_met(pp, mesh, hw, choice, stats, seeds, time_limit, caps,
                                progress) if refined_by_lp else (None, None)
     if met is not None:
         choice, stats = met
@@ -145,7 +150,7 @@ def _search_once(graph: Graph, mesh: MeshSpec, hw: Hardware, pins: Pins, *, in_t
         # much as the first LP's, and a latency-bound step under a budget gains as much from the
         # fixed charges
         refined, forbidden = _fixed_charge_plan(pp, mesh, hw, (refined, forbidden), time_limit,
-                                                resolve_cap, progress, solved=fixed_lp)
+                                                caps.charged, progress, solved=fixed_lp)
         if refined_by_lp and memory_budget is None:
             refined, forbidden = _replicated_state_seed(pp, graph, updated, mesh, hw, resolve,
                                                         (refined, forbidden), progress)
@@ -175,9 +180,19 @@ def _search_once(graph: Graph, mesh: MeshSpec, hw: Hardware, pins: Pins, *, in_t
     return plan, pp, choice
 
 
+@dataclass(frozen=True)
+class _Caps:
+    """Simplex iteration caps of the LP variants a solve runs: ``resolve`` for those that are
+    eliminated as the first LP was (no memory rows, no charges), ``charged`` for the LP with
+    fixed charges, solved whole."""
+
+    resolve: int
+    charged: int
+
+
 def _bound_met(pp: PlanningProblem, mesh: MeshSpec, hw: Hardware, choice, stats: SolverStats,
                seeds: dict[str, tuple[np.ndarray, float]], time_limit: float,
-               max_iterations: int, progress):
+               caps: _Caps, progress):
     """((choice, stats) or None, the LP with fixed charges where it was solved): a plan whose
     total with start-up charges is within ``BOUND_MET`` of a lower bound on every plan's
     total, where one is; tried only where the LP's plan is latency bound (elsewhere nothing
@@ -197,8 +212,7 @@ def _bound_met(pp: PlanningProblem, mesh: MeshSpec, hw: Hardware, choice, stats:
     name = min(totals, key=lambda k: (totals[k], k != "LP"))
     bound = stats.bound * NS
     if totals[name] > bound * (1 + BOUND_MET):
-        more, fixed_lp = _latency_bounds(pp, mesh, hw, totals[name], bound, time_limit,
-                                         max_iterations)
+        more, fixed_lp = _latency_bounds(pp, mesh, hw, totals[name], bound, time_limit, caps)
         for other, (other_choice, other_bound) in more.items():
             bound = max(bound, other_bound)
             if other_choice is not None:
@@ -224,7 +238,7 @@ def _bound_met(pp: PlanningProblem, mesh: MeshSpec, hw: Hardware, choice, stats:
 
 
 def _latency_bounds(pp: PlanningProblem, mesh: MeshSpec, hw: Hardware, best_total: float,
-                    lp_bound: float, time_limit: float, max_iterations: int):
+                    lp_bound: float, time_limit: float, caps: _Caps):
     """({name: (plan or None, lower bound on every plan's total)}, the LP with fixed charges'
     result where solved) of two LPs that count start-up latency: on a small problem
     (``FIXED_CHARGE_MAX_STRATEGIES``) the LP with fixed charges, its plan where integral; on
@@ -238,7 +252,7 @@ def _latency_bounds(pp: PlanningProblem, mesh: MeshSpec, hw: Hardware, best_tota
     if not charges:
         return out, lp
     if int(problem.num_strategies.sum()) <= FIXED_CHARGE_MAX_STRATEGIES:
-        lp = _fixed_charge_lp(pp, charges, time_limit, max_iterations)
+        lp = _fixed_charge_lp(pp, charges, time_limit, caps.charged)
         if lp.status == "optimal":
             fits = lp.integral and evaluate(problem, lp.choice).feasible
             out["LP with fixed charges"] = (
@@ -248,7 +262,7 @@ def _latency_bounds(pp: PlanningProblem, mesh: MeshSpec, hw: Hardware, best_tota
         return out, lp          # no bound this LP gives can be met: not worth its solve
     quiet = solve_local_polytope(
         forbid(problem, list(class_entries(pp, mesh).values()), PENALTY_PLANS * best_total),
-        time_limit=time_limit, max_iterations=max_iterations * _budget_iterations(problem))
+        time_limit=time_limit, max_iterations=caps.resolve * _budget_iterations(problem))
     if quiet.status == "optimal":
         fits = quiet.integral and evaluate(problem, quiet.choice).feasible
         out["LP without combined collectives"] = (
@@ -460,7 +474,9 @@ def _replicated_state_seed(pp: PlanningProblem, graph: Graph, updated: dict[int,
                                                else "kept the search's plan"))
     if not cheaper:
         return found
-    return np.asarray(seeded, np.int64), seeded_forbidden or ("replicated state",)
+    # named even where its refinement forbade classes: _exact_when_small keeps such a plan
+    # within REPLICATED_STATE_TIE, whichever classes it avoids
+    return np.asarray(seeded, np.int64), (*seeded_forbidden, "replicated state")
 
 
 def solve_plan_problem(problem: Problem, time_limit: float,
@@ -494,6 +510,7 @@ def solve_plan_problem(problem: Problem, time_limit: float,
                             int(problem.num_strategies.sum()), time.perf_counter() - start,
                             cost / NS, lp.objective / NS, 0.0, "optimal",
                             {"lp_variables": lp.variables, "lp_iterations": lp.iterations,
+                             "lp_whole_iterations": lp.whole_iterations,
                              "groups": len(problem.groups),
                              "budget_free": budget_free})
     else:

@@ -29,17 +29,7 @@ def follow(pp: PlanningProblem, fixed: dict[int, int]) -> np.ndarray:
     operands as they are is what keeps a rule's plan a rule's plan: a slice of a whole value is
     free, so the cheapest strategy alone would split the work and gather it again later."""
     problem = pp.problem
-    k = problem.num_strategies
-    neighbours: dict[int, list[tuple[int, np.ndarray]]] = {}
-    for e, (u, v) in enumerate(problem.edges):
-        u, v = int(u), int(v)
-        m = problem.edge_costs[problem.edge_offsets[e]:problem.edge_offsets[e + 1]].reshape(
-            k[u], k[v])
-        neighbours.setdefault(u, []).append((v, m))
-        neighbours.setdefault(v, []).append((u, m.T))
-    moves: dict[int, list] = {}
-    for t in pp.transfers:
-        moves.setdefault(t.consumer, []).append(t)
+    neighbours, moves, spec_id = _follow_context(pp)
     choice = np.full(problem.num_nodes, -1, np.int64)
     for i, s in fixed.items():
         choice[i] = s
@@ -51,12 +41,49 @@ def follow(pp: PlanningProblem, fixed: dict[int, int]) -> np.ndarray:
             if choice[j] >= 0:
                 cost = cost + m[:, choice[j]]
         moved = np.zeros(len(cost), bool)
-        for t in moves.get(i, ()):
+        for t, required in moves.get(i, ()):
             if choice[t.producer] >= 0:
-                src = pp.source(t, int(choice[t.producer]))
-                moved |= np.array([r is not None and r != src for r in t.required])
+                made = pp.slots[t.producer].strategies[int(choice[t.producer])].outputs[t.output]
+                src = spec_id(made) if t.transform is None else spec_id(t.transform(made),
+                                                                         held=False)
+                moved |= (required >= 0) & (required != src)
         choice[i] = int(np.lexsort((cost, moved, cost >= FORBIDDEN))[0])
     return choice
+
+
+def _follow_context(pp: PlanningProblem):
+    """What ``follow`` needs of ``pp`` whatever is fixed, made once per problem: each slot's
+    edge matrices to its neighbours, its incoming transfers with the layouts they require as
+    ids (-1: none), and the function giving a layout its id (equal layouts, equal ids; a
+    layout ``pp`` holds is looked up by object, as hashing a layout costs more)."""
+    if "follow" in pp.memo:
+        return pp.memo["follow"]
+    problem = pp.problem
+    k = problem.num_strategies
+    neighbours: dict[int, list[tuple[int, np.ndarray]]] = {}
+    for e, (u, v) in enumerate(problem.edges):
+        u, v = int(u), int(v)
+        m = problem.edge_costs[problem.edge_offsets[e]:problem.edge_offsets[e + 1]].reshape(
+            k[u], k[v])
+        neighbours.setdefault(u, []).append((v, m))
+        neighbours.setdefault(v, []).append((u, m.T))
+    ids: dict[ShardingSpec, int] = {}
+    by_object: dict[int, int] = {}      # id() of a spec object pp holds -> its id
+
+    def spec_id(spec: ShardingSpec, held: bool = True) -> int:
+        if not held:                    # a new object: its id() may be reused once it is gone
+            return ids.setdefault(spec, len(ids))
+        found = by_object.get(id(spec))
+        if found is None:
+            found = by_object[id(spec)] = ids.setdefault(spec, len(ids))
+        return found
+
+    moves: dict[int, list] = {}
+    for t in pp.transfers:
+        required = np.array([-1 if r is None else spec_id(r) for r in t.required], np.int64)
+        moves.setdefault(t.consumer, []).append((t, required))
+    pp.memo["follow"] = neighbours, moves, spec_id
+    return pp.memo["follow"]
 
 
 def _index(strategies, want) -> int | None:

@@ -35,6 +35,7 @@ import numpy as np
 import scipy.sparse as sp
 from scipy.optimize import linprog
 
+from autoshard.solver.elimination import eliminate
 from autoshard.solver.problem import Problem, evaluate, usage_profile
 
 
@@ -51,6 +52,9 @@ class LPResult:
     variables: int
     memory_prices: np.ndarray | None = None   # per flat strategy: its usage x the rows' duals
     iterations: int = 0                       # the simplex's, to cap a re-solve of a variant
+    #: the iterations the LP before elimination would have taken, estimated (``iterations``
+    #: times its node variables over those solved): to cap a variant that is not eliminated
+    whole_iterations: int = 0
 
 
 def _representatives(problem: Problem) -> np.ndarray:
@@ -159,7 +163,30 @@ def _charge_members(problem: Problem, rep: np.ndarray, charges):
     return node_members, edge_members
 
 
-def _lp_arrays(problem: Problem, rep: np.ndarray, charges=()):
+def representative_graph(problem: Problem, rep: np.ndarray
+                         ) -> tuple[dict[int, np.ndarray], dict[tuple[int, int], np.ndarray]]:
+    """The problem with each group merged into its representative (``rep``): node costs per
+    representative (its members' costs and the edges inside the group), edge matrices per
+    pair of representatives (a, b), a < b (parallel edges summed)."""
+    costs: dict[int, np.ndarray] = {}
+    for i in range(problem.num_nodes):
+        r = int(rep[i])
+        c = problem.node_costs(i)
+        costs[r] = costs[r] + c if r in costs else c.astype(np.float64, copy=True)
+    edges: dict[tuple[int, int], np.ndarray] = {}
+    for e, (u, v) in enumerate(problem.edges):
+        a, b = int(rep[u]), int(rep[v])
+        matrix = problem.edge_matrix(e)
+        if a == b:
+            costs[a] += np.diag(matrix)
+            continue
+        if a > b:
+            a, b, matrix = b, a, matrix.T
+        edges[(a, b)] = edges[(a, b)] + matrix if (a, b) in edges else matrix.copy()
+    return costs, edges
+
+
+def _lp_arrays(problem: Problem, rep: np.ndarray, charges=(), tie_break: bool = True):
     """The LP as arrays: (costs c with the tie-break, the tie-break on the node variables,
     equality rows (A, b), memory rows (A, b, live nodes of each) or None, fixed-charge rows
     (A, b) or None, node variable offsets per representative, the constant moved out of c).
@@ -172,19 +199,8 @@ def _lp_arrays(problem: Problem, rep: np.ndarray, charges=()):
     sizes[reps] = k[reps]
     off[1:] = np.cumsum(sizes)
     nvar = int(off[-1])
-    node_cost = np.zeros(nvar)
-    for i in range(problem.num_nodes):
-        node_cost[off[rep[i]]:off[rep[i] + 1]] += problem.node_costs(i)
-    edges: dict[tuple[int, int], np.ndarray] = {}
-    for e, (u, v) in enumerate(problem.edges):
-        a, b = int(rep[u]), int(rep[v])
-        matrix = problem.edge_matrix(e)
-        if a == b:
-            node_cost[off[a]:off[a + 1]] += np.diag(matrix)
-            continue
-        if a > b:
-            a, b, matrix = b, a, matrix.T
-        edges[(a, b)] = edges[(a, b)] + matrix if (a, b) in edges else matrix.copy()
+    costs, edges = representative_graph(problem, rep)
+    node_cost = np.concatenate([costs[int(r)] for r in reps]) if len(reps) else np.zeros(0)
     rows, cols, vals = [np.arange(len(reps)).repeat(k[reps])], [np.arange(nvar)], [np.ones(nvar)]
     nrow = len(reps)                                     # Σ_a x_ra = 1 per representative
     node_members, edge_members = _charge_members(problem, rep, charges)
@@ -216,19 +232,21 @@ def _lp_arrays(problem: Problem, rep: np.ndarray, charges=()):
         vals.append(block.vals)
         nvar += block.table.size
         nrow += sum(block.table.shape)
-    # a tie-break far below any real cost difference (1e-6 ns per strategy index), so that the
-    # optimum is unique and every process finds the same one
-    tie_break = np.zeros(int(off[-1]))
+    # a tie-break far below any real cost difference (TIE_BREAK per strategy index), so that
+    # the optimum is unique and every process finds the same one (the costs of an eliminated
+    # problem hold it already)
+    ties = np.zeros(int(off[-1]))
     constant = 0.0
     for r in reps:
         seg = node_cost[off[r]:off[r + 1]]
-        tie_break[off[r]:off[r + 1]] = np.arange(len(seg)) * 1e-6
+        if tie_break:
+            ties[off[r]:off[r + 1]] = np.arange(len(seg)) * TIE_BREAK
         base = seg.min()
         seg -= base
         constant += float(base)
     first_charge = nvar
     nvar += len(charges)
-    c = np.concatenate([node_cost + tie_break] + pair_costs +
+    c = np.concatenate([node_cost + ties] + pair_costs +
                        [np.array([charge.cost for charge in charges], np.float64)])
     a_eq = sp.csr_matrix((np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))),
                          shape=(nrow, nvar))
@@ -242,8 +260,12 @@ def _lp_arrays(problem: Problem, rep: np.ndarray, charges=()):
         val = np.concatenate([np.append(np.ones(len(t)), -1.0) for _, t in charge_terms])
         fixed = (sp.csr_matrix((val, (r, col)), shape=(len(charge_terms), nvar)),
                  np.zeros(len(charge_terms)))
-    return c, tie_break, a_eq, b_eq, memory, fixed, off, constant
+    return c, ties, a_eq, b_eq, memory, fixed, off, constant
 
+
+#: The LP's tie-break: this many nanoseconds per strategy index, far below any real cost
+#: difference.
+TIE_BREAK = 1e-6
 
 #: The seconds one dual-simplex iteration takes, a fixed part and a part per LP variable, fitted
 #: on a 2-core machine (one core used) to LPs of 11k to 196k variables: they turn a time limit
@@ -274,10 +296,50 @@ def solve_local_polytope(problem: Problem, *, time_limit: float = 60.0,
     """The local polytope's optimum, its rounding and memory prices (module docstring);
     ``time_limit`` sets the simplex's iteration cap (``lp_iteration_limit``), ``max_iterations``
     a lower one (a re-solve that is only worth its cost when it is quick); ``charges`` are
-    fixed charges the objective adds (``FixedCharge``; ``objective`` then counts them)."""
+    fixed charges the objective adds (``FixedCharge``; ``objective`` then counts them).
+    Without memory rows or charges, the LP is that of the problem left after eliminating the
+    nodes with at most two neighbours (elimination.py): the same integer optimum, at least
+    as tight a bound, about half the variables on a train step."""
+    if problem.usage_limit is not None or charges:
+        return _solve_polytope(problem, time_limit, max_iterations, charges)
     start = time.perf_counter()
     rep = _representatives(problem)
-    c, tie_break, a_eq, b_eq, memory, fixed, off, constant = _lp_arrays(problem, rep, charges)
+    costs, edges = representative_graph(problem, rep)
+    # the LP's tie-break goes into the costs before elimination, so that the eliminated
+    # nodes and the LP left pick the optimum the whole LP would
+    costs = {r: c + TIE_BREAK * np.arange(len(c)) for r, c in costs.items()}
+    reduced = eliminate(costs, edges)
+    kept = sorted(reduced.costs)
+    if not kept:                                 # a forest: elimination solved it exactly
+        result = LPResult(np.zeros(0, np.int64), 0.0, True, 0.0, "optimal", 0)
+    else:
+        index = {j: r for r, j in enumerate(kept)}
+        left = Problem.from_lists(
+            [reduced.costs[j] for j in kept], [np.zeros(len(reduced.costs[j]), np.int64)
+                                               for j in kept],
+            [(0, 0)] * len(kept), [(index[a], index[b]) for a, b in reduced.edges],
+            list(reduced.edges.values()), name=problem.name)
+        result = _solve_polytope(left, time_limit, max_iterations, (), with_ties=False)
+    picked = reduced.expand({j: int(result.choice[r]) for r, j in enumerate(kept)})
+    choice = np.array([picked[int(r)] for r in rep], np.int64)
+    # the objective without the tie-break: the chosen strategies' where the LP is integral,
+    # else the most any solution's can be (a bound stays a bound)
+    ties = (sum(picked[int(r)] for r in costs) if result.integral else
+            sum(len(c) - 1 for c in costs.values())) * TIE_BREAK
+    solved = sum(len(reduced.costs[j]) for j in kept)
+    whole = round(result.iterations * sum(len(c) for c in costs.values()) / solved) \
+        if solved else 0
+    return dataclasses.replace(result, choice=choice, objective=result.objective +
+                               reduced.constant - ties, seconds=time.perf_counter() - start,
+                               whole_iterations=whole)
+
+
+def _solve_polytope(problem: Problem, time_limit: float, max_iterations: int | None,
+                    charges: tuple[FixedCharge, ...], with_ties: bool = True) -> LPResult:
+    start = time.perf_counter()
+    rep = _representatives(problem)
+    c, tie_break, a_eq, b_eq, memory, fixed, off, constant = _lp_arrays(problem, rep, charges,
+                                                                       with_ties)
     a_ub, b_ub, live_sets = memory if memory is not None else (None, None, [])
     if fixed is not None:                   # after the memory rows: their duals come first
         a_ub = fixed[0] if a_ub is None else sp.vstack([a_ub, fixed[0]]).tocsr()
@@ -329,7 +391,7 @@ def solve_local_polytope(problem: Problem, *, time_limit: float = 60.0,
             weight[live] += dual
         prices = problem.usages * np.repeat(weight, problem.num_strategies)
     return LPResult(choice, value, bool(integral), time.perf_counter() - start, status, nvar,
-                    prices, int(res.nit))
+                    prices, int(res.nit), int(res.nit))
 
 
 def solve_lagrangian(problem: Problem, lp: LPResult, *, time_limit: float = 60.0,

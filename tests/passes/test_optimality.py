@@ -304,7 +304,7 @@ def test_the_bounds_that_end_a_solve_early_are_below_the_optimum():
     exhaustive optimum."""
     from autoshard.passes.latency import latency_bound
     from autoshard.passes.problem import NS
-    from autoshard.passes.search import _latency_bounds, solve_plan_problem
+    from autoshard.passes.search import _Caps, _latency_bounds, solve_plan_problem
 
     checked = latency_bound_graphs = 0
     for seed in range(60_000, 60_400):
@@ -322,7 +322,7 @@ def test_the_bounds_that_end_a_solve_early_are_below_the_optimum():
         if latency_bound(pp, choice, step.mesh, HW):
             latency_bound_graphs += 1
             found, _ = _latency_bounds(pp, step.mesh, HW, best.total, stats.bound * NS, 30.0,
-                                    10_000)
+                                       _Caps(10_000, 10_000))
             bounds.update({name: bound for name, (_, bound) in found.items()})
         for name, bound in bounds.items():
             assert bound <= best.total * (1 + 1e-6), (

@@ -59,9 +59,12 @@ def test_an_lp_stopped_by_its_iteration_cap_is_reported_and_not_used(monkeypatch
     from autoshard.solver import lp as solve_lp
     from autoshard.passes.search import solve_plan_problem
 
-    problem = Problem.from_lists(costs=[[0, 3], [0, 3], [3, 0]], usages=[[1, 1]] * 3,
-                                 intervals=[(0, 1)] * 3, edges=[(0, 1), (1, 2)],
-                                 edge_costs=[[[0, 5], [5, 0]], [[0, 5], [5, 0]]])
+    # every pair of 4 nodes joined (each has 3 neighbours: no elimination.py shortcut); the
+    # layouts agreeing is free
+    edges = list(itertools.combinations(range(4), 2))
+    problem = Problem.from_lists(costs=[[0, 3], [0, 3], [0, 3], [3, 0]], usages=[[1, 1]] * 4,
+                                 intervals=[(0, 1)] * 4, edges=edges,
+                                 edge_costs=[[[0, 5], [5, 0]]] * len(edges))
     assert solve_local_polytope(problem).status == "optimal"
     monkeypatch.setattr(solve_lp, "ITERATION_SECONDS", float("inf"))
     monkeypatch.setattr(solve_lp, "MIN_ITERATIONS", 0)

@@ -117,7 +117,7 @@ def _resequenced(pp: PlanningProblem, position: dict[int, int], moved: dict[int,
     intervals.flags.writeable = False
     starts = {slot: int(remap[at]) for slot, at in pp.result_starts.items()}
     return replace(pp, slots=slots, result_starts=starts,
-                   problem=replace(pp.problem, intervals=intervals))
+                   problem=replace(pp.problem, intervals=intervals), memo={})
 
 
 def _chain_slots(pp: PlanningProblem, position: dict[int, int],
