@@ -21,6 +21,7 @@ from autoshard.passes.trace import function_name
 from autoshard.passes.pipeline.auto_candidates import auto_pipeline_candidates
 from autoshard.pipelined_function import PipelinedFunction
 from autoshard.planner import RULES, CompileOptions
+from autoshard.progress import phase, planning
 from autoshard.sharded_function import ShardedFunction
 from autoshard.step import Step
 
@@ -101,10 +102,17 @@ def compile_pipelined(fn, example_args, options: CompileOptions, pipeline) -> St
                                  hardware=options.hardware, donate_argnums=options.donate_argnums,
                                  static_argnums=options.static_argnums,
                                  batch_argnums=options.batch_argnums,
-                                 solver_time_limit=options.solver_time_limit)
+                                 solver_time_limit=options.solver_time_limit,
+                                 progress=options.progress)
 
     if isinstance(pipeline, Pipeline):
         return build(options.mesh, pipeline)
+    with planning(f"{function_name(fn)} (pipeline='auto')", options.progress):
+        return _auto_pipelined(fn, example_args, options, build)
+
+
+def _auto_pipelined(fn, example_args, options: CompileOptions, build) -> Step:
+    """``compile_pipelined``'s ``"auto"``: ``build(mesh, pipe)`` makes one pipeline."""
     name = function_name(fn)
 
     def unpipelined():
@@ -161,6 +169,7 @@ def compile_pipelined(fn, example_args, options: CompileOptions, pipeline) -> St
              else [ShardedFunction(fn, options, example_args)])
     log.info("autoshard: pipeline='auto' for %s: compiling %d pipelines and %d flat plans to "
              "measure them", name, len(built), len(flats))
+    phase("measuring", f"{len(built)} pipelines, {len(flats)} flat plans")
     budget = options.memory_budget
 
     def fastest(measures):

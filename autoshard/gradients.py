@@ -38,6 +38,7 @@ from autoshard.passes.pipeline.microbatches import choose_microbatches, data_par
 from autoshard.passes.pipeline.report import pipeline_report
 from autoshard.passes.pipeline.stages import Slicing
 from autoshard.passes.trace import function_name
+from autoshard.progress import phase, report
 from autoshard.runtime.pipeline import pipelined_value_and_grad
 
 log = logging.getLogger("autoshard")
@@ -193,9 +194,16 @@ def _intra_stage_plan(flat_loss, params, batch, mesh: Mesh, pipe: Pipeline,
     key = tuple((np.shape(x), str(x.dtype)) for x in (*params, *batch))
     if key not in context.intra_plans:
         start = time.perf_counter()
+        phase("intra-stage plan", what)
+
+        def progress(message: str) -> None:
+            log.info("autoshard: pipeline %s: intra-stage plan: %s", what, message)
+            report(message)
+
         plan = plan_intra_stage(flat_loss, params, batch, mesh, pipe.axis, context.hardware,
                                 data_axes=pipe.data_axes,
-                                time_limit=context.solver_time_limit)
+                                time_limit=context.solver_time_limit, progress=progress)
+        phase("pipelining", what)
         log.info("autoshard: pipeline %s: intra-stage plan in %.2fs: %s", what,
                  time.perf_counter() - start, plan.describe())
         context.intra_plans[key] = plan

@@ -35,6 +35,7 @@ from autoshard.passes.pipeline.microbatches import data_parallel_axes
 from autoshard.passes.pipeline.report import simulated_schedule
 from autoshard.passes.pipeline.stages import Slicing
 from autoshard.passes.trace import function_name
+from autoshard.progress import planning
 from autoshard.runtime.parameter_stores import state_layout, zero_axes
 from autoshard.runtime.pipeline import crossing_avals
 
@@ -64,7 +65,8 @@ class PipelinedFunction:
     def __init__(self, fn: Callable, example_args: Sequence[Any], *, mesh: Mesh,
                  pipeline: Pipeline, hardware: Hardware, donate_argnums: tuple[int, ...],
                  static_argnums: tuple[int, ...], batch_argnums: tuple[int, ...] | None,
-                 solver_time_limit: float = 30.0, intra_plans: dict | None = None):
+                 solver_time_limit: float = 30.0, intra_plans: dict | None = None,
+                 progress: bool = True):
         self._fn = fn
         self.__name__ = function_name(fn)
         if pipeline.axis not in mesh.axis_names:
@@ -110,7 +112,9 @@ class PipelinedFunction:
         # intra-stage plans by shapes; a dict shared between pipelines of one step is planned
         # once for all of them
         self._intra_plans: dict = {} if intra_plans is None else intra_plans
-        self.lower(*example_args)
+        with planning(f"{self.__name__} ({pipeline.stages} stages, {pipeline.schedule})",
+                      progress):
+            self.lower(*example_args)
         self.planning_seconds = time.perf_counter() - start
         if not self._traced:
             raise PlanError(f"autoshard.compile({self.__name__}, pipeline=...): the step never "

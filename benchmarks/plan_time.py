@@ -5,7 +5,8 @@
 
 Rows: a GPT-2-medium-shaped AdamW train step (d=1024, 16 heads, FF 4096, seq 1024, batch 16,
 vocab 50,304) on (2, 4) at each layer count; with ``--llama``, a LLaMA-2-7B-shaped step (d=4096,
-32 heads, 8 KV heads, SwiGLU 11,008, seq 2,048, 32 layers) on (2, 4) and (8,). Arguments are
+32 heads, 8 KV heads, SwiGLU 11,008, seq 2,048, 32 layers, bf16 parameters) on (2, 4) and (8,),
+each without a budget and under ``BUDGET_SHARE`` of the unbudgeted plan's predicted peak. Arguments are
 ShapeDtypeStructs: nothing is allocated or run. Each row's seconds are split by the planner's
 progress phases (trace, lift, pins, build + solve, lower; under a budget, "lower" includes
 the compiles that check the compiled peak, and a re-plan below it counts there too). With ``--loaded`` every row is planned a
@@ -42,6 +43,8 @@ from benchmarks.plan_quality import abstract_args, configured  # noqa: E402
 GPT2_MEDIUM = dict(VOCAB=50304, D=1024, HEADS=16, FF=4096, SEQ=1024, BATCH=16)
 LLAMA2_7B = dict(VOCAB=32000, D=4096, HEADS=32, KV_HEADS=8, FF=11008, SEQ=2048, BATCH=8,
                  HEAD_DIM=128, LAYERS=32)
+#: The budgeted LLaMA rows' budget: this share of the same row's unbudgeted predicted peak.
+BUDGET_SHARE = 0.5
 SHOWN = {"tracing": "trace", "lifting": "lift", "pins": "pins", "solving": "build + solve",
          "lowering": "lower"}
 COLOURS = {"trace": "#4e79a7", "lift": "#f28e2b", "pins": "#76b7b2", "build + solve": "#e15759",
@@ -64,9 +67,13 @@ def phase_clock(marks: list):
         progress_module.PlanningProgress.phase = original
 
 
-def plan_once(name, config, mesh, budget):
+def plan_once(name, config, mesh, budget, bf16=False):
     model = configured(name, config)  # set here: the rows share one module
     args = abstract_args(model)
+    if bf16:                          # bf16 parameters, and the optimizer state made from them
+        params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jax.numpy.bfloat16),
+                              args[0])
+        args = (params, jax.eval_shape(model.tx.init, params), args[2])
     marks = [("tracing", time.monotonic())]
     with phase_clock(marks), open(os.devnull, "w") as quiet, \
             contextlib.redirect_stderr(quiet):
@@ -99,9 +106,11 @@ def rows(args):
         out.append((f"GPT-2-medium x{layers}", "gpt", dict(GPT2_MEDIUM, LAYERS=layers),
                     layers, mesh24, "2x4", None))
     if args.llama:
-        out.append(("LLaMA-2-7B shape", "llama", LLAMA2_7B, 32, mesh24, "2x4", None))
-        out.append(("LLaMA-2-7B shape", "llama", LLAMA2_7B, 32,
-                    jax.make_mesh((8,), ("data",)), "8", None))
+        mesh8 = jax.make_mesh((8,), ("data",))
+        for mesh, text in ((mesh24, "2x4"), (mesh8, "8")):
+            # unbudgeted, then under BUDGET_SHARE of the unbudgeted plan's predicted peak
+            out.append(("LLaMA-2-7B shape", "llama", LLAMA2_7B, 32, mesh, text, None))
+            out.append(("LLaMA-2-7B shape", "llama", LLAMA2_7B, 32, mesh, text, BUDGET_SHARE))
     return out
 
 
@@ -155,22 +164,29 @@ def main():
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "plan_time.md"))
     args = parser.parse_args()
     table = []
-    lines = ["| step | layers | mesh | trace s | lift s | pins s | build + solve s | lower s "
-             "| total s | nodes | plan outcome | digest | digest, loaded (s) |",
-             "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---|---|---|"]
-    for label, name, config, layers, mesh, mesh_text, budget in rows(args):
-        step, seconds, total = plan_once(name, config, mesh, budget)
+    lines = ["| step | layers | mesh | budget | trace s | lift s | pins s | build + solve s "
+             "| lower s | total s | nodes | plan outcome | digest | digest, loaded (s) |",
+             "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---|"]
+    peaks = {}
+    for label, name, config, layers, mesh, mesh_text, share in rows(args):
+        bf16 = name == "llama"
+        budget = None if share is None else int(share * peaks[(label, mesh_text)])
+        step, seconds, total = plan_once(name, config, mesh, budget, bf16)
+        if budget is None and step.plan.prediction is not None:
+            peaks[(label, mesh_text)] = step.plan.prediction.peak_memory_bytes
         loaded = ""
         if args.loaded:
             with cpu_load(2):
-                again, _, loaded_total = plan_once(name, config, mesh, budget)
+                again, _, loaded_total = plan_once(name, config, mesh, budget, bf16)
             same = "same" if again.plan_digest == step.plan_digest else "DIFFERENT"
             loaded = f"{again.plan_digest[:12]} {same} ({loaded_total:.1f})"
-        row = dict(label=f"{label} on {mesh_text}", seconds=seconds, total=total)
+        row = dict(label=f"{label} on {mesh_text}" + ("" if budget is None else ", budget"),
+                   seconds=seconds, total=total)
         table.append(row)
         nodes = step.plan.solver.nodes if step.plan.solver is not None else ""
         outcome = step.plan.solver.outcome if step.plan.solver is not None else step.plan.method
-        line = (f"| {label} | {layers} | {mesh_text} | "
+        shown = "none" if budget is None else f"{budget / 2**30:.1f} GiB ({share:.0%} of none's)"
+        line = (f"| {label} | {layers} | {mesh_text} | {shown} | "
                 + " | ".join(f"{seconds[k]:.1f}" for k in COLOURS)
                 + f" | {total:.1f} | {nodes} | {outcome} | {step.plan_digest[:12]} | {loaded} |")
         lines.append(line)

@@ -76,3 +76,33 @@ def test_a_failed_plan_says_where_it_stopped(no_delay):
             raise ValueError("no plan")
     assert stream.getvalue().splitlines()[-1].startswith(
         "autoshard: planning train_step stopped after ")
+
+
+def test_a_pipeline_shows_its_intra_stage_plan(no_delay, capsys):
+    """A pipelined step plans inside jax's trace of the step (gradients.py): its display
+    names the pipeline and shows the intra-stage search's own messages."""
+    import jax
+    import optax
+
+    from tests.models import gpt
+
+    tx = optax.sgd(1e-2)
+
+    def train_step(params, opt_state, batch):
+        loss, grads = autoshard.value_and_grad(gpt.loss)(params, batch)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    params = jax.eval_shape(lambda: gpt.init(jax.random.key(0), layers=2))
+    batch = jax.eval_shape(lambda: gpt.batch(jax.random.key(1)))
+    autoshard.compile(train_step, params, jax.eval_shape(tx.init, params), batch,
+                      mesh=jax.make_mesh((2, 2, 2), ("stage", "data", "model")),
+                      pipeline=autoshard.Pipeline(2, 2, "1f1b"), progress=True)
+    lines = capsys.readouterr().err.splitlines()
+    name = "train_step (2 stages, 1f1b)"   # qualified: a local function here
+    shown = [line for line in lines if line.startswith("autoshard: planning ")
+             and f"{name} [" in line]
+    phases = [line.split("] ", 1)[1].split(":")[0] for line in shown]
+    assert "intra-stage plan" in phases and "pipelining" in phases
+    assert any("strategies" in line for line in shown)          # the search's own messages
+    assert lines[-1].startswith("autoshard: planned ") and f"{name} in " in lines[-1]

@@ -109,6 +109,7 @@ def _check_scanned_axes(plan: Plan) -> None:
     stored split over layers before the loop), else the value's; what it makes is the layout
     its results are made in (``made_specs``), else the value's."""
     inputs = {v.id: s for v, s in zip(plan.graph.inputs, plan.input_specs)}
+    input_index = {v.id: i for i, v in enumerate(plan.graph.inputs)}
     for node, _ in plan.graph.walk():
         if node.op != "scan":
             continue
@@ -125,11 +126,19 @@ def _check_scanned_axes(plan: Plan) -> None:
                     if isinstance(e, Split) and e.dim == 0]
             if axes:
                 label = value.name or f"%{value.id}"
+                key = f"in:{input_index[value.id]}" if value.id in input_index else value.id
+                pinned = plan.reasons.get(key, "chosen by the solver") != "chosen by the solver"
+                advice = ("it is pinned there by the user's "
+                          f"{plan.reasons[key]}: pin another dim (the per-layer dims of a "
+                          "stacked parameter)" if pinned else
+                          "nothing pins it there, so this is a defect of autoshard's search "
+                          "(please report it with the step); meanwhile pin this value with "
+                          "in_specs or autoshard.hint to a layout that keeps that dim whole")
                 raise ShardingError(
                     f"{label} (shape {value.shape}) is scanned over by {node.describe()}, and the "
                     f"plan has the loop read or make it split along its scanned (leading) axis "
                     f"over mesh axis {axes}; a loop runs one slice a step, so that dim cannot be "
-                    "split there: pin another dim (the per-layer dims of a stacked parameter)")
+                    f"split there; {advice}")
 
 
 def lower(plan: Plan, mesh: Mesh) -> LoweredPlan:

@@ -70,6 +70,7 @@ class Slot:
     source: int | None = None      # a fanout's producer slot and output
     source_output: int = 0
     shared: bool = False           # a fanout of a value that is not a partial sum
+    signature: object = None       # an op's ``_signature`` without pins (layer_groups)
 
 
 @dataclass
@@ -300,14 +301,16 @@ class _Builder:
         combined = times == 1.0 and bool(node.outputs) and (
             all(v.id in self.combined for v in node.outputs)
             or bool(operands) and all(a.id in self.combined for a in operands))
-        strategies, costs, usages, planned = self.op_table(node, pinned, combined)
+        signature = _signature(node, None)
+        strategies, costs, usages, planned = self.op_table(
+            node, pinned, combined, signature if pinned is None else _signature(node, pinned))
         if node.op == "cond" or not planned:
             self.unplanned.append(node.describe())
         if node.outputs and all(v.id in self.fused for v in node.outputs):
             usages = np.zeros_like(usages)
         costs = costs * times
         index = self.add_slot(Slot("op", node.describe(), strategies, node, None, costs, usages,
-                                   interval, times, combined))
+                                   interval, times, combined, signature=signature))
         for k, v in enumerate(node.outputs):
             self.value_slot[v.id] = (index, k)
         for i, atom in enumerate(node.inputs):
@@ -357,11 +360,12 @@ class _Builder:
         self.reads[value.id] = (fanout, 0)
         self.connect(made_by, fanout, specs, value)
 
-    def op_table(self, node: Node, pinned: ShardingSpec | None, combined: bool = False):
+    def op_table(self, node: Node, pinned: ShardingSpec | None, combined: bool,
+                 signature):
         """(strategies, nanoseconds per run, bytes, planned) of an op; identical ops (the same
-        primitive, params and operand shapes: every layer of a transformer) share one table."""
-        key = _signature(node, pinned)
-        key = None if key is None else (key, combined)
+        primitive, params and operand shapes: every layer of a transformer) share one table
+        (``signature``: ``_signature(node, pinned)``)."""
+        key = None if signature is None else (signature, combined)
         cached = self._op_cache.get(key) if key is not None else None
         if cached is not None:
             return cached
@@ -571,7 +575,7 @@ def layer_groups(slots: list[Slot], value_slot: dict[int, tuple[int, int]], dept
                          len(slot.strategies) if len(slot.strategies) == 1 else None))
         elif slot.kind == "op":
             node = slot.node
-            keys.append(("op", _signature(node, None), node.name_stack, len(slot.strategies)))
+            keys.append(("op", slot.signature, node.name_stack, len(slot.strategies)))
         elif slot.kind == "fanout":
             keys.append(("fanout", slot.value.shape, str(slot.value.dtype)))
         else:

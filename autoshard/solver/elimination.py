@@ -9,13 +9,15 @@ Both keep every optimum's cost, so the LP of what is left has the same integer o
 bound at least as tight. Programs are full of such nodes (an elementwise op between two others,
 a reshape, a fanout read once more), and on a GPT train step the LP left is half the size.
 
-Memory is not preserved (an eliminated node's usage depends on its strategy), so the LP with
-memory rows or fixed charges never runs on an eliminated problem.
+Memory is preserved only where an eliminated node's usage does not depend on its strategy, so
+under a memory limit the other nodes are kept (lp.py keeps the eliminated ones' memory in its
+rows); the LP with fixed charges never runs on an eliminated problem.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Collection
 
 import numpy as np
 
@@ -44,11 +46,13 @@ class Eliminated:
         return out
 
 
-def eliminate(costs: dict[int, np.ndarray], edges: dict[tuple[int, int], np.ndarray]
-              ) -> Eliminated:
+def eliminate(costs: dict[int, np.ndarray], edges: dict[tuple[int, int], np.ndarray],
+              kept: Collection[int] = ()) -> Eliminated:
     """Eliminate nodes of degree 0, 1 and 2 until none is left, visiting nodes in id order
-    (deterministic; ties go to the lower strategy index). ``edges`` maps (a, b), a < b, to a
-    k_a x k_b matrix; neither argument is changed."""
+    (deterministic; ties go to the lower strategy index), except the nodes in ``kept`` (those
+    whose memory depends on their strategy, under a memory limit). ``edges`` maps (a, b),
+    a < b, to a k_a x k_b matrix; neither argument is changed."""
+    kept = set(kept)
     cost = {j: np.asarray(c, np.float64) for j, c in costs.items()}
     adj: dict[int, dict[int, np.ndarray]] = {j: {} for j in cost}
 
@@ -66,7 +70,7 @@ def eliminate(costs: dict[int, np.ndarray], edges: dict[tuple[int, int], np.ndar
     while pending:
         touched = set()
         for v in pending:
-            if v not in cost:
+            if v not in cost or v in kept:
                 continue
             near = sorted(adj[v])
             if len(near) == 0:

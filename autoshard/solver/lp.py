@@ -55,6 +55,9 @@ class LPResult:
     #: the iterations the LP before elimination would have taken, estimated (``iterations``
     #: times its node variables over those solved): to cap a variant that is not eliminated
     whole_iterations: int = 0
+    #: per node, the sum of the duals of the memory rows it is live in (``memory_prices`` is
+    #: its usage times this); None without memory rows
+    memory_weights: np.ndarray | None = None
 
 
 def _representatives(problem: Problem) -> np.ndarray:
@@ -297,10 +300,13 @@ def solve_local_polytope(problem: Problem, *, time_limit: float = 60.0,
     ``time_limit`` sets the simplex's iteration cap (``lp_iteration_limit``), ``max_iterations``
     a lower one (a re-solve that is only worth its cost when it is quick); ``charges`` are
     fixed charges the objective adds (``FixedCharge``; ``objective`` then counts them).
-    Without memory rows or charges, the LP is that of the problem left after eliminating the
-    nodes with at most two neighbours (elimination.py): the same integer optimum, at least
-    as tight a bound, about half the variables on a train step."""
-    if problem.usage_limit is not None or charges:
+
+    Without charges, the LP is that of the problem left after eliminating the nodes with at
+    most two neighbours (elimination.py): the same integer optimum, at least as tight a bound,
+    about half the variables on a train step. Under a memory limit only nodes whose memory
+    does not depend on their strategy are eliminated; each stays in the memory rows as a node
+    with one strategy holding that memory."""
+    if charges:
         return _solve_polytope(problem, time_limit, max_iterations, charges)
     start = time.perf_counter()
     rep = _representatives(problem)
@@ -308,19 +314,17 @@ def solve_local_polytope(problem: Problem, *, time_limit: float = 60.0,
     # the LP's tie-break goes into the costs before elimination, so that the eliminated
     # nodes and the LP left pick the optimum the whole LP would
     costs = {r: c + TIE_BREAK * np.arange(len(c)) for r, c in costs.items()}
-    reduced = eliminate(costs, edges)
+    budgeted = problem.usage_limit is not None
+    reduced = eliminate(costs, edges, _varying_usage(problem, rep) if budgeted else ())
     kept = sorted(reduced.costs)
-    if not kept:                                 # a forest: elimination solved it exactly
+    if not kept and not budgeted:                # a forest: elimination solved it exactly
         result = LPResult(np.zeros(0, np.int64), 0.0, True, 0.0, "optimal", 0)
+        left_choice = {}
     else:
-        index = {j: r for r, j in enumerate(kept)}
-        left = Problem.from_lists(
-            [reduced.costs[j] for j in kept], [np.zeros(len(reduced.costs[j]), np.int64)
-                                               for j in kept],
-            [(0, 0)] * len(kept), [(index[a], index[b]) for a, b in reduced.edges],
-            list(reduced.edges.values()), name=problem.name)
+        left, position = _left_problem(problem, rep, reduced, kept)
         result = _solve_polytope(left, time_limit, max_iterations, (), with_ties=False)
-    picked = reduced.expand({j: int(result.choice[r]) for r, j in enumerate(kept)})
+        left_choice = {j: int(result.choice[position[j]]) for j in kept}
+    picked = reduced.expand(left_choice)
     choice = np.array([picked[int(r)] for r in rep], np.int64)
     # the objective without the tie-break: the chosen strategies' where the LP is integral,
     # else the most any solution's can be (a bound stays a bound)
@@ -329,9 +333,56 @@ def solve_local_polytope(problem: Problem, *, time_limit: float = 60.0,
     solved = sum(len(reduced.costs[j]) for j in kept)
     whole = round(result.iterations * sum(len(c) for c in costs.values()) / solved) \
         if solved else 0
+    prices = None
+    if result.memory_weights is not None:     # back on the problem's own nodes and strategies
+        prices = problem.usages * np.repeat(result.memory_weights, problem.num_strategies)
     return dataclasses.replace(result, choice=choice, objective=result.objective +
                                reduced.constant - ties, seconds=time.perf_counter() - start,
-                               whole_iterations=whole)
+                               whole_iterations=whole, memory_prices=prices)
+
+
+def _varying_usage(problem: Problem, rep: np.ndarray) -> set[int]:
+    """Representatives some live member of which holds memory that depends on its strategy."""
+    k = problem.num_strategies
+    off = problem.offsets
+    first = problem.usages[off[:-1]]
+    per_strategy = problem.usages != np.repeat(first, k)
+    differs = np.add.reduceat(per_strategy, off[:-1]) > 0 if len(per_strategy) else \
+        np.zeros(problem.num_nodes, bool)
+    live = problem.intervals[:, 1] > problem.intervals[:, 0]
+    return {int(rep[i]) for i in np.flatnonzero(differs & live)}
+
+
+def _left_problem(problem: Problem, rep: np.ndarray, reduced, kept: list[int]):
+    """(the problem the LP solves after elimination, position of each kept representative
+    in it). Without a memory limit: the kept representatives alone. With one, the problem's
+    nodes in order (so the memory rows' duals are per node of ``problem``): a kept
+    representative's members keep their strategies, usages and group (the representative
+    holding the reduced costs, the others zeros); an eliminated node becomes one strategy
+    holding its (strategy-independent) memory, so the memory rows still count it."""
+    if problem.usage_limit is None:
+        index = {j: r for r, j in enumerate(kept)}
+        return Problem.from_lists(
+            [reduced.costs[j] for j in kept], [np.zeros(len(reduced.costs[j]), np.int64)
+                                               for j in kept],
+            [(0, 0)] * len(kept), [(index[a], index[b]) for a, b in reduced.edges],
+            list(reduced.edges.values()), name=problem.name), index
+    kept_set = set(kept)
+    k = problem.num_strategies
+    costs, usages = [], []
+    for i in range(problem.num_nodes):
+        r = int(rep[i])
+        if r in kept_set:
+            costs.append(reduced.costs[r] if r == i else np.zeros(int(k[i])))
+            usages.append(problem.node_usages(i))
+        else:
+            costs.append(np.zeros(1))
+            usages.append(problem.node_usages(i)[:1])
+    groups = [g for g in problem.groups if int(rep[g[0]]) in kept_set]
+    left = Problem.from_lists(costs, usages, problem.intervals, list(reduced.edges),
+                              list(reduced.edges.values()), usage_limit=problem.usage_limit,
+                              name=problem.name, groups=groups)
+    return left, {j: j for j in kept}
 
 
 def _solve_polytope(problem: Problem, time_limit: float, max_iterations: int | None,
@@ -383,7 +434,7 @@ def _solve_polytope(problem: Problem, time_limit: float, max_iterations: int | N
             np.all((v < 1e-6) | (v > 1 - 1e-6)) for v in values.values())
     value = (float(res.fun) - float(tie_break @ res.x[:len(tie_break)]) + constant
              if status == "optimal" else float("nan"))
-    prices = None
+    prices = weight = None
     if live_sets and status == "optimal":
         duals = np.abs(res.ineqlin.marginals)
         weight = np.zeros(problem.num_nodes)
@@ -391,7 +442,7 @@ def _solve_polytope(problem: Problem, time_limit: float, max_iterations: int | N
             weight[live] += dual
         prices = problem.usages * np.repeat(weight, problem.num_strategies)
     return LPResult(choice, value, bool(integral), time.perf_counter() - start, status, nvar,
-                    prices, int(res.nit), int(res.nit))
+                    prices, int(res.nit), int(res.nit), weight)
 
 
 def solve_lagrangian(problem: Problem, lp: LPResult, *, time_limit: float = 60.0,

@@ -18,7 +18,7 @@ from autoshard.passes.lift import lift
 from autoshard.passes.lower import auto_mesh, lower
 from autoshard.passes.trace import trace
 from tests.conftest import make_mesh
-from tests.models import example_args, gpt, mlp, plans, scan_gpt
+from tests.models import conv, example_args, gpt, llama, mlp, moe, plans, scan_gpt
 
 
 def compiled_collectives(step, *args):
@@ -151,8 +151,13 @@ def test_a_loop_reading_its_scanned_axis_split_is_rejected():
     bad = replace(plan, operand_specs={**plan.operand_specs,
                                        scan.id: (plan.operand_specs[scan.id][0], split_layers)})
     with pytest.raises(ShardingError, match=r"weights \(shape \(4, 8, 8\)\) is scanned over by "
-                                            r"scan at tests/passes/test_lower.py:\d+"):
+                                            r"scan at tests/passes/test_lower.py:\d+.*nothing "
+                                            r"pins it there, so this is a defect of autoshard"):
         lower(bad, mesh)
+    # the user's own pin is named only where there is one
+    pinned = replace(bad, reasons={**bad.reasons, "in:0": "in_specs"})
+    with pytest.raises(ShardingError, match=r"pinned there by the user's in_specs: pin another"):
+        lower(pinned, mesh)
 
 
 def test_plan_for_another_mesh_is_rejected():
@@ -264,3 +269,36 @@ def test_a_value_made_in_one_layout_and_pinned_in_another_moves_its_result():
                  out_shardings=lowered.out_shardings)
     stats = hlo_stats(fn.lower(x, w).compile().as_text())
     assert (stats.count, stats.bytes) == ({"all-gather": 1}, {"all-gather": 64 * 16 * 4})
+
+
+@pytest.mark.parametrize("model", [mlp, gpt, llama, conv, moe, scan_gpt],
+                         ids=lambda m: m.__name__.split(".")[-1])
+def test_every_strategy_the_search_can_choose_lowers(model):
+    """Plan k sets every choice of the train step's problem to its strategy k (or its last):
+    every strategy of every op, argument, port and result is in some plan, and the lowering
+    runs them all (a layout it rejects must never be offered). On the scanned GPT each plan is
+    also traced and lowered by jax.jit (the shardings inside the loop)."""
+    from autoshard.cost_model.hardware import H100
+    from autoshard.passes.chosen_plan import plan_from_choice
+    from autoshard.passes.pins import collect_pins
+    from autoshard.passes.problem import build_problem
+    from autoshard.passes.state import updated_arguments
+
+    mesh = make_mesh((2, 4))
+    spec = autoshard.MeshSpec.from_jax(mesh)
+    traced = trace(model.train_step, jax.eval_shape(lambda: example_args(model)), mesh=mesh)
+    graph = lift(traced)
+    pins = collect_pins(graph, spec, in_tree=traced.in_tree, out_tree=traced.out_tree)
+    pp = build_problem(graph, spec, H100, pins, updated=updated_arguments(graph))
+    k = pp.problem.num_strategies
+    assert k.max() > 8
+    for s in range(int(k.max())):
+        plan = plan_from_choice(pp, np.minimum(s, k - 1), graph, spec, in_tree=traced.in_tree,
+                                out_tree=traced.out_tree, pins=pins, prediction=None,
+                                solver=None)
+        lowered = lower(plan, mesh)
+        if model is scan_gpt:
+            avals = [jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sh)
+                     for v, sh in zip(graph.inputs, lowered.in_shardings)]
+            jax.jit(lowered.fn, in_shardings=lowered.in_shardings,
+                    out_shardings=lowered.out_shardings).lower(*avals)

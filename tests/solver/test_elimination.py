@@ -93,3 +93,45 @@ def test_the_lp_after_elimination_is_a_bound_and_exact_when_integral(seed):
         assert lp.objective == pytest.approx(optimum, abs=1e-4)
     for g in problem.groups:
         assert len({int(lp.choice[i]) for i in g}) == 1
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_under_a_memory_limit_only_nodes_of_fixed_memory_are_eliminated(seed):
+    """Random chains with chords, memory live over random intervals, some nodes holding the
+    same memory whatever they choose: the LP's bound is below the best plan within the limit
+    and, where integral, its plan is that best plan; the memory of eliminated nodes still
+    counts (a limit that only fits with the fixed nodes' memory left out is infeasible)."""
+    from autoshard.solver.lp import _representatives, _varying_usage
+    from autoshard.solver.problem import usage_profile
+
+    rng = np.random.default_rng(200 + seed)
+    base = _random_problem(rng, 7, edge_prob=0.2)
+    k = base.num_strategies
+    usages = [np.full(int(k[i]), 6) if i % 3 == 1 else rng.integers(1, 12, size=int(k[i]))
+              for i in range(7)]
+    starts = rng.integers(0, 3, size=7)
+    intervals = [(int(a), int(a) + int(rng.integers(1, 4))) for a in starts]
+    costs = [base.node_costs(i) for i in range(7)]
+    matrices = [base.edge_matrix(e) for e in range(base.num_edges)]
+
+    def with_limit(limit):
+        return Problem.from_lists(costs, usages, intervals, base.edges.tolist(), matrices,
+                                  usage_limit=limit)
+
+    peaks = sorted({int(usage_profile(with_limit(None), np.array(c)).max()) for c in
+                    itertools.product(*(range(int(x)) for x in k))})
+    problem = with_limit(peaks[len(peaks) // 3])
+    assert {1, 4} - _varying_usage(problem, _representatives(problem))   # fixed ones exist
+    best = None
+    for choice in itertools.product(*(range(int(x)) for x in k)):
+        choice = np.array(choice)
+        if usage_profile(problem, choice).max() <= problem.usage_limit:
+            cost = evaluate(problem, choice).cost
+            best = cost if best is None else min(best, cost)
+    lp = solve_local_polytope(problem)
+    assert lp.status == "optimal" and lp.objective <= best + 1e-5
+    if lp.integral:
+        assert usage_profile(problem, lp.choice).max() <= problem.usage_limit
+        assert evaluate(problem, lp.choice).cost == pytest.approx(best, abs=1e-5)
+    below = with_limit(peaks[0] - 1)          # no plan fits
+    assert solve_local_polytope(below).status == "infeasible"

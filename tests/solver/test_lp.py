@@ -27,7 +27,8 @@ def test_memory_prices_find_the_plan_the_fractional_lp_misses():
     problem = Problem.from_lists(costs=[[0, 2], [0, 1]], usages=[[10, 2], [10, 5]],
                                  intervals=[(0, 2), (0, 2)], usage_limit=16)
     lp = solve_local_polytope(problem)
-    assert not lp.integral and abs(lp.objective - 0.8) < 1e-6
+    # 1e-5: a fractional LP's bound allows for its tie-break (1e-6 per strategy index)
+    assert not lp.integral and abs(lp.objective - 0.8) < 1e-5 and lp.objective <= 0.8
     assert lp.memory_prices is not None and lp.memory_prices.any()
     choice, solves = solve_lagrangian(problem, lp)
     assert choice.tolist() == [0, 1] and solves >= 2

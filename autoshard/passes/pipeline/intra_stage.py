@@ -92,8 +92,8 @@ def data_parallel_stages(mesh: Mesh, stage_axis: str) -> IntraStagePlan:
 
 def plan_intra_stage(loss: Callable[[list, list], Any], params: Sequence[Any],
                      batch: Sequence[Any], mesh: Mesh, stage_axis: str, hw: Hardware, *,
-                     data_axes: tuple[str, ...] | None = None, time_limit: float = 30.0
-                     ) -> IntraStagePlan:
+                     data_axes: tuple[str, ...] | None = None, time_limit: float = 30.0,
+                     progress: Callable[[str], None] | None = None) -> IntraStagePlan:
     """Plan ``jax.value_and_grad(loss)(params, batch)`` (``batch``: the whole step's batch
     leaves) over the mesh's axes other than ``stage_axis`` and split its answer into data and
     model axes (module docstring). ``data_axes`` fixes the data axes (the batch's leading dim
@@ -125,8 +125,8 @@ def plan_intra_stage(loss: Callable[[list, list], Any], params: Sequence[Any],
                         out_tree=traced.out_tree)
     plan = search_plan(graph, sub, hw, pins, in_tree=traced.in_tree, out_tree=traced.out_tree,
                        donated=set(), updated={}, memory_budget=None, time_limit=time_limit,
-                       progress=lambda message: log.info("autoshard: intra-stage plan over %s: "
-                                                         "%s", others, message))
+                       progress=progress or (lambda message: log.info(
+                           "autoshard: intra-stage plan over %s: %s", others, message)))
     specs = [s.to_partition_spec(sub, v.ndim, partial="replicate")
              for s, v in zip(plan.input_specs, graph.inputs)]
     batch_axes = set()
