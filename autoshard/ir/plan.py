@@ -19,6 +19,9 @@ from autoshard.ir.mesh import MeshSpec
 from autoshard.ir.mirrors import mirror_rows
 from autoshard.ir.sharding import ShardingSpec
 
+#: ``Plan.reasons`` of a boundary layout nothing pinned: the search chose it.
+SOLVER_CHOSEN = "chosen by the solver"
+
 
 @dataclass(frozen=True)
 class Prediction:

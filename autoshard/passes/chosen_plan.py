@@ -14,7 +14,7 @@ from __future__ import annotations
 from autoshard.cost_model.hardware import Hardware
 from autoshard.ir.graph import Graph, Value
 from autoshard.ir.mesh import MeshSpec
-from autoshard.ir.plan import Plan, Prediction, SolverStats
+from autoshard.ir.plan import SOLVER_CHOSEN, Plan, Prediction, SolverStats
 from autoshard.ir.sharding import ShardingSpec
 from autoshard.passes.fusion import made_from_nothing
 from autoshard.passes.pins import Pins
@@ -116,9 +116,9 @@ def plan_from_choice(pp: PlanningProblem, choice, graph: Graph, mesh: MeshSpec, 
     value_specs.update(moved)
     reasons = dict(pins.reasons)
     for i in range(len(graph.inputs)):
-        reasons.setdefault(f"in:{i}", "chosen by the solver")
+        reasons.setdefault(f"in:{i}", SOLVER_CHOSEN)
     for o in range(len(graph.outputs)):
-        reasons.setdefault(f"out:{o}", "chosen by the solver")
+        reasons.setdefault(f"out:{o}", SOLVER_CHOSEN)
     operand_specs = {slot.node.id: slot.strategies[c].inputs
                      for slot, c in zip(pp.slots, choice) if slot.kind == "op"}
     operand_specs.update(scan_operand_specs(pp, choice, graph))

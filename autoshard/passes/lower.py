@@ -33,7 +33,7 @@ from autoshard.ir.errors import ShardingError
 from autoshard.ir.graph import Graph, Node, Value
 from autoshard.ir.interpret import evaluate
 from autoshard.ir.mesh import MeshSpec
-from autoshard.ir.plan import Plan
+from autoshard.ir.plan import SOLVER_CHOSEN, Plan
 from autoshard.ir.sharding import Broadcast, Partial, ShardingSpec, Split
 
 
@@ -127,7 +127,7 @@ def _check_scanned_axes(plan: Plan) -> None:
             if axes:
                 label = value.name or f"%{value.id}"
                 key = f"in:{input_index[value.id]}" if value.id in input_index else value.id
-                pinned = plan.reasons.get(key, "chosen by the solver") != "chosen by the solver"
+                pinned = plan.reasons.get(key, SOLVER_CHOSEN) != SOLVER_CHOSEN
                 advice = ("it is pinned there by the user's "
                           f"{plan.reasons[key]}: pin another dim (the per-layer dims of a "
                           "stacked parameter)" if pinned else

@@ -117,14 +117,7 @@ def _search_once(graph: Graph, mesh: MeshSpec, hw: Hardware, pins: Pins, *, in_t
     # many times the first solve's iterations is degenerate and given up (at the full cap such
     # a variant can run for minutes for no plan) (a plan of the search, whose stats hold no LP
     # iterations, gets the floor)
-    iterations = stats.details.get("lp_iterations")  # the first LP's, where it was solved
-    resolve_cap = int(max(MIN_ITERATIONS, RESOLVE_ITERATIONS * iterations)
-                      ) if iterations else MIN_ITERATIONS
-    # the LP with fixed charges is solved whole (no elimination): its cap scales with the
-    # iterations the first LP would have taken whole
-    whole = stats.details.get("lp_whole_iterations")
-    caps = _Caps(resolve_cap, int(max(MIN_ITERATIONS, RESOLVE_ITERATIONS * whole))
-                 if whole else resolve_cap)
+    caps = _Caps.of(stats.details)
 
     def resolve(variant: Problem):
         # the LP alone: re-solving where it is fractional (a binding budget) takes the
@@ -132,7 +125,7 @@ def _search_once(graph: Graph, mesh: MeshSpec, hw: Hardware, pins: Pins, *, in_t
         # (solved as the first LP was: without the memory rows where it was, kept if it fits)
         budget_free = stats.details.get("budget_free", False)
         lp = solve_local_polytope(replace(variant, usage_limit=None) if budget_free else variant,
-                                  time_limit=time_limit, max_iterations=resolve_cap)
+                                  time_limit=time_limit, max_iterations=caps.resolve)
         fits = lp.integral and (not budget_free or evaluate(variant, lp.choice).feasible)
         return lp.choice if fits else None
 
@@ -188,6 +181,18 @@ class _Caps:
 
     resolve: int
     charged: int
+
+    @classmethod
+    def of(cls, details: dict) -> _Caps:
+        """From the first LP's ``lp_iterations`` and ``lp_whole_iterations`` (where it was
+        solved): ``RESOLVE_ITERATIONS`` times each, at least ``MIN_ITERATIONS``; the LP with
+        fixed charges is solved whole, so its cap scales with the whole LP's iterations."""
+        def cap(iterations) -> int:
+            return int(max(MIN_ITERATIONS, RESOLVE_ITERATIONS * iterations)) if iterations \
+                else MIN_ITERATIONS
+        resolve = cap(details.get("lp_iterations"))
+        whole = details.get("lp_whole_iterations")
+        return cls(resolve, cap(whole) if whole else resolve)
 
 
 def _bound_met(pp: PlanningProblem, mesh: MeshSpec, hw: Hardware, choice, stats: SolverStats,

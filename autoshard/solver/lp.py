@@ -189,7 +189,7 @@ def representative_graph(problem: Problem, rep: np.ndarray
     return costs, edges
 
 
-def _lp_arrays(problem: Problem, rep: np.ndarray, charges=(), tie_break: bool = True):
+def _lp_arrays(problem: Problem, rep: np.ndarray, charges=(), with_ties: bool = True):
     """The LP as arrays: (costs c with the tie-break, the tie-break on the node variables,
     equality rows (A, b), memory rows (A, b, live nodes of each) or None, fixed-charge rows
     (A, b) or None, node variable offsets per representative, the constant moved out of c).
@@ -242,7 +242,7 @@ def _lp_arrays(problem: Problem, rep: np.ndarray, charges=(), tie_break: bool = 
     constant = 0.0
     for r in reps:
         seg = node_cost[off[r]:off[r + 1]]
-        if tie_break:
+        if with_ties:
             ties[off[r]:off[r + 1]] = np.arange(len(seg)) * TIE_BREAK
         base = seg.min()
         seg -= base
